@@ -1,0 +1,5 @@
+"""HiMix networks."""
+
+from .himix import CXR_BERT, HiMix
+
+__all__ = ["CXR_BERT", "HiMix"]

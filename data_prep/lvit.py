@@ -1,0 +1,328 @@
+"""Convert a dataset in the LViT layout (QaTa-COV19, MosMedData+, MoNuSeg) to a HiMix datalist.
+
+Layout, as published with LViT::
+
+    ROOT/
+        Train_Folder/  img/*.png  labelcol/*.png  Train_text.xlsx
+        Val_Folder/    img/       labelcol/       Val_text.xlsx
+        Test_Folder/   img/       labelcol/       Test_text.xlsx
+
+The text sheets (``.xlsx`` or ``.csv``, in ROOT or in a split folder) have the columns ``Image`` and
+``Description``. QaTa-COV19 ships a single ``Train_Val_text.xlsx`` for both the Train and the Val folder;
+a split-specific sheet is preferred when both exist. Mask files are named like their image or
+``mask_<image name>`` (QaTa). When a sheet names ``x.png`` but the folder holds ``x.tif`` (MoNuSeg's Test
+folder), the file with the same stem is used and the mismatches are counted in one summary note.
+
+Splits: ``Train_Folder`` -> training, ``Val_Folder`` -> validation, ``Test_Folder`` -> test. Missing
+folders give empty splits; a ROOT with none of them is an error.
+
+Usage::
+
+    python -m data_prep.lvit --root DIR --out DATALIST.json [--strict]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep._cli import build_parser, check_candidates, find_child, run_converter
+from himix_monai.data.datalist import (
+    DATALIST_SPLITS,
+    CandidateItem,
+    DatalistError,
+    DirectoryIndex,
+    FileMatch,
+    ProgressFn,
+    SkipReason,
+    SkipReport,
+    find_image_file,
+    find_mask_file,
+    mask_name_candidates,
+    read_description_sheet,
+)
+
+__all__ = [
+    "SPLIT_FOLDER_NAMES",
+    "IMAGE_FOLDER",
+    "MASK_FOLDER",
+    "SplitFolder",
+    "TextSheet",
+    "find_split_folders",
+    "sheet_splits",
+    "find_text_sheets",
+    "assign_sheets",
+    "sheet_candidates",
+    "convert",
+    "main",
+]
+
+SPLIT_FOLDER_NAMES: dict[str, str] = {"training": "Train_Folder", "validation": "Val_Folder", "test": "Test_Folder"}
+"""The folder of each datalist split."""
+
+IMAGE_FOLDER = "img"
+MASK_FOLDER = "labelcol"
+
+_SHEET_SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
+_SHEET_EXTENSIONS = (".xlsx", ".xls", ".csv")
+_SHEET_SUFFIX = "_text"
+
+
+@dataclass(frozen=True)
+class SplitFolder:
+    """A split folder and the listings of its image and mask folders.
+
+    Args:
+        split: the datalist split.
+        folder: e.g. ``ROOT/Train_Folder``.
+        images: listing of ``img``.
+        masks: listing of ``labelcol``.
+    """
+
+    split: str
+    folder: Path
+    images: DirectoryIndex
+    masks: DirectoryIndex
+
+
+@dataclass(frozen=True)
+class TextSheet:
+    """A text sheet and the splits it covers (``Train_Val_text.xlsx`` covers training and validation).
+
+    Args:
+        path: the sheet.
+        splits: the datalist splits it covers, in datalist order.
+    """
+
+    path: Path
+    splits: tuple[str, ...]
+
+
+def find_split_folders(root: Path) -> dict[str, SplitFolder]:
+    """Find ``Train_Folder``, ``Val_Folder`` and ``Test_Folder`` (any case) with their ``img``/``labelcol``.
+
+    Args:
+        root: the dataset root.
+
+    Returns:
+        The split folders found, keyed by datalist split.
+
+    Raises:
+        DatalistError: when none is found, or one lacks ``img`` or ``labelcol``.
+    """
+    folders = {}
+    for split, name in SPLIT_FOLDER_NAMES.items():
+        folder = find_child(root, [name])
+        if folder is None:
+            continue
+        parts = {}
+        for part in (IMAGE_FOLDER, MASK_FOLDER):
+            part_folder = find_child(folder, [part])
+            if part_folder is None:
+                raise DatalistError(f"{folder}: lacks the {part!r} folder")
+            parts[part] = DirectoryIndex(part_folder)
+        folders[split] = SplitFolder(split, folder, parts[IMAGE_FOLDER], parts[MASK_FOLDER])
+    if not folders:
+        expected = ", ".join(SPLIT_FOLDER_NAMES.values())
+        raise DatalistError(f"{root}: none of the LViT split folders ({expected}) found")
+    return folders
+
+
+def sheet_splits(path: Path) -> tuple[str, ...] | None:
+    """The splits a sheet covers, from its name: ``Train_text.xlsx`` -> training, ``Train_Val_text`` -> both.
+
+    Args:
+        path: a file.
+
+    Returns:
+        The datalist splits in datalist order, or None if the file is not an LViT text sheet.
+    """
+    if path.suffix.lower() not in _SHEET_EXTENSIONS:
+        return None
+    stem = path.stem.lower()
+    if not stem.endswith(_SHEET_SUFFIX):
+        return None
+    words = stem[: -len(_SHEET_SUFFIX)].split("_")
+    if not words or any(word not in _SHEET_SPLIT_WORDS for word in words):
+        return None
+    covered = {_SHEET_SPLIT_WORDS[word] for word in words}
+    return tuple(split for split in DATALIST_SPLITS if split in covered)
+
+
+def find_text_sheets(root: Path, folders: dict[str, SplitFolder]) -> list[TextSheet]:
+    """Find the text sheets in ``root`` and in the split folders.
+
+    Args:
+        root: the dataset root.
+        folders: the split folders.
+
+    Returns:
+        The sheets found, sorted by path.
+    """
+    sheets = []
+    for folder in [root, *(f.folder for f in folders.values())]:
+        for path in sorted(folder.iterdir()):
+            splits = sheet_splits(path) if path.is_file() and not path.name.startswith("~$") else None
+            if splits:
+                sheets.append(TextSheet(path, splits))
+    return sheets
+
+
+def _sheet_preference(sheet: TextSheet, folder: SplitFolder) -> tuple:
+    """Sort key: split-specific sheets first, then sheets in the split folder, then xlsx before csv."""
+    in_split_folder = sheet.path.parent == folder.folder
+    extension_rank = _SHEET_EXTENSIONS.index(sheet.path.suffix.lower())
+    return (len(sheet.splits), not in_split_folder, extension_rank, sheet.path.name)
+
+
+def assign_sheets(
+    sheets: Sequence[TextSheet], folders: dict[str, SplitFolder], root: Path
+) -> list[tuple[TextSheet, tuple[str, ...]]]:
+    """Choose one sheet per split folder: the most specific one (``Train_text`` before ``Train_Val_text``).
+
+    Args:
+        sheets: the sheets found.
+        folders: the split folders.
+        root: the dataset root, for error messages.
+
+    Returns:
+        ``(sheet, splits it is used for)`` pairs, in datalist split order.
+
+    Raises:
+        DatalistError: when a split folder has no sheet.
+    """
+    used_for: dict[Path, list[str]] = {}
+    by_path = {sheet.path: sheet for sheet in sheets}
+    for split, folder in folders.items():
+        candidates = sorted((s for s in sheets if split in s.splits), key=lambda s: _sheet_preference(s, folder))
+        if not candidates:
+            name = SPLIT_FOLDER_NAMES[split].split("_")[0]
+            raise DatalistError(
+                f"{folder.folder}: no text sheet found for it "
+                f"(expected {name}_text.xlsx or .csv, or Train_Val_text.xlsx, in {folder.folder} or {root})"
+            )
+        used_for.setdefault(candidates[0].path, []).append(split)
+    return [(by_path[path], tuple(splits)) for path, splits in used_for.items()]
+
+
+def _locate_image(name: str, sheet: TextSheet, folders: dict[str, SplitFolder]) -> tuple[str, FileMatch] | None:
+    """The split folder holding the image ``name`` among the sheet's splits; exact names before stem matches."""
+    matches = []
+    for split in sheet.splits:
+        if split in folders:
+            match = find_image_file(folders[split].images, name)
+            if match is not None:
+                matches.append((split, match))
+    exact = [m for m in matches if not m[1].by_stem]
+    return (exact or matches or [None])[0]
+
+
+def _note_extension_mismatch(report: SkipReport, match: FileMatch) -> None:
+    if match.by_stem:
+        example = f"sheet {match.requested!r} -> {match.path.name!r}"
+        report.add_note("extension mismatch", "resolved {count} extension mismatches", example)
+
+
+def sheet_candidates(
+    sheet: TextSheet,
+    targets: tuple[str, ...],
+    folders: dict[str, SplitFolder],
+    report: SkipReport,
+    listed_images: set[Path],
+) -> list[CandidateItem]:
+    """The candidate items of one sheet for the splits in ``targets``; bad rows are reported to ``report``.
+
+    Args:
+        sheet: the text sheet.
+        targets: the splits this sheet is used for (a combined sheet may cover splits that use another sheet).
+        folders: the split folders.
+        report: collects skipped rows.
+        listed_images: updated with every image file a row of the sheet refers to.
+
+    Returns:
+        The candidates, in sheet order.
+    """
+    candidates = []
+    first_row_by_name: dict[str, int] = {}
+    for row in read_description_sheet(sheet.path):
+        name = row.image
+        if not name:
+            report.skip(name, SkipReason.MISSING_IMAGE, sheet.path, row.row, "the Image cell is empty")
+            continue
+        if name in first_row_by_name:
+            detail = f"already listed in row {first_row_by_name[name]}; keeping the first"
+            report.skip(name, SkipReason.DUPLICATE_ID, sheet.path, row.row, detail)
+            continue
+        first_row_by_name[name] = row.row
+        located = _locate_image(name, sheet, folders)
+        if located is not None:
+            listed_images.add(located[1].path)
+        if located is not None and located[0] not in targets:
+            continue  # the image's folder takes its descriptions from another sheet
+        if not row.description:
+            report.skip(name, SkipReason.EMPTY_DESCRIPTION, sheet.path, row.row, "the Description cell is empty")
+            continue
+        if located is None:
+            searched = ", ".join(str(folders[s].images.folder) for s in sheet.splits if s in folders)
+            report.skip(name, SkipReason.MISSING_IMAGE, sheet.path, row.row, f"no {name!r} in {searched}")
+            continue
+        split, image = located
+        _note_extension_mismatch(report, image)
+        mask = find_mask_file(folders[split].masks, name, image.path.name)
+        if mask is None:
+            tried = " or ".join(map(repr, mask_name_candidates(name, image.path.name)))
+            report.skip(name, SkipReason.MISSING_MASK, sheet.path, row.row, f"no {tried} in {folders[split].masks.folder}")
+            continue
+        _note_extension_mismatch(report, mask)
+        candidates.append(CandidateItem(split, name, image.path, mask.path, row.description, sheet.path, row.row))
+    return candidates
+
+
+def _note_unlisted_images(folders: dict[str, SplitFolder], listed_images: set[Path], report: SkipReport) -> None:
+    for folder in folders.values():
+        for name in folder.images.image_names():
+            if folder.images.folder / name not in listed_images:
+                summary = f"{{count}} image(s) in {folder.images.folder} are not listed in any text sheet"
+                report.add_note(f"unlisted {folder.split}", summary, repr(name))
+
+
+def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) -> dict:
+    """Convert the LViT dataset at ``args.root`` to a datalist.
+
+    Args:
+        args: parsed arguments.
+        report: collects skipped items.
+        progress: progress wrapper.
+
+    Returns:
+        The datalist.
+    """
+    root = args.root
+    folders = find_split_folders(root)
+    assignments = assign_sheets(find_text_sheets(root, folders), folders, root)
+    candidates: list[CandidateItem] = []
+    listed_images: set[Path] = set()
+    for sheet, targets in assignments:
+        candidates.extend(sheet_candidates(sheet, targets, folders, report, listed_images))
+    _note_unlisted_images(folders, listed_images, report)
+    return check_candidates(candidates, args, report, progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: ``python -m data_prep.lvit --root DIR --out DATALIST.json [--strict]``.
+
+    Args:
+        argv: the arguments, default ``sys.argv[1:]``.
+
+    Returns:
+        The exit code.
+    """
+    parser = build_parser("python -m data_prep.lvit", (__doc__ or "").splitlines()[0])
+    args = parser.parse_args(argv)
+    return run_converter(args, convert)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

