@@ -51,6 +51,9 @@ ConvertFn = Callable[[argparse.Namespace, SkipReport, ProgressFn], dict]
 class _TqdmStderrHandler(logging.Handler):
     """Writes log records to the current ``sys.stderr`` without breaking tqdm progress bars."""
 
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             from tqdm import tqdm
@@ -67,9 +70,7 @@ def configure_logging(verbose: bool = False) -> None:
         verbose: also show debug messages.
     """
     if not any(isinstance(handler, _TqdmStderrHandler) for handler in LOGGER.handlers):
-        handler = _TqdmStderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        LOGGER.addHandler(handler)
+        LOGGER.addHandler(_TqdmStderrHandler())
         LOGGER.propagate = False
     LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
 
@@ -111,7 +112,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         action="store_false",
         help="read image headers only: faster, but truncated or corrupt files are not detected",
     )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars (shown only when stderr is a terminal)")
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide progress bars (they are shown only when stderr is a terminal)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show debug messages")
     return parser
 
@@ -187,6 +193,13 @@ def find_child(parent: Path, names: Iterable[str], want_dir: bool = True) -> Pat
     return None
 
 
+def _fail(message: str, out: Path) -> int:
+    """Log an error and that nothing was written; return the exit code 1."""
+    LOGGER.error("%s", message)
+    LOGGER.error("no datalist written; %s", f"{out} left unchanged" if out.exists() else f"{out} not created")
+    return 1
+
+
 def run_converter(args: argparse.Namespace, convert: ConvertFn) -> int:
     """Run a converter: convert, write the datalist atomically, print the notes and the summary line.
 
@@ -208,11 +221,12 @@ def run_converter(args: argparse.Namespace, convert: ConvertFn) -> int:
         datalist = convert(args, report, make_progress(args.progress))
         if not any(datalist.get(split) for split in DATALIST_SPLITS):
             raise DatalistError(f"no usable item found under {args.root}; {report.summary()}")
+    except (DatalistError, OSError) as err:
+        return _fail(str(err), args.out)
+    try:
         out = write_datalist(datalist, args.out)
-    except DatalistError as err:
-        LOGGER.error("%s", err)
-        LOGGER.error("no datalist written; %s left unchanged", args.out)
-        return 1
+    except (DatalistError, OSError) as err:
+        return _fail(f"cannot write {args.out}: {err}", args.out)
     for note in report.notes():
         print(f"note: {note}")
     print(format_summary(out, datalist, report))

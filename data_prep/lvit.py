@@ -7,9 +7,10 @@ Layout, as published with LViT::
         Val_Folder/    img/       labelcol/       Val_text.xlsx
         Test_Folder/   img/       labelcol/       Test_text.xlsx
 
-The text sheets (``.xlsx`` or ``.csv``, in ROOT or in a split folder) have the columns ``Image`` and
-``Description``. QaTa-COV19 ships a single ``Train_Val_text.xlsx`` for both the Train and the Val folder;
-a split-specific sheet is preferred when both exist. Mask files are named like their image or
+The text sheets (``.xlsx`` or ``.csv`` with ``text`` in the name, in ROOT or in a split folder) have the
+columns ``Image`` and ``Description``; the split words in the name (``Train``, ``Val``, ``Test``) say which
+folders a sheet covers. QaTa-COV19 ships a single ``Train_Val_text.xlsx`` for both the Train and the Val
+folder; a split-specific sheet is preferred when both exist. Mask files are named like their image or
 ``mask_<image name>`` (QaTa). When a sheet names ``x.png`` but the folder holds ``x.tif`` (MoNuSeg's Test
 folder), the file with the same stem is used and the mismatches are counted in one summary note.
 
@@ -24,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +67,17 @@ SPLIT_FOLDER_NAMES: dict[str, str] = {"training": "Train_Folder", "validation": 
 IMAGE_FOLDER = "img"
 MASK_FOLDER = "labelcol"
 
-_SHEET_SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
+_SHEET_SPLIT_WORDS = {
+    "train": "training",
+    "training": "training",
+    "val": "validation",
+    "valid": "validation",
+    "validation": "validation",
+    "test": "test",
+    "testing": "test",
+}
 _SHEET_EXTENSIONS = (".xlsx", ".xls", ".csv")
-_SHEET_SUFFIX = "_text"
+_SHEET_TEXT_WORD = "text"
 
 
 @dataclass(frozen=True)
@@ -130,25 +140,28 @@ def find_split_folders(root: Path) -> dict[str, SplitFolder]:
     return folders
 
 
-def sheet_splits(path: Path) -> tuple[str, ...] | None:
-    """The splits a sheet covers, from its name: ``Train_text.xlsx`` -> training, ``Train_Val_text`` -> both.
+def sheet_splits(path: Path, folder_split: str | None = None) -> tuple[str, ...] | None:
+    """The splits a text sheet covers, from its name: ``Train_text.xlsx`` -> training, ``Train_Val_text`` -> both.
+
+    A text sheet is an ``.xlsx``/``.xls``/``.csv`` file with the word ``text`` in its name (words separated by
+    ``_``, ``-`` or spaces). A sheet whose name has no split word covers the split of the folder it is in.
 
     Args:
         path: a file.
+        folder_split: the split of the folder holding the file, None for the dataset root.
 
     Returns:
-        The datalist splits in datalist order, or None if the file is not an LViT text sheet.
+        The datalist splits in datalist order, or None if the file is not a text sheet.
     """
     if path.suffix.lower() not in _SHEET_EXTENSIONS:
         return None
-    stem = path.stem.lower()
-    if not stem.endswith(_SHEET_SUFFIX):
+    words = re.split(r"[_\-\s]+", path.stem.lower())
+    if _SHEET_TEXT_WORD not in words:
         return None
-    words = stem[: -len(_SHEET_SUFFIX)].split("_")
-    if not words or any(word not in _SHEET_SPLIT_WORDS for word in words):
-        return None
-    covered = {_SHEET_SPLIT_WORDS[word] for word in words}
-    return tuple(split for split in DATALIST_SPLITS if split in covered)
+    covered = {_SHEET_SPLIT_WORDS[word] for word in words if word in _SHEET_SPLIT_WORDS}
+    if not covered and folder_split is not None:
+        covered = {folder_split}
+    return tuple(split for split in DATALIST_SPLITS if split in covered) or None
 
 
 def find_text_sheets(root: Path, folders: dict[str, SplitFolder]) -> list[TextSheet]:
@@ -162,11 +175,13 @@ def find_text_sheets(root: Path, folders: dict[str, SplitFolder]) -> list[TextSh
         The sheets found, sorted by path.
     """
     sheets = []
-    for folder in [root, *(f.folder for f in folders.values())]:
+    places = [(root, None), *((f.folder, split) for split, f in folders.items())]
+    for folder, folder_split in places:
         for path in sorted(folder.iterdir()):
-            splits = sheet_splits(path) if path.is_file() and not path.name.startswith("~$") else None
-            if splits:
-                sheets.append(TextSheet(path, splits))
+            if path.is_file() and not path.name.startswith(("~$", ".")):
+                splits = sheet_splits(path, folder_split)
+                if splits:
+                    sheets.append(TextSheet(path, splits))
     return sheets
 
 
@@ -273,7 +288,8 @@ def sheet_candidates(
         mask = find_mask_file(folders[split].masks, name, image.path.name)
         if mask is None:
             tried = " or ".join(map(repr, mask_name_candidates(name, image.path.name)))
-            report.skip(name, SkipReason.MISSING_MASK, sheet.path, row.row, f"no {tried} in {folders[split].masks.folder}")
+            detail = f"no {tried} in {folders[split].masks.folder}"
+            report.skip(name, SkipReason.MISSING_MASK, sheet.path, row.row, detail)
             continue
         _note_extension_mismatch(report, mask)
         candidates.append(CandidateItem(split, name, image.path, mask.path, row.description, sheet.path, row.row))

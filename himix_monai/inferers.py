@@ -144,7 +144,6 @@ class TextPromptInferer(AutocastInferer):
         tokenizer: hub name, local directory or tokenizer instance; required when ``text_prompt`` is set.
         max_length: token length, as used in training (default 24).
         precision: autocast precision, see :py:class:`AutocastInferer`.
-        tokenizer_kwargs: extra keyword arguments for the tokenizer's ``from_pretrained``.
 
     Examples::
 
@@ -164,7 +163,6 @@ class TextPromptInferer(AutocastInferer):
         tokenizer: Any = None,
         max_length: int = 24,
         precision: str = "fp32",
-        tokenizer_kwargs: dict | None = None,
     ) -> None:
         super().__init__(precision=precision)
         self.text_prompt = text_prompt if text_prompt and text_prompt.strip() else None
@@ -172,9 +170,7 @@ class TextPromptInferer(AutocastInferer):
         if self.text_prompt is not None:
             if tokenizer is None:
                 raise ValueError("TextPromptInferer needs a tokenizer when text_prompt is set.")
-            self._tokenize = TokenizeTextd(
-                keys="text", tokenizer=tokenizer, max_length=max_length, tokenizer_kwargs=tokenizer_kwargs
-            )
+            self._tokenize = TokenizeTextd(keys="text", tokenizer=tokenizer, max_length=max_length)
         self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prompt_tokens(self) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -47,7 +47,6 @@ def tiny_text_model_dir(tmp_path):
     torch.manual_seed(0)
     directory = tmp_path / "tiny_bert"
     BertModel(tiny_bert_config()).save_pretrained(directory)
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(directory)
+    (directory / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    BertTokenizerFast.from_pretrained(directory, do_lower_case=True).save_pretrained(directory)
     return str(directory)

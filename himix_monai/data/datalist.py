@@ -85,6 +85,7 @@ _PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
 _NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+_PNG_END = b"IEND\xaeB`\x82"  # type and CRC of the IEND chunk that ends every complete PNG file
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterable[Any]]
 """``progress(iterable, total, description)`` wraps an iterable to show progress (e.g. with tqdm)."""
@@ -211,7 +212,10 @@ class SkipReport:
         self._notes[key][1].append(example)
 
     def notes(self) -> list[str]:
-        """The summary notes, one line each, e.g. ``resolved 14 extension mismatches, e.g. sheet 'a.png' -> 'a.tif'``."""
+        """The summary notes, one line each.
+
+        For example ``resolved 14 extension mismatches, e.g. sheet 'a.png' -> 'a.tif'``.
+        """
         lines = []
         for summary, examples in self._notes.values():
             line = summary.replace("{count}", str(len(examples)))
@@ -645,7 +649,17 @@ def _pil_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
                 # decode at reduced scale: still reads the whole entropy-coded stream, so truncation is detected
                 image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
             image.load()
+            if image.format == "PNG":
+                _check_png_end(path)
     return (height, width)
+
+
+def _check_png_end(path: Path) -> None:
+    """A PNG cut inside its last chunk still decodes; a complete file ends with the IEND chunk."""
+    with open(path, "rb") as stream:
+        stream.seek(max(0, path.stat().st_size - len(_PNG_END)))
+        if stream.read() != _PNG_END:
+            raise UnreadableImageError(f"{path}: truncated PNG (no IEND chunk at the end of the file)")
 
 
 def _tifffile_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
@@ -814,9 +828,8 @@ def build_datalist(
     try:
         for candidate, problem in zip(candidates, progress(checks, len(candidates), "checking files")):
             if problem is not None:
-                report.skip(
-                    candidate.item_id, problem.reason, candidate.source_file, candidate.row, problem.detail, candidate.unit
-                )
+                c = candidate
+                report.skip(c.item_id, problem.reason, c.source_file, c.row, problem.detail, c.unit)
                 continue
             datalist[candidate.split].append(candidate.to_datalist_item())
     finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from monai.config import KeysCollection, NdarrayOrTensor

@@ -6,8 +6,9 @@ Text transforms for text-guided segmentation.
 - :py:class:`ReportStyleTextd` and :py:func:`to_report_style` rewrite the structured QaTa-COV19 /
   MosMedData+ prompts into free-text radiology-report form ("FINDINGS: ... IMPRESSION: ..."), the text
   augmentation of the HiMix paper (Fig. 8, supplement Figs. 9-10).
-- :py:func:`load_tokenizer` loads a Hugging Face tokenizer from a hub name, a local directory or returns a
-  tokenizer instance unchanged; it is shared by the transform and :py:class:`himix_monai.inferers.TextPromptInferer`.
+
+Tokenizers are loaded with :py:func:`himix_monai.networks.blocks.text_encoder.load_text_tokenizer`, the loader
+of the network's text encoder, so data and network read the same vocabulary (CXR-BERT without remote code).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 
 __all__ = [
-    "load_tokenizer",
     "TokenizeTextd",
     "to_report_style",
     "ReportStyleTextd",
@@ -34,54 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def load_tokenizer(tokenizer: Any, **tokenizer_kwargs: Any) -> Any:
-    """
-    Return a Hugging Face tokenizer for ``tokenizer``.
-
-    ``tokenizer`` may be a hub name (``"microsoft/BiomedVLP-CXR-BERT-specialized"``, resolved by
-    ``transformers`` from its cache or the hub), a local directory (``.../all-MiniLM-L6-v2``) or an already
-    loaded tokenizer instance, which is returned unchanged.
-
-    Remote code is never executed. CXR-BERT's tokenizer config names ``CXRBertTokenizer``, a remote-code
-    subclass of ``BertTokenizer`` that adds nothing to it; when ``AutoTokenizer`` refuses such a config, the
-    vocabulary is loaded with ``transformers.BertTokenizerFast`` instead (with a log message).
-
-    Args:
-        tokenizer: hub name, local directory, or a tokenizer instance.
-        tokenizer_kwargs: extra keyword arguments for ``from_pretrained`` (e.g. ``local_files_only=True``).
-
-    Raises:
-        TypeError: when ``tokenizer`` is None.
-    """
-    if tokenizer is None:
-        raise TypeError("a tokenizer is required: give a hub name, a local directory or a tokenizer instance.")
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    name = os.fspath(tokenizer)
-    kwargs = dict(tokenizer_kwargs)
-    kwargs.setdefault("trust_remote_code", False)
-    try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
-    except ValueError as err:
-        if "trust_remote_code" not in str(err) or kwargs.get("trust_remote_code"):
-            raise
-        kwargs.pop("trust_remote_code")
-        logger.info(
-            "tokenizer %s needs remote code; loading its vocabulary with BertTokenizerFast instead "
-            "(remote code is not executed).",
-            name,
-        )
-        try:
-            return BertTokenizerFast.from_pretrained(name, **kwargs)
-        except Exception as bert_err:
-            raise ValueError(
-                f"cannot load tokenizer {name!r}: it needs remote code and is not a BERT vocabulary "
-                f"({bert_err})."
-            ) from err
 
 
 class TokenizeTextd(MapTransform):
@@ -101,14 +53,13 @@ class TokenizeTextd(MapTransform):
 
     Args:
         keys: the key of the text in the data dictionary (exactly one key), usually ``"text"``.
-        tokenizer: hub name, local tokenizer directory, or a Hugging Face tokenizer instance
-            (see :py:func:`load_tokenizer`).
+        tokenizer: hub name, local tokenizer directory (loaded with ``load_text_tokenizer``, the network's
+            tokenizer loader), or a tokenizer instance (any callable with the Hugging Face tokenizer API).
         max_length: number of tokens including the special tokens; default 24 as in the HiMix code.
         input_ids_key: output key of the token ids.
         attention_mask_key: output key of the attention mask.
         empty_text: ``"error"`` raises ``ValueError`` naming the item's image when the text is empty or only
             whitespace; ``"allow"`` tokenises it (giving only the special tokens).
-        tokenizer_kwargs: extra keyword arguments for ``from_pretrained``.
         allow_missing_keys: don't raise an exception if the text key is missing.
 
     Examples::
@@ -129,7 +80,6 @@ class TokenizeTextd(MapTransform):
         input_ids_key: str = "input_ids",
         attention_mask_key: str = "attention_mask",
         empty_text: str = "error",
-        tokenizer_kwargs: dict | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -142,7 +92,6 @@ class TokenizeTextd(MapTransform):
         if empty_text not in ("error", "allow"):
             raise ValueError(f"empty_text must be 'error' or 'allow', got {empty_text!r}.")
         self.tokenizer_source = tokenizer
-        self.tokenizer_kwargs = dict(tokenizer_kwargs or {})
         self.max_length = int(max_length)
         self.input_ids_key = input_ids_key
         self.attention_mask_key = attention_mask_key
@@ -154,7 +103,10 @@ class TokenizeTextd(MapTransform):
     def tokenizer(self) -> Any:
         """The Hugging Face tokenizer, loaded on first access."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_source, **self.tokenizer_kwargs)
+            # imported here: the transform is unpickled in DataLoader workers before any tokenizer is needed
+            from himix_monai.networks.blocks.text_encoder import load_text_tokenizer
+
+            self._tokenizer = load_text_tokenizer(self.tokenizer_source)
         return self._tokenizer
 
     def __getstate__(self) -> dict:

@@ -1,0 +1,351 @@
+"""Convert a dataset in the "csv" layout of GuideDecoder and HiMix (QaTa-COV19, MosMedData+) to a HiMix datalist.
+
+(The module is called ``prompt_csv`` rather than ``csv`` so that it does not shadow the standard library.)
+
+Layout::
+
+    ROOT/
+        prompt/train.csv  [val.csv]  test.csv     columns: Image, Description
+        train/Images/  train/GTs/                 split folders in any case: Train, train, ...
+        [val/Images/   val/GTs/]
+        test/Images/   test/GTs/
+
+Masks are named like their image (MosMedData+, whose masks are 3-channel) or ``mask_<image name>``
+(QaTa-COV19). In GuideDecoder's QaTa csv files the ``Image`` column holds the mask name
+(``mask_covid_1.png``) while the image file is ``covid_1.png``; in HiMix's it holds the image name. Both
+work: the prefix is stripped to find the image and added to find the mask.
+
+Validation: ``val.csv`` when it exists (its images are looked up in the val folder, or in the train folder
+when there is none). Otherwise the last ``--val-fraction`` (default 0.2) of the train.csv rows become the
+validation split, as GuideDecoder does; with ``--seed`` the validation rows are drawn at random instead.
+
+Usage::
+
+    python -m data_prep.prompt_csv --root DIR --out DATALIST.json [--strict] [--val-fraction 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep._cli import LOGGER, build_parser, check_candidates, find_child, run_converter
+from himix_monai.data.datalist import (
+    MASK_PREFIX,
+    CandidateItem,
+    DatalistError,
+    DirectoryIndex,
+    FileMatch,
+    ProgressFn,
+    SheetRow,
+    SkipReason,
+    SkipReport,
+    find_image_file,
+    find_mask_file,
+    mask_name_candidates,
+    read_description_sheet,
+)
+
+__all__ = [
+    "PROMPT_FOLDER",
+    "CSV_NAMES",
+    "SPLIT_FOLDER_NAMES",
+    "IMAGE_FOLDER",
+    "MASK_FOLDER",
+    "DEFAULT_VAL_FRACTION",
+    "ImageFolder",
+    "find_csv_files",
+    "find_image_folder",
+    "validation_rows",
+    "csv_candidates",
+    "convert",
+    "build_argument_parser",
+    "main",
+]
+
+PROMPT_FOLDER = "prompt"
+CSV_NAMES: dict[str, tuple[str, ...]] = {
+    "training": ("train.csv",),
+    "validation": ("val.csv", "valid.csv", "validation.csv"),
+    "test": ("test.csv",),
+}
+"""Accepted csv names per datalist split (any case)."""
+
+SPLIT_FOLDER_NAMES: dict[str, tuple[str, ...]] = {
+    "training": ("train",),
+    "validation": ("val", "valid", "validation"),
+    "test": ("test",),
+}
+"""Accepted image folder names per datalist split (any case)."""
+
+IMAGE_FOLDER = "Images"
+MASK_FOLDER = "GTs"
+DEFAULT_VAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """A split folder and the listings of its ``Images`` and ``GTs`` folders.
+
+    Args:
+        folder: e.g. ``ROOT/Train``.
+        images: listing of ``Images``.
+        masks: listing of ``GTs``.
+    """
+
+    folder: Path
+    images: DirectoryIndex
+    masks: DirectoryIndex
+
+
+def find_csv_files(root: Path) -> dict[str, Path]:
+    """Find ``prompt/{train,val,test}.csv`` (any case).
+
+    Args:
+        root: the dataset root.
+
+    Returns:
+        The csv files found, keyed by datalist split.
+
+    Raises:
+        DatalistError: when there is no prompt folder or no csv in it.
+    """
+    prompt = find_child(root, [PROMPT_FOLDER])
+    if prompt is None:
+        raise DatalistError(f"{root}: lacks the {PROMPT_FOLDER!r} folder with train.csv/val.csv/test.csv")
+    csv_files = {}
+    for split, names in CSV_NAMES.items():
+        path = find_child(prompt, names, want_dir=False)
+        if path is not None:
+            csv_files[split] = path
+    if not csv_files:
+        raise DatalistError(f"{prompt}: none of train.csv, val.csv, test.csv found")
+    return csv_files
+
+
+def find_image_folder(root: Path, split: str) -> ImageFolder | None:
+    """Find the image folder of a split (``Train``/``train`` ...) with its ``Images`` and ``GTs``.
+
+    Args:
+        root: the dataset root.
+        split: the datalist split.
+
+    Returns:
+        The folder, or None when there is none.
+
+    Raises:
+        DatalistError: when the folder lacks ``Images`` or ``GTs``.
+    """
+    folder = find_child(root, SPLIT_FOLDER_NAMES[split])
+    if folder is None:
+        return None
+    parts = {}
+    for part in (IMAGE_FOLDER, MASK_FOLDER):
+        part_folder = find_child(folder, [part])
+        if part_folder is None:
+            raise DatalistError(f"{folder}: lacks the {part!r} folder")
+        parts[part] = DirectoryIndex(part_folder)
+    return ImageFolder(folder, parts[IMAGE_FOLDER], parts[MASK_FOLDER])
+
+
+def validation_rows(num_rows: int, fraction: float, seed: int | None = None) -> set[int]:
+    """The positions of the train.csv rows that become validation rows.
+
+    Without a seed these are the last ``num_rows - int((1 - fraction) * num_rows)`` rows, GuideDecoder's rule;
+    with a seed the same number of rows drawn at random.
+
+    Args:
+        num_rows: number of rows in train.csv.
+        fraction: fraction of rows for validation, in [0, 1).
+        seed: seed of the random draw; None for the last rows.
+
+    Returns:
+        0-based row positions.
+    """
+    num_train = int((1 - fraction) * num_rows)
+    if seed is None:
+        return set(range(num_train, num_rows))
+    return set(random.Random(seed).sample(range(num_rows), num_rows - num_train))
+
+
+def _note_extension_mismatch(report: SkipReport, match: FileMatch) -> None:
+    if match.by_stem:
+        example = f"csv {match.requested!r} -> {match.path.name!r}"
+        report.add_note("extension mismatch", "resolved {count} extension mismatches", example)
+
+
+def _missing_image_detail(name: str, folder: ImageFolder) -> str:
+    names = [name]
+    if name.startswith(MASK_PREFIX):
+        names.append(name[len(MASK_PREFIX) :])
+    return f"no {' or '.join(map(repr, names))} in {folder.images.folder}"
+
+
+def csv_candidates(
+    csv_file: Path,
+    rows: Sequence[SheetRow],
+    splits: Sequence[str],
+    folder: ImageFolder,
+    report: SkipReport,
+    listed_images: set[Path],
+) -> list[CandidateItem]:
+    """The candidate items of one csv file; bad rows are reported to ``report``.
+
+    Args:
+        csv_file: the csv file.
+        rows: its rows.
+        splits: the datalist split of each row.
+        folder: the image folder of the csv file.
+        report: collects skipped rows.
+        listed_images: updated with every image file a row refers to.
+
+    Returns:
+        The candidates, in csv order.
+    """
+    candidates = []
+    first_row_by_name: dict[str, int] = {}
+    for row, split in zip(rows, splits):
+        name = row.image
+        if not name:
+            report.skip(name, SkipReason.MISSING_IMAGE, csv_file, row.row, "the Image cell is empty")
+            continue
+        if name in first_row_by_name:
+            detail = f"already listed in row {first_row_by_name[name]}; keeping the first"
+            report.skip(name, SkipReason.DUPLICATE_ID, csv_file, row.row, detail)
+            continue
+        first_row_by_name[name] = row.row
+        image = find_image_file(folder.images, name)
+        if image is not None:
+            listed_images.add(image.path)
+        if not row.description:
+            report.skip(name, SkipReason.EMPTY_DESCRIPTION, csv_file, row.row, "the Description cell is empty")
+            continue
+        if image is None:
+            report.skip(name, SkipReason.MISSING_IMAGE, csv_file, row.row, _missing_image_detail(name, folder))
+            continue
+        _note_extension_mismatch(report, image)
+        mask = find_mask_file(folder.masks, name, image.path.name)
+        if mask is None:
+            tried = " or ".join(map(repr, mask_name_candidates(name, image.path.name)))
+            report.skip(name, SkipReason.MISSING_MASK, csv_file, row.row, f"no {tried} in {folder.masks.folder}")
+            continue
+        _note_extension_mismatch(report, mask)
+        candidates.append(CandidateItem(split, name, image.path, mask.path, row.description, csv_file, row.row))
+    return candidates
+
+
+def _csv_image_folder(root: Path, split: str, csv_file: Path, report: SkipReport) -> ImageFolder:
+    """The image folder of a csv file; val.csv falls back to the train folder when there is no val folder.
+
+    Raises:
+        DatalistError: when there is no folder for the csv file.
+    """
+    folder = find_image_folder(root, split)
+    if folder is None and split == "validation":
+        folder = find_image_folder(root, "training")
+        if folder is not None:
+            report.add_note("val folder", f"no val folder: {csv_file.name} images are looked up in {folder.folder}")
+    if folder is None:
+        names = "/".join(SPLIT_FOLDER_NAMES[split])
+        raise DatalistError(f"{csv_file} lists {split} items but {root} has no {names} folder (any case)")
+    return folder
+
+
+def _split_plan(
+    csv_files: dict[str, Path], args: argparse.Namespace, report: SkipReport
+) -> list[tuple[str, Path, list[SheetRow], list[str]]]:
+    """Read the csv files and assign each row its split, carving validation out of train.csv if needed.
+
+    Returns:
+        ``(csv split, csv file, rows, datalist split of each row)`` for each csv file.
+    """
+    plan = []
+    fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    if "validation" in csv_files and args.val_fraction is not None:
+        LOGGER.warning("--val-fraction ignored: %s exists", csv_files["validation"])
+    for split, csv_file in csv_files.items():
+        rows = read_description_sheet(csv_file)
+        splits = [split] * len(rows)
+        if split == "training" and "validation" not in csv_files and fraction > 0:
+            chosen = validation_rows(len(rows), fraction, args.seed)
+            splits = ["validation" if position in chosen else split for position in range(len(rows))]
+            rule = "the last" if args.seed is None else f"a random (seed {args.seed})"
+            message = (
+                f"no val.csv: took {rule} {fraction:.0%} of {csv_file.name} rows "
+                f"({len(chosen)} of {len(rows)}) as validation"
+            )
+            report.add_note("val fraction", message)
+        plan.append((split, csv_file, rows, splits))
+    return plan
+
+
+def _note_unlisted_images(folders: Sequence[ImageFolder], listed_images: set[Path], report: SkipReport) -> None:
+    for folder in {f.images.folder: f for f in folders}.values():
+        for name in folder.images.image_names():
+            if folder.images.folder / name not in listed_images:
+                summary = f"{{count}} image(s) in {folder.images.folder} are not listed in any csv"
+                report.add_note(f"unlisted {folder.images.folder}", summary, repr(name))
+
+
+def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) -> dict:
+    """Convert the csv-layout dataset at ``args.root`` to a datalist.
+
+    Args:
+        args: parsed arguments (``root``, ``val_fraction``, ``seed`` ...).
+        report: collects skipped items.
+        progress: progress wrapper.
+
+    Returns:
+        The datalist.
+    """
+    root = args.root
+    csv_files = find_csv_files(root)
+    candidates: list[CandidateItem] = []
+    listed_images: set[Path] = set()
+    folders = []
+    for csv_split, csv_file, rows, splits in _split_plan(csv_files, args, report):
+        folder = _csv_image_folder(root, csv_split, csv_file, report)
+        folders.append(folder)
+        candidates.extend(csv_candidates(csv_file, rows, splits, folder, report, listed_images))
+    _note_unlisted_images(folders, listed_images, report)
+    return check_candidates(candidates, args, report, progress)
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m data_prep.prompt_csv``."""
+    parser = build_parser("python -m data_prep.prompt_csv", (__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=None,
+        help=f"when there is no val.csv, fraction of train.csv rows taken as validation "
+        f"(the last rows, or random ones with --seed; default {DEFAULT_VAL_FRACTION}; 0 for none)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: ``python -m data_prep.prompt_csv --root DIR --out DATALIST.json [--strict]``.
+
+    Args:
+        argv: the arguments, default ``sys.argv[1:]``.
+
+    Returns:
+        The exit code.
+    """
+    args = build_argument_parser().parse_args(argv)
+    return run_converter(args, convert)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
