@@ -23,7 +23,9 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser."""
-    parser = argparse.ArgumentParser(prog="python -m data_prep.demo", description="Generate the synthetic chest-CT demo dataset.")
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.demo", description="Generate the synthetic chest-CT demo dataset."
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--num", type=int, default=100, help="number of cases (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-size", type=float, default=DEFAULT_MIN_SIZE,
         help=f"ignore lesions smaller than this: pixels if >= 1, image fraction if < 1 (default: {DEFAULT_MIN_SIZE})",
     )
-    parser.add_argument("--overwrite-text", action="store_true", help="replace existing texts (default: fill empty ones)")
+    parser.add_argument(
+        "--overwrite-text", action="store_true", help="replace existing texts (default: fill empty ones only)"
+    )
     parser.add_argument("--lung-key", help="datalist item key of a lung mask defining the lung field (chest style)")
     parser.add_argument("--noun", default="polyp", help="lesion noun of the generic style (default: polyp)")
     return parser

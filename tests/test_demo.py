@@ -72,9 +72,8 @@ def test_text_matches_mask(demo):
 def test_monai_loading_is_aligned_and_windowed(demo):
     first, _, _ = demo
     item = _items(first)[0]
-    loaded = Compose([LoadImaged(keys=["image", "label"], image_only=True), EnsureChannelFirstd(keys=["image", "label"])])(
-        dict(item)
-    )
+    load = Compose([LoadImaged(keys=["image", "label"], image_only=True), EnsureChannelFirstd(keys=["image", "label"])])
+    loaded = load(dict(item))
     image, mask = loaded["image"], loaded["label"]
     assert image.shape == mask.shape == (1, SIZE, SIZE)
     assert np.allclose(image.affine, mask.affine)

@@ -227,7 +227,9 @@ def read_dicom_dataset(path: str | os.PathLike) -> Any:
         raise CTReadError(f"{path}: multi-frame DICOM ({frames} frames, a 3-D volume) where a 2-D slice is expected")
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
-        raise CTReadError(f"{path}: DICOM image has {samples} samples per pixel (colour), expected a grey-level CT slice")
+        raise CTReadError(
+            f"{path}: DICOM image has {samples} samples per pixel (colour), expected a grey-level CT slice"
+        )
     return dataset
 
 
@@ -358,7 +360,8 @@ def _check_same_series(datasets: Sequence[tuple[Path, Any]], folder: Path) -> No
             "PixelSpacing": (dataset.get("PixelSpacing") or (1, 1), first.get("PixelSpacing") or (1, 1)),
         }
         for what, (value, reference) in checks.items():
-            if not np.allclose(np.hstack(value).astype(float), np.hstack(reference).astype(float), atol=_GEOMETRY_TOLERANCE):
+            same = np.allclose(np.hstack(value).astype(float), np.hstack(reference).astype(float), atol=_GEOMETRY_TOLERANCE)
+            if not same:
                 raise CTReadError(
                     f"{folder}: mixed DICOM series, {path.name} differs from {first_path.name} in {what}"
                 )
@@ -544,7 +547,7 @@ def volume_to_slices(
     Examples::
 
         >>> volume = read_ct_volume("series_folder")  # doctest: +SKIP
-        >>> inputs = np.stack(list(volume_to_slices(volume, window="lung", add_channel=True)))  # (K, 1, H, W)
+        >>> inputs = np.stack(list(volume_to_slices(volume, "lung", add_channel=True)))  # doctest: +SKIP
     """
     for index in range(volume.num_slices):
         plane = np.take(volume.hu, index, axis=volume.slice_axis)

@@ -393,7 +393,9 @@ def _write_case(out_dir: Path, seed: int, index: int, size: int, decoys: bool) -
     findings = describe_chest_findings(case.lesion_mask, lung_mask=case.lung_mask)
     expected = {side: tuple(zone for zone in LUNG_ZONES if (side, zone) in case.lesion_cells) for side in LUNG_SIDES}
     if findings.count != len(case.lesion_cells) or dict(findings.zones) != expected:
-        raise RuntimeError(f"demo case {name} (seed {seed}): the mask does not show the placed lesions {case.lesion_cells}")
+        raise RuntimeError(
+            f"demo case {name} (seed {seed}): the mask does not show the placed lesions {case.lesion_cells}"
+        )
     text = format_chest_report(findings)
     return {
         "image": str(paths["image"]),

@@ -48,6 +48,7 @@ class CTWindow(Transform):
 
     Examples::
 
+        >>> import torch
         >>> CTWindow("lung")(torch.tensor([[-1000.0, -300.0, 400.0]]))  # a MetaTensor when meta tracking is on
         metatensor([[0.0000, 0.5000, 1.0000]])
     """

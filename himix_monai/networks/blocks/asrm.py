@@ -28,8 +28,9 @@ def gaussian_spectrum_filter(height: int, width: int, sigma: torch.Tensor) -> to
         float32 tensor ``(height, width // 2 + 1)``.
     """
     device = sigma.device
-    freq_y = torch.fft.fftfreq(height, d=1.0 / height, device=device).abs()  # |k_y| in 0..H/2
-    freq_x = torch.fft.rfftfreq(width, d=1.0 / width, device=device)  # k_x in 0..W/2
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    freq_y = torch.minimum(rows, height - rows)  # |k_y| in 0..H/2, the layout of torch.fft.fftfreq
+    freq_x = torch.arange(width // 2 + 1, device=device, dtype=torch.float32)  # k_x in 0..W/2 (rfftfreq)
     dist_y = height / 2.0 - freq_y
     dist_x = width / 2.0 - freq_x
     radius_sq = dist_y[:, None] ** 2 + dist_x[None, :] ** 2
