@@ -37,7 +37,8 @@ def example_inputs(
         in_channels = _stem_channels(network)
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(batch_size, in_channels, *image_size, generator=generator)
-    input_ids = torch.randint(1000, 2000, (batch_size, network.text_length), generator=generator)
+    vocab_size = network.text_encoder.model.config.vocab_size if network.text_encoder is not None else 2
+    input_ids = torch.randint(1, vocab_size, (batch_size, network.text_length), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[:, network.text_length // 2 :] = 0
     input_ids[:, network.text_length // 2 :] = 0

@@ -1,0 +1,600 @@
+"""
+Inputs of bundle inference: item lists from a datalist or a folder, 2-D slices of CT volumes, output layout.
+
+- :py:func:`build_inference_items` turns a MONAI datalist split or a folder of images with a text sidecar
+  (``texts.csv`` with ``Image,Description`` columns, the LViT/GuideDecoder sheet format, or ``texts.json``
+  ``{"file name": "report"}``) into the item list of ``bundle/configs/inference.json``. 2-D images give one
+  item ``{"image", "text"}``; a CT volume (a DICOM series folder or a 3-D NIfTI file) gives one item per
+  slice ``{"image": volume, "text", "slice_index": k, "num_slices": n}``, all with the volume's report.
+- :py:class:`LoadVolumeSliced` loads the windowed slice ``k`` of such an item (the volume is read once and
+  kept in a :py:class:`CTVolumeCache`), :py:class:`~himix_monai.handlers.VolumeMaskWriter` stacks the slice
+  predictions back into one NIfTI mask with the source geometry.
+- :py:class:`ToPictureLayoutd` gives predictions of 2-D NIfTI/DICOM inputs the row/column order of a picture
+  before they are written as PNG files.
+
+Errors are :py:class:`InferenceInputError` (a :py:class:`~himix_monai.data.datalist.DatalistError`) and name
+the datalist, sidecar (with its row) or image file concerned.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from himix_monai.data.ct import DEFAULT_WINDOW, CTReadError, CTVolume, WindowLike, hu_window, read_ct_volume, resolve_window
+from himix_monai.data.datalist import (
+    IMAGE_EXTENSIONS,
+    DatalistError,
+    DirectoryIndex,
+    find_image_file,
+    read_description_sheet,
+    split_image_extension,
+)
+
+__all__ = [
+    "TEXT_SIDECARS",
+    "SLICE_INDEX_KEY",
+    "NUM_SLICES_KEY",
+    "PICTURE_EXTENSIONS",
+    "InferenceInputError",
+    "find_text_sidecar",
+    "read_text_sidecar",
+    "list_inference_inputs",
+    "volume_num_slices",
+    "build_inference_items",
+    "CTVolumeCache",
+    "LoadVolumeSliced",
+    "ToPictureLayoutd",
+]
+
+logger = logging.getLogger(__name__)
+
+TEXT_SIDECARS: tuple[str, ...] = ("texts.csv", "texts.json")
+"""Names of the text sidecar files of an input folder, in order of preference."""
+
+SLICE_INDEX_KEY = "slice_index"
+"""Item key of the slice index of a volume slice item."""
+
+NUM_SLICES_KEY = "num_slices"
+"""Item key of the number of slices of the volume of a slice item."""
+
+PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+"""Extensions of picture files, loaded by ``PILReader(reverse_indexing=False)`` as (rows, columns)."""
+
+_NIFTI_EXTENSIONS = (".nii", ".nii.gz")
+
+
+class InferenceInputError(DatalistError):
+    """An inference input (datalist, folder, sidecar row or image) cannot be used; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input discovery
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(_NIFTI_EXTENSIONS)
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    """DICOM files of a series folder, by the rule of :py:func:`himix_monai.data.ct.read_dicom_series`."""
+    import pydicom
+
+    files = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or _is_hidden(path) or path.name.upper() == "DICOMDIR":
+            continue
+        if path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(str(path)):
+            files.append(path)
+    return files
+
+
+def find_text_sidecar(folder: str | os.PathLike) -> Path | None:
+    """The text sidecar of an input folder (``texts.csv`` or ``texts.json``), or None.
+
+    Args:
+        folder: the input folder.
+
+    Raises:
+        InferenceInputError: when the folder holds both sidecars (ambiguous).
+    """
+    found = [Path(folder) / name for name in TEXT_SIDECARS if (Path(folder) / name).is_file()]
+    if len(found) > 1:
+        raise InferenceInputError(f"{folder}: holds both {found[0].name} and {found[1].name}; keep one text sidecar")
+    return found[0] if found else None
+
+
+def read_text_sidecar(path: str | os.PathLike) -> list[tuple[str, str, int]]:
+    """Read a text sidecar: ``texts.csv`` (``Image,Description`` columns) or ``texts.json`` (name -> text).
+
+    Args:
+        path: the sidecar file (``.csv``, ``.xlsx`` or ``.json``).
+
+    Returns:
+        ``(image name, text, row)`` per entry, in file order; ``row`` is the row a spreadsheet shows (header is
+        row 1) for tables and the 1-based entry number for JSON. Empty texts are kept as ``""``.
+
+    Raises:
+        InferenceInputError: naming the file (and row or entry) when it cannot be read, lacks the columns, is
+            not a JSON object of strings, or lists an image twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceInputError(f"{path}: text sidecar not found")
+    entries: list[tuple[str, str, int]] = []
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InferenceInputError(f"{path}: not valid JSON: {err}") from err
+        if not isinstance(raw, Mapping):
+            raise InferenceInputError(
+                f"{path}: expected a JSON object {{\"image file name\": \"report\", ...}}, got {type(raw).__name__}"
+            )
+        for number, (name, text) in enumerate(raw.items(), start=1):
+            if not isinstance(text, str):
+                raise InferenceInputError(
+                    f"entry {number} of {path} ({name!r}): the text must be a string, got {type(text).__name__}"
+                )
+            entries.append((str(name).strip(), text.strip(), number))
+        unit = "entry"
+    else:
+        try:
+            rows = read_description_sheet(path)
+        except DatalistError as err:
+            raise InferenceInputError(str(err)) from err
+        entries = [(row.image, row.description, row.row) for row in rows]
+        unit = "row"
+    seen: dict[str, int] = {}
+    for name, _, row in entries:
+        if not name:
+            raise InferenceInputError(f"{unit} {row} of {path}: no image name")
+        if name in seen:
+            raise InferenceInputError(f"{unit} {row} of {path}: image {name!r} is listed again (first at {unit} {seen[name]})")
+        seen[name] = row
+    return entries
+
+
+def list_inference_inputs(folder: str | os.PathLike) -> list[Path]:
+    """The inputs of a folder: image files (see ``IMAGE_EXTENSIONS``) and DICOM series sub-folders, sorted by name.
+
+    Hidden files and the text sidecars are skipped; a sub-folder is an input when it holds DICOM files.
+
+    Args:
+        folder: the input folder.
+
+    Raises:
+        InferenceInputError: when the folder does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InferenceInputError(f"{folder}: input folder not found")
+    inputs = []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if _is_hidden(path) or path.name in TEXT_SIDECARS:
+            continue
+        if path.is_dir():
+            if _dicom_files(path):
+                inputs.append(path)
+            else:
+                logger.debug("%s: sub-folder without DICOM files, skipped", path)
+        elif split_image_extension(path.name)[1].lower() in IMAGE_EXTENSIONS:
+            inputs.append(path)
+    return inputs
+
+
+def _nifti_slice_axis(affine: np.ndarray) -> int:
+    """The voxel axis closest to superior-inferior (as :py:func:`himix_monai.data.ct.read_nifti_volume`)."""
+    import nibabel as nib
+
+    for axis, code in enumerate(nib.orientations.aff2axcodes(affine)):
+        if code in ("S", "I"):
+            return axis
+    return 2
+
+
+def volume_num_slices(path: str | os.PathLike) -> int | None:
+    """The number of 2-D slices of a CT volume input, or None for a 2-D image. Reads headers only.
+
+    A folder is a DICOM series (one slice per DICOM file); a NIfTI file is a volume when it has three
+    spatial dimensions of more than one voxel (slices along its axial axis, as
+    :py:func:`himix_monai.data.ct.read_nifti_volume` takes them); anything else is a 2-D image.
+
+    Args:
+        path: an input file or folder.
+
+    Raises:
+        InferenceInputError: naming the file, when a NIfTI header cannot be read or a folder has no DICOM files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        count = len(_dicom_files(path))
+        if count == 0:
+            raise InferenceInputError(f"{path}: folder without DICOM files (a DICOM series folder is expected)")
+        return count
+    if not _is_nifti(path):
+        return None
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as err:  # nibabel raises several types for corrupt files
+        raise InferenceInputError(f"{path}: cannot read the NIfTI header: {err}") from err
+    shape = tuple(int(s) for s in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) < 3 or shape[2] == 1:
+        return None
+    if len(shape) > 3:
+        raise InferenceInputError(f"{path}: NIfTI image of shape {shape} is not a 2-D image or a 3-D volume")
+    return shape[_nifti_slice_axis(np.asarray(image.affine, dtype=np.float64))]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# item lists
+
+
+def _check_default_text(default_text: str | None) -> str | None:
+    if default_text is None:
+        return None
+    if not isinstance(default_text, str):
+        raise TypeError(f"default_text must be a str or None, got {type(default_text).__name__}")
+    return default_text.strip() or None
+
+
+def _datalist_inputs(
+    datalist: Path, split: str, default_text: str | None, base_dir: Path | None
+) -> list[tuple[Path, str]]:
+    if not datalist.is_file():
+        raise InferenceInputError(f"{datalist}: datalist file not found")
+    try:
+        raw = json.loads(datalist.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InferenceInputError(f"{datalist}: not valid JSON: {err}") from err
+    if not isinstance(raw, Mapping):
+        raise InferenceInputError(f"{datalist}: a datalist must be a JSON object, got {type(raw).__name__}")
+    if split not in raw:
+        raise InferenceInputError(f"{datalist}: lacks the split {split!r} (found: {', '.join(map(repr, raw)) or 'none'})")
+    items = raw[split]
+    if not isinstance(items, list):
+        raise InferenceInputError(f"{datalist}: {split!r} is a {type(items).__name__}, expected a list of items")
+    if not items:
+        raise InferenceInputError(f"{datalist}: the split {split!r} has no items")
+    base = base_dir if base_dir is not None else datalist.parent
+    inputs = []
+    for position, item in enumerate(items, start=1):
+        where = f"item {position} of {split!r} in {datalist}"
+        if isinstance(item, str):
+            item = {"image": item}
+        if not isinstance(item, Mapping) or not isinstance(item.get("image"), str) or not item["image"]:
+            raise InferenceInputError(f"{where}: expected an object with a non-empty 'image' path, got {item!r}")
+        image = Path(item["image"]).expanduser()
+        image = image if image.is_absolute() else base / image
+        if not image.exists():
+            raise InferenceInputError(f"{where}: image {image} not found")
+        text = item.get("text")
+        text = text.strip() if isinstance(text, str) else ""
+        if not text:
+            if default_text is None:
+                raise InferenceInputError(
+                    f"{where}: no text for image {image}; give the item a 'text' or set default_text"
+                )
+            text = default_text
+        inputs.append((image, text))
+    return inputs
+
+
+def _folder_inputs(folder: Path, default_text: str | None) -> list[tuple[Path, str]]:
+    inputs = list_inference_inputs(folder)
+    if not inputs:
+        raise InferenceInputError(
+            f"{folder}: no images in the folder (looked for {', '.join(IMAGE_EXTENSIONS)} files and DICOM series "
+            "sub-folders)"
+        )
+    sidecar = find_text_sidecar(folder)
+    texts: dict[Path, str] = {}
+    if sidecar is not None:
+        unit = "entry" if sidecar.suffix.lower() == ".json" else "row"
+        index = DirectoryIndex(folder)
+        series = {path.name: path for path in inputs if path.is_dir()}
+        for name, text, row in read_text_sidecar(sidecar):
+            name = name.rstrip("/\\")
+            match = series.get(name)
+            if match is None:
+                found = find_image_file(index, name)
+                match = found.path if found is not None else None
+            if match is None or match not in inputs:
+                raise InferenceInputError(
+                    f"{unit} {row} of {sidecar}: names {name!r}, which is not an image or DICOM series in {folder}"
+                )
+            if match in texts:
+                raise InferenceInputError(f"{unit} {row} of {sidecar}: {name!r} is a second text for {match.name}")
+            if not text and default_text is None:
+                raise InferenceInputError(f"{unit} {row} of {sidecar}: empty text for {match.name}; write its report")
+            texts[match] = text or default_text  # type: ignore[assignment]
+    result = []
+    for path in inputs:
+        text = texts.get(path)
+        if text is None:
+            if default_text is None:
+                where = f"no entry in {sidecar}" if sidecar is not None else f"no {' or '.join(TEXT_SIDECARS)} in {folder}"
+                raise InferenceInputError(f"{path}: missing text for this image ({where}); add its report or set default_text")
+            text = default_text
+        result.append((path, text))
+    return result
+
+
+def build_inference_items(
+    input_datalist: str | os.PathLike | None = None,
+    input_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    default_text: str | None = None,
+    base_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """
+    The items of a bundle inference run, from a datalist split or from a folder with a text sidecar.
+
+    Datalist: a MONAI datalist JSON file; the items of ``split`` need an ``image`` (relative paths are
+    resolved against ``base_dir``, default the datalist's folder) and a ``text``; other keys (``label`` ...)
+    are ignored. Folder: every image file (``.png``, ``.jpg``, ``.nii.gz``, ``.dcm``, ...) and every DICOM
+    series sub-folder is an input; its text comes from ``texts.csv`` (``Image,Description`` columns, names
+    matched exactly, by stem or without a ``mask_`` prefix) or ``texts.json`` (``{"name": "report"}``), where a
+    DICOM series is named by its folder name.
+
+    Inputs that are CT volumes (a DICOM series folder or a 3-D NIfTI file, see :py:func:`volume_num_slices`)
+    are expanded into one item per slice, ``{"image": path, "text": report, "slice_index": k, "num_slices":
+    n}``; 2-D images give ``{"image": path, "text": text}``. Paths are absolute.
+
+    Args:
+        input_datalist: a datalist JSON file (give this or ``input_dir``).
+        input_dir: a folder of images with a text sidecar.
+        split: the datalist split to read.
+        default_text: text for inputs without one (no sidecar entry, no datalist ``text``); None makes a
+            missing text an error.
+        base_dir: the folder relative datalist paths are resolved against.
+
+    Returns:
+        The items, in datalist or file-name order, slices of a volume in slice order.
+
+    Raises:
+        InferenceInputError: naming the file (and row) concerned: neither or both inputs given, a missing or
+            invalid datalist or split, an image that does not exist, an image without text, a sidecar row
+            naming an absent file, an empty folder.
+
+    Examples::
+
+        items = build_inference_items(input_dir="/data/new_cases")  # with /data/new_cases/texts.csv
+        items = build_inference_items(input_datalist="datalist.json", split="test")
+    """
+    default_text = _check_default_text(default_text)
+    given = [value for value in (input_datalist, input_dir) if value not in (None, "")]
+    if len(given) != 1:
+        raise InferenceInputError(
+            "give exactly one of input_datalist (a datalist JSON file) and input_dir (a folder of images with "
+            f"texts.csv or texts.json), got input_datalist={input_datalist!r}, input_dir={input_dir!r}"
+        )
+    if input_datalist not in (None, ""):
+        inputs = _datalist_inputs(
+            Path(input_datalist).expanduser(), split, default_text, Path(base_dir) if base_dir is not None else None
+        )
+    else:
+        inputs = _folder_inputs(Path(input_dir).expanduser(), default_text)  # type: ignore[arg-type]
+
+    items: list[dict[str, Any]] = []
+    for path, text in inputs:
+        image = str(path.resolve())
+        num_slices = volume_num_slices(path)
+        if num_slices is None:
+            items.append({"image": image, "text": text})
+        else:
+            items.extend(
+                {"image": image, "text": text, SLICE_INDEX_KEY: k, NUM_SLICES_KEY: num_slices} for k in range(num_slices)
+            )
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------------
+# volume slices
+
+
+class CTVolumeCache:
+    """
+    The last few CT volumes read with :py:func:`~himix_monai.data.ct.read_ct_volume`, keyed by path.
+
+    Shared by :py:class:`LoadVolumeSliced` (which reads slice after slice of one volume) and
+    :py:class:`~himix_monai.handlers.VolumeMaskWriter` (which needs the volume's geometry when writing its
+    mask), so a volume is read once. An entry is reread when its file or folder has changed. The cache is
+    emptied when pickled (e.g. into DataLoader workers, which then keep their own).
+
+    Args:
+        max_volumes: number of volumes kept (2: the volume being read and the one being written).
+    """
+
+    def __init__(self, max_volumes: int = 2) -> None:
+        if max_volumes < 1:
+            raise ValueError(f"max_volumes must be at least 1, got {max_volumes}.")
+        self.max_volumes = int(max_volumes)
+        self._volumes: OrderedDict[str, tuple[int, CTVolume]] = OrderedDict()
+
+    @staticmethod
+    def _stamp(path: Path) -> int:
+        try:
+            return path.stat().st_mtime_ns
+        except OSError:
+            return -1
+
+    def get(self, path: str | os.PathLike) -> CTVolume:
+        """The volume at ``path`` (a DICOM series folder, a NIfTI file or a DICOM file), read on first use.
+
+        Raises:
+            CTReadError: see :py:func:`~himix_monai.data.ct.read_ct_volume`.
+        """
+        key = os.fspath(path)
+        stamp = self._stamp(Path(key))
+        entry = self._volumes.get(key)
+        if entry is not None and entry[0] == stamp:
+            self._volumes.move_to_end(key)
+            return entry[1]
+        volume = read_ct_volume(key, allow_single_slice=True)
+        self._volumes[key] = (stamp, volume)
+        self._volumes.move_to_end(key)
+        while len(self._volumes) > self.max_volumes:
+            self._volumes.popitem(last=False)
+        return volume
+
+    def clear(self) -> None:
+        """Forget all volumes."""
+        self._volumes.clear()
+
+    def __len__(self) -> int:
+        return len(self._volumes)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_volumes"] = OrderedDict()
+        return state
+
+
+class LoadVolumeSliced(MapTransform):
+    """
+    Load slice ``d["slice_index"]`` of the CT volume at ``d[key]``, windowed to [0, 1], as a ``(1, H, W)`` image.
+
+    For the slice items of :py:func:`build_inference_items`. The volume is read with
+    :py:func:`~himix_monai.data.ct.read_ct_volume` (HU, DICOM series sorted by position) through a
+    :py:class:`CTVolumeCache`, so consecutive slices of one volume read it once. The slice is taken along the
+    volume's slice axis in MONAI layout (for DICOM: axis 0 = image column, as ``PydicomReader`` and the demo
+    data) and mapped to [0, 1] with :py:func:`~himix_monai.data.ct.hu_window`. The output is a ``MetaTensor``
+    whose meta data hold ``filename_or_obj`` (the volume), ``slice_index`` and ``spatial_shape``, so MONAI's
+    invertible transforms (``Resized``) and ``Invertd`` work on it.
+
+    Args:
+        keys: key(s) of the volume path, usually ``"image"``.
+        window: CT window: a preset name (``"lung"``, ``"mediastinum"``, ``"abdomen"``, ``"bone"``), a
+            ``(low, high)`` HU pair or ``{"center": c, "width": w}``.
+        slice_index_key: key of the slice index.
+        num_slices_key: key of the expected number of slices (checked against the volume read), or None.
+        cache: the volume cache; a new one by default (share it with ``VolumeMaskWriter``).
+        allow_missing_keys: don't raise when a key is missing.
+
+    Raises:
+        InferenceInputError: naming the volume, when it cannot be read, the slice index is out of range or the
+            number of slices differs from the item's.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        window: WindowLike = DEFAULT_WINDOW,
+        slice_index_key: str = SLICE_INDEX_KEY,
+        num_slices_key: str | None = NUM_SLICES_KEY,
+        cache: CTVolumeCache | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.window = resolve_window(window)
+        self.slice_index_key = slice_index_key
+        self.num_slices_key = num_slices_key
+        self.cache = cache if cache is not None else CTVolumeCache()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        index = int(d[self.slice_index_key])
+        for key in self.key_iterator(d):
+            path = os.fspath(d[key])
+            try:
+                volume = self.cache.get(path)
+            except CTReadError as err:
+                raise InferenceInputError(str(err)) from err
+            if not 0 <= index < volume.num_slices:
+                raise InferenceInputError(
+                    f"{path}: slice {index} requested, the volume has {volume.num_slices} slices"
+                )
+            expected = d.get(self.num_slices_key) if self.num_slices_key is not None else None
+            if expected is not None and int(expected) != volume.num_slices:
+                raise InferenceInputError(
+                    f"{path}: the item expects {int(expected)} slices, the volume read has {volume.num_slices}"
+                )
+            plane = hu_window(np.take(volume.hu, index, axis=volume.slice_axis), self.window)
+            meta = {
+                "filename_or_obj": path,
+                self.slice_index_key: index,
+                "spatial_shape": np.asarray(plane.shape),
+            }
+            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(plane[None])), meta=meta)
+        return d
+
+
+# --------------------------------------------------------------------------------------------------------------
+# output layout
+
+
+def _source_filename(data: Mapping[Hashable, Any], key: Hashable, image_key: Hashable) -> str | None:
+    for candidate in (key, image_key):
+        value = data.get(candidate)
+        if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
+            return str(value.meta["filename_or_obj"])
+        meta = data.get(f"{candidate}_meta_dict")
+        if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
+            return str(meta["filename_or_obj"])
+    return None
+
+
+class ToPictureLayoutd(MapTransform):
+    """
+    Swap the two spatial axes of 2-D arrays that come from NIfTI or DICOM files, so they have a picture's
+    (rows, columns) order.
+
+    This bundle loads pictures (PNG, JPEG, ...) with ``PILReader(reverse_indexing=False)``: their arrays are
+    (rows, columns) and are written back as PNG unchanged (``PILWriter`` with ``reverse_indexing=False``).
+    NIfTI and DICOM readers give MONAI's layout (axis 0 = image column), which this transform transposes so
+    that the written PNG shows the slice as a viewer does. The source is the ``filename_or_obj`` of the key's
+    (or ``image_key``'s) meta data; arrays of pictures or of unknown sources are left alone.
+
+    Args:
+        keys: keys of the channel-first 2-D arrays ``(C, H, W)``, e.g. ``["pred", "image"]``.
+        image_key: key whose meta data name the source when a key has none.
+        picture_extensions: extensions of files loaded as pictures.
+        allow_missing_keys: don't raise when a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        picture_extensions: Sequence[str] = PICTURE_EXTENSIONS,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.picture_extensions = tuple(ext.lower() for ext in picture_extensions)
+
+    def is_picture(self, filename: str | None) -> bool:
+        """Whether ``filename`` is loaded as a picture (or unknown, None), i.e. needs no transposition."""
+        return filename is None or str(filename).lower().endswith(self.picture_extensions)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self.is_picture(_source_filename(d, key, self.image_key)):
+                continue
+            value = d[key]
+            if value.ndim != 3:
+                raise ValueError(f"ToPictureLayoutd: {key!r} must be a 2-D channel-first array, got {tuple(value.shape)}")
+            d[key] = value.swapaxes(-1, -2) if isinstance(value, np.ndarray) else value.transpose(-1, -2)
+        return d
