@@ -56,6 +56,7 @@ TRAIN_CONFIG = REPO_ROOT / "bundle" / "configs" / "train.json"
 INFERENCE_CONFIG = REPO_ROOT / "bundle" / "configs" / "inference.json"
 
 PRECISIONS = ("fp32", "bf16")
+VOLUME_REPORT = "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
 REQUIRED_KEYS = ("case", "variant", "precision", "status", "images_per_s", "latency_ms", "peak_rss_mb")
 
 
@@ -126,12 +127,12 @@ def median_ms(seconds: list[float]) -> float:
 
 
 def text_encoder_config(settings: Settings):
-    """A 12-layer, 768-wide BERT configuration (CXR-BERT's size), or a 2-layer, 32-wide one with ``tiny``."""
+    """A 12-layer, 768-wide BERT configuration (CXR-BERT's size), or a 3-layer, 32-wide one with ``tiny``."""
     from transformers import BertConfig
 
     if settings.tiny:
         return BertConfig(
-            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64,
         )  # fmt: skip
     return BertConfig()
@@ -485,16 +486,9 @@ def _write_volume(path: Path, slices: int, size: int) -> None:
 
 
 def _volume_overrides(config: dict, root: Path, volume: Path, settings: Settings, precision: str) -> list[str]:
-    """Command-line overrides of inference.json for a temp bundle root and one input volume."""
-    args = ["--bundle_root", str(root)]
-    if "input_datalist" in config:
-        datalist = root / "input_datalist.json"
-        datalist.write_text(json.dumps([{"image": str(volume)}]))
-        args += ["--input_datalist", str(datalist)]
-    if "input_dir" in config:
-        args += ["--input_dir", str(volume.parent)]
-    if "output_dir" in config:
-        args += ["--output_dir", str(root / "output")]
+    """Command-line overrides of inference.json: a temp bundle root and an input folder with one volume."""
+    (volume.parent / "texts.json").write_text(json.dumps({volume.name: VOLUME_REPORT}))
+    args = ["--bundle_root", str(root), "--input_dir", str(volume.parent), "--output_dir", str(root / "output")]
     if "precision" in config:
         args += ["--precision", precision]
     if settings.tiny and "image_encoder" in config:
@@ -536,18 +530,18 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
             raise RuntimeError(f"no NIfTI mask written under {root}; stdout:\n{completed.stdout[-2000:]}")
         mask_shape = list(nib.load(str(masks[0])).shape)
 
-        # the fixed cost of a fresh interpreter importing what the bundle needs
-        start = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-c", "import torch, monai, timm, transformers, himix_monai.networks"], check=True
-        )
-        import_s = time.perf_counter() - start
+        import_s = None
+        if not settings.tiny:  # the fixed cost of a fresh interpreter importing what the bundle needs
+            start = time.perf_counter()
+            command = [sys.executable, "-c", "import torch, monai, timm, transformers, himix_monai.networks"]
+            subprocess.run(command, cwd=REPO_ROOT, check=True)
+            import_s = round(time.perf_counter() - start, 2)
     return [
         {
             "images_per_s": round(settings.volume_slices / wall_s, 2),
             "latency_ms": round(1000.0 * wall_s, 1),
             "wall_s": round(wall_s, 2),
-            "import_s": round(import_s, 2),
+            "import_s": import_s,
             "slices": settings.volume_slices,
             "slice_size": settings.volume_size,
             "mask_shape": mask_shape,
@@ -607,9 +601,11 @@ def run_case_here(case: str, precision: str, settings: Settings, threads: int | 
     return lines
 
 
-def run_case_subprocess(case: str, precision: str, args: argparse.Namespace) -> list[dict]:
-    """Run one case in a fresh interpreter (this script with ``--case``) and parse its JSON lines."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--precision", precision]
+def run_cases_subprocess(plan: list[tuple[str, str]], args: argparse.Namespace) -> list[dict]:
+    """Run ``plan`` (pairs of case and precision) in one fresh interpreter (this script with ``--case``)."""
+    cases = ",".join(dict.fromkeys(case for case, _ in plan))
+    precisions = ",".join(dict.fromkeys(precision for _, precision in plan))
+    command = [sys.executable, str(Path(__file__).resolve()), "--case", cases, "--precision", precisions]
     command += [flag for flag, on in (("--quick", args.quick), ("--tiny", args.tiny)) if on]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -619,11 +615,15 @@ def run_case_subprocess(case: str, precision: str, args: argparse.Namespace) -> 
         if text.startswith("{"):
             with contextlib.suppress(json.JSONDecodeError):
                 line = json.loads(text)
-                if isinstance(line, dict) and line.get("case") == case:
+                if isinstance(line, dict) and (line.get("case"), line.get("precision")) in plan:
                     lines.append(line)
-    if completed.returncode != 0 or not lines:
+    done = {(line["case"], line["precision"]) for line in lines}
+    if completed.returncode != 0 or len(done) < len(plan):
         error = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-        lines.append(complete({"status": "error", "error": f"exit code {completed.returncode}: {error}"}, case, precision))
+        for case, precision in plan:
+            if (case, precision) not in done:
+                message = f"case process exit code {completed.returncode}: {error}"
+                lines.append(complete({"status": "error", "error": message}, case, precision))
     return lines
 
 
@@ -638,7 +638,8 @@ def _format(value: Any, digits: int = 1) -> str:
 def _details(line: dict) -> str:
     """A short human-readable summary of the case-specific figures."""
     if line["status"] != "ok":
-        return line.get("reason") or line.get("error", "")
+        message = (line.get("reason") or line.get("error") or "").strip().splitlines()
+        return message[-1][:160] if message else ""
     case = line["case"]
     if case == "train_step":
         return "text {text_encoder_ms:.0f} / fwd+loss {forward_ms:.0f} / bwd {backward_ms:.0f} / opt {optimizer_ms:.0f} ms".format(
@@ -660,7 +661,8 @@ def _details(line: dict) -> str:
         build = f", cache build {line['cache_build_s']:.2f} s" if line.get("cache_build_s") is not None else ""
         return f"1st epoch {line['first_epoch_images_per_s']:.0f} img/s{build}"
     if case == "ct_volume":
-        return f"{line['slices']}x{line['slice_size']}^2 in {line['wall_s']:.1f} s (interpreter+imports {line['import_s']:.1f} s)"
+        imports = f" (interpreter + imports {line['import_s']:.1f} s)" if line.get("import_s") is not None else ""
+        return f"{line['slices']} slices {line['slice_size']}^2 in {line['wall_s']:.1f} s{imports}"
     return ""
 
 
@@ -685,18 +687,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="test_convnext, tiny BERT, small sizes (smoke test)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated subset of fp32, bf16")
-    parser.add_argument("--case", choices=list(CASES), help="run this one case in this process (used internally)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="precision of --case")
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run all cases in ONE fresh process (faster to start; peak_rss_mb is then cumulative): smoke tests",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON lines to this file")
+    parser.add_argument(
+        "--case", default=None, help="run these cases (comma-separated) in THIS process; used by the parent"
+    )
+    parser.add_argument("--precision", default="fp32", help="precisions (comma-separated) of --case")
     args = parser.parse_args(argv)
-    for name in args.cases.split(","):
-        if name not in CASES:
-            parser.error(f"unknown case {name!r}; choose from {', '.join(CASES)}")
-    for name in args.precisions.split(","):
-        if name not in PRECISIONS:
-            parser.error(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
+    for option in ("cases", "case"):
+        for name in (getattr(args, option) or "").split(","):
+            if name and name not in CASES:
+                parser.error(f"unknown case {name!r} in --{option}; choose from {', '.join(CASES)}")
+    for option in ("precisions", "precision"):
+        for name in getattr(args, option).split(","):
+            if name not in PRECISIONS:
+                parser.error(f"unknown precision {name!r} in --{option}; choose from {', '.join(PRECISIONS)}")
     return args
+
+
+def make_plan(cases: str, precisions: str) -> list[tuple[str, str]]:
+    """The (case, precision) pairs to run: each case at each of the precisions it supports."""
+    wanted = precisions.split(",")
+    return [(case, p) for case in cases.split(",") for p in CASES[case][1] if p in wanted]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -704,20 +721,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    settings = make_settings(args.tiny, args.quick)
-    if args.case:  # child: one case, JSON lines only
-        for line in run_case_here(args.case, args.precision, settings, args.threads):
-            print(json.dumps(line), flush=True)
+    if args.case:  # case process: JSON lines only
+        settings = make_settings(args.tiny, args.quick)
+        for case, precision in make_plan(args.case, args.precision):
+            for line in run_case_here(case, precision, settings, args.threads):
+                print(json.dumps(line), flush=True)
         return 0
 
-    wanted = args.precisions.split(",")
-    plan = [(case, p) for case in args.cases.split(",") for p in CASES[case][1] if p in wanted]
-    print(f"# {len(plan)} case runs, cpus={os.cpu_count()}, load average={os.getloadavg()}", file=sys.stderr)
+    plan = make_plan(args.cases, args.precisions)
+    print(
+        f"# {len(plan)} case runs, {os.cpu_count()} CPUs, load average {os.getloadavg()}, quick={args.quick}, "
+        f"tiny={args.tiny}",
+        file=sys.stderr,
+    )
+    groups = [plan] if args.one_process else [[pair] for pair in plan]
     lines: list[dict] = []
     output = open(args.output, "w", encoding="utf-8") if args.output else contextlib.nullcontext()
     with output as handle:
-        for case, precision in plan:
-            for line in run_case_subprocess(case, precision, args):
+        for group in groups:
+            for line in run_cases_subprocess(group, args):
                 lines.append(line)
                 print(json.dumps(line), flush=True)
                 if handle is not None:
