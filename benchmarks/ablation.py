@@ -427,26 +427,29 @@ def plot_internals(internals: dict[str, Any], path: str, title: str = "HiMix ful
     sigmas = internals.get("asrm_sigma_per_stage", [])
     weights = internals.get("dlfm_group_weights", [])
     groups = internals.get("dlfm_groups", [])
-    fig, axes = plt.subplots(1, 1 + max(1, len(weights)), figsize=(3.2 * (1 + max(1, len(weights))), 3.4))
+    order = internals.get("dlfm_group_order", list(range(len(weights), 0, -1)))
+    fig, axes = plt.subplots(1, 1 + max(1, len(weights)), figsize=(3.3 * (1 + max(1, len(weights))), 3.6))
     ax = axes[0]
     labels = [f"stage {i + 1}" for i in range(len(sigmas))]
     values = [s if s is not None else 0.0 for s in sigmas]
     bars = ax.bar(labels, values, color="tab:blue")
     ax.axhline(5.0, color="gray", linestyle="--", linewidth=1, label="init 5")
     for bar, v in zip(bars, values):
-        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(values + [5.0]) * 1.2)
     ax.set_title("ASRM sigma (stage 1 = coarsest)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     for index, ws in enumerate(weights):
         ax = axes[index + 1]
         layer_ids = groups[index] if index < len(groups) else list(range(1, len(ws) + 1))
-        bars = ax.bar([f"L{j}" for j in layer_ids], ws, color="tab:orange")
+        bars = ax.bar([f"layer {j}" for j in layer_ids], ws, color="tab:orange")
         ax.axhline(1.0 / len(ws), color="gray", linestyle="--", linewidth=1, label="init (equal)")
         for bar, v in zip(bars, ws):
-            ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-        ax.set_ylim(0, max(max(ws) * 1.2, 1.0 / len(ws) * 1.5))
-        ax.set_title(f"DLFM group {index + 1} weights", fontsize=9)
-        ax.legend(fontsize=7)
+            ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max(max(ws) * 1.25, 1.0 / len(ws) * 1.5))
+        stage = order.index(index + 1) + 1 if (index + 1) in order else "?"
+        ax.set_title(f"DLFM G{index + 1} weights -> stage {stage}", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

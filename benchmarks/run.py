@@ -582,6 +582,7 @@ def run_case_here(case: str, precision: str, settings: Settings, threads: int | 
         torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     rss_at_start = peak_rss_mb()
+    start = time.perf_counter()
     function = CASES[case][0]
     try:
         results = function(settings, precision)
@@ -594,6 +595,7 @@ def run_case_here(case: str, precision: str, settings: Settings, threads: int | 
             threads=torch.get_num_threads(),
             rss_after_imports_mb=rss_at_start,
             load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+            elapsed_s=round(time.perf_counter() - start, 2),
             tiny=settings.tiny,
             quick=settings.quick,
         )

@@ -65,6 +65,7 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
 __all__ = [
+    "as_bool",
     "CheckpointError",
     "CheckpointMismatchError",
     "NonFiniteLossError",
@@ -84,10 +85,42 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MAX_LISTED = 5  # mismatched keys / bad items shown in an error message
+_MAX_LISTED = 5  # mismatched keys of each kind shown in an error message
+_MAX_LISTED_ITEMS = 10  # bad datalist items shown in an error message
 _META_KEY = "meta"
 _CHECKPOINT_FORMAT = 1
 _STATE_DICT_KEYS = ("model", "network", "net", "state_dict")
+
+
+_TRUE = ("true", "yes", "on", "1", "y", "t")
+_FALSE = ("false", "no", "off", "0", "n", "f", "none", "null", "")
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """Read a yes/no setting that may come from the command line as text.
+
+    ``python -m monai.bundle run ... --resume false`` passes the string ``"false"`` (only ``True``/``False``
+    become booleans), and ``bool("false")`` is True. This accepts booleans, 0/1 and the usual words.
+
+    Args:
+        value: a bool, an int 0/1, None, or a string such as ``"true"``, ``"False"``, ``"yes"``, ``"0"``.
+        name: the setting's name, for the error message.
+
+    Returns:
+        The boolean.
+
+    Raises:
+        ValueError: for anything else, naming the setting.
+    """
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 class CheckpointError(RuntimeError):
@@ -567,6 +600,13 @@ class AtomicCheckpointSaver(CheckpointSaver):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _rank() -> int:
+    """This process's rank in a ``torch.distributed`` job; 0 when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
 def _is_evaluator(obj: Any) -> bool:
     from monai.engines import Evaluator
 
@@ -650,6 +690,9 @@ class TrainingStateCheckpoint:
 
     A state is not saved when the last loss or a network weight is NaN or infinite (the previous file is kept).
 
+    In a ``torch.distributed`` job attach it on every rank: every rank loads the state when resuming, only rank 0
+    writes. Entries of ``save_dict`` that are None (e.g. a handler disabled on this rank) are skipped.
+
     With ``resume=True`` the file is loaded when the trainer starts: the network is checked first (keys, shapes
     and settings, see :py:func:`load_network_weights`), then everything else is restored and the trainer
     continues from the saved iteration (mid-epoch too: the rest of that epoch is run) up to the configured
@@ -663,7 +706,8 @@ class TrainingStateCheckpoint:
             "early_stopping": early_stop_handler, "evaluator": evaluator, "best_model_saver": saver}``.
             It must contain the trainer engine that the handler is attached to (under any name).
         every_n_iterations: also save every N iterations within an epoch; 0 saves at epoch ends only.
-        resume: load ``save_path`` when the trainer starts, if it exists.
+        resume: load ``save_path`` when the trainer starts, if it exists (text such as ``"false"`` is read as a
+            boolean, see :py:func:`as_bool`).
         save_frozen: also save the network's frozen parameters (``requires_grad=False``: the pretrained text
             encoder, about 90% of HiMix's weights). By default they are left out, which makes the file several
             times smaller and faster to write; their names and a checksum are recorded instead, and resuming
@@ -702,8 +746,8 @@ class TrainingStateCheckpoint:
         self.save_path = Path(save_path)
         self.save_dict = dict(save_dict)
         self.every_n_iterations = int(every_n_iterations)
-        self.resume = bool(resume)
-        self.save_frozen = bool(save_frozen)
+        self.resume = as_bool(resume, "resume")
+        self.save_frozen = as_bool(save_frozen, "save_frozen")
         self.map_location = map_location
         self._name = name
         self.logger = logging.getLogger(name)
@@ -753,7 +797,9 @@ class TrainingStateCheckpoint:
         content: dict[str, Any] = {}
         signature = frozen = None
         for key, obj in self.save_dict.items():
-            if isinstance(obj, torch.nn.Module) and signature is None:
+            if obj is None:  # e.g. a handler disabled on this rank
+                content[key] = None
+            elif isinstance(obj, torch.nn.Module) and signature is None:
                 signature = network_signature(obj)
                 if self.save_frozen:
                     content[key] = _state_of(obj)
@@ -779,10 +825,15 @@ class TrainingStateCheckpoint:
     def save(self, engine: Engine, finished: bool = False) -> None:
         """Save the state atomically, unless the last loss or a network weight is not finite.
 
+        In a ``torch.distributed`` job only rank 0 writes (all ranks hold the same state).
+
         Args:
             engine: the trainer.
             finished: mark the run as finished.
         """
+        if _rank() != 0:
+            self.last_saved_iteration = int(engine.state.iteration)
+            return
         where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
         loss = _loss_of(engine.state.output)
         if loss is not None and not _is_finite_number(loss):
@@ -837,7 +888,7 @@ class TrainingStateCheckpoint:
         prior_max_epochs = engine.state.max_epochs
         epoch_length = engine.state.epoch_length
         for key, obj in self.save_dict.items():
-            if key in networks or checkpoint[key] is None:
+            if key in networks or obj is None or checkpoint[key] is None:
                 continue
             if obj is engine:
                 self._restore_trainer(engine, checkpoint[key], source)
@@ -846,16 +897,20 @@ class TrainingStateCheckpoint:
         engine.state.max_epochs = prior_max_epochs
         engine.state.epoch_length = epoch_length
         self.last_saved_iteration = int(engine.state.iteration)
-        done = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        length = engine.state.epoch_length or 1
+        done = (
+            f"{engine.state.epoch} epochs done (iteration {engine.state.iteration}, "
+            f"{engine.state.iteration - engine.state.epoch * length} of {length} into the next epoch)"
+        )
         stopped_early = bool(meta.get("finished")) and int(meta.get("epoch", 0)) < int(meta.get("max_epochs", 0))
         if stopped_early and engine.state.epoch < (prior_max_epochs or 0):
             self.logger.warning(
-                f"{source}: that run had finished at {done} (stopped early); nothing to resume. "
+                f"{source}: that run had finished after {engine.state.epoch} epochs (stopped early); nothing to resume. "
                 "Set resume to false (or remove the file) to train again."
             )
             engine.terminate()
             return
-        self.logger.info(f"resumed from {source} at {done} (of {prior_max_epochs} epochs).")
+        self.logger.info(f"resumed from {source}: {done}; training until epoch {prior_max_epochs}.")
 
     def _restore_trainer(self, engine: Engine, state: Mapping[str, Any], source: str) -> None:
         saved_length = state.get("epoch_length")
@@ -887,7 +942,7 @@ class StopOnNonFiniteLoss:
     """Stop training with :py:class:`NonFiniteLossError` as soon as the loss is NaN or infinite.
 
     ignite's ``TerminateOnNan`` ends the run quietly, and the bundle command then exits with status 0. This
-    handler raises instead, so the command fails (non-zero exit) with a message naming the epoch, the iteration
+    handler raises instead (on every rank of a ``torch.distributed`` job, which agree through an all-reduce), so the command fails (non-zero exit) with a message naming the epoch, the iteration
     and the loss, and the run stops before anything saves the bad state. Attach it before the handlers that save
     checkpoints (in the bundle it is a trainer handler; the state checkpoint is attached in ``run``).
 
@@ -914,7 +969,18 @@ class StopOnNonFiniteLoss:
 
     def __call__(self, engine: Engine) -> None:
         loss = self.output_transform(engine.state.output)
-        if loss is None or _is_finite_number(loss):
+        bad = loss is not None and not _is_finite_number(loss)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must stop together, else the others wait forever in the next all-reduce
+            device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+            flag = torch.tensor([1.0 if bad else 0.0], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() > 0 and not bad:
+                raise NonFiniteLossError(
+                    f"the training loss of another rank is not finite at epoch {engine.state.epoch}, iteration "
+                    f"{engine.state.iteration} of the run; training stopped (see that rank's message)."
+                )
+        if not bad:
             return
         value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
         state = engine.state
@@ -925,7 +991,10 @@ class StopOnNonFiniteLoss:
         )
         if self.checkpoint_path is not None:
             if self.checkpoint_path.is_file():
-                message += f" The last good training state is {self.checkpoint_path} (resume with --resume true)."
+                message += (
+                    f" The last training state saved before this (with a finite loss and weights) is kept in "
+                    f"{self.checkpoint_path}; fix the cause, then resume with --resume true or start afresh."
+                )
             else:
                 message += f" No training state was saved yet ({self.checkpoint_path})."
         message += (
@@ -939,7 +1008,8 @@ class LossCSVWriter:
     """Append every iteration's loss to a CSV file: ``epoch,iteration,loss`` (full precision).
 
     The file is created with a header when missing and appended to otherwise, so a resumed run continues it
-    (iterations repeated after a resume are the ones that were run again).
+    (iterations repeated after a resume are the ones that were run again). In a ``torch.distributed`` job only
+    rank 0 writes (its own loss, as ``StatsHandler`` shows).
 
     Args:
         filename: the CSV file; missing parent folders are created.
@@ -959,7 +1029,7 @@ class LossCSVWriter:
 
     def __call__(self, engine: Engine) -> None:
         loss = self.output_transform(engine.state.output)
-        if loss is None:
+        if loss is None or _rank() != 0:
             return
         value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
         self.filename.parent.mkdir(parents=True, exist_ok=True)
@@ -996,6 +1066,19 @@ def _item_problem(item: Mapping[str, Any], verify: bool) -> PairProblem | None:
     return None
 
 
+def _common_keys(items: list[dict], source: str) -> list[dict]:
+    """Keep the keys every item has: batching items with different keys fails with a bare ``KeyError``."""
+    if not items:
+        return items
+    common = set(items[0]).intersection(*items[1:])
+    extra = Counter(key for item in items for key in item if key not in common)
+    if not extra:
+        return items
+    detail = ", ".join(f"{key!r} (in {count} of {len(items)} items)" for key, count in sorted(extra.items()))
+    logger.info("%s: keys that only some items have are not used: %s", source, detail)
+    return [{k: v for k, v in item.items() if k in common} for item in items]
+
+
 def load_checked_datalist(
     path: str | os.PathLike,
     split: str = "training",
@@ -1014,10 +1097,14 @@ def load_checked_datalist(
     :py:class:`~himix_monai.data.datalist.DatalistError` that counts them by reason and lists the first few
     (file, item number, file names), or, with ``skip_bad_items``, are logged, counted and left out.
 
+    Keys that only some items have (e.g. ``image_dicom`` in the demo items but not in items added by hand)
+    are dropped, with one log line: batching items with different keys would fail with a bare ``KeyError``.
+
     Args:
         path: the datalist JSON file.
         split: ``"training"``, ``"validation"`` or ``"test"``.
-        check_files: check the files; False only loads the datalist.
+        check_files: check the files; False only loads the datalist. Booleans given as text (``"false"``) are
+            read as such, see :py:func:`as_bool`.
         skip_bad_items: leave bad items out (with a warning each and a summary) instead of stopping.
         verify: decode the files to find truncated or corrupt ones; False reads the headers only.
         num_workers: threads for the checks; default ``min(8, cpu count)``.
@@ -1030,8 +1117,9 @@ def load_checked_datalist(
         DatalistError: for an invalid datalist, for bad items unless ``skip_bad_items``, and when no item of a
             non-empty split is usable.
     """
-    items = load_datalist(path, split=split, base_dir=base_dir)
-    if not check_files or not items:
+    items = _common_keys(load_datalist(path, split=split, base_dir=base_dir), f"{path} ({split!r})")
+    skip_bad_items = as_bool(skip_bad_items, "skip_bad_items")
+    if not as_bool(check_files, "check_files") or not items:
         return items
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
     if workers > 1:
@@ -1046,9 +1134,9 @@ def load_checked_datalist(
     summary = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
     where = f"{path}: {len(bad)} of {len(items)} {split!r} items"
     if not skip_bad_items:
-        listed = [f"  item {number}: {problem.reason}: {problem.detail}" for number, problem in bad[:_MAX_LISTED]]
-        if len(bad) > _MAX_LISTED:
-            listed.append(f"  ... ({len(bad) - _MAX_LISTED} more)")
+        listed = [f"  item {number}: {problem.reason}: {problem.detail}" for number, problem in bad[:_MAX_LISTED_ITEMS]]
+        if len(bad) > _MAX_LISTED_ITEMS:
+            listed.append(f"  ... ({len(bad) - _MAX_LISTED_ITEMS} more)")
         raise DatalistError(
             f"{where} cannot be used ({summary}):\n"
             + "\n".join(listed)

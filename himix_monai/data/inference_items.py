@@ -120,6 +120,26 @@ def find_text_sidecar(folder: str | os.PathLike) -> Path | None:
     return found[0] if found else None
 
 
+def _check_csv_fields(path: Path) -> None:
+    """Rows with more fields than the header (unquoted commas in a text) would shift the columns."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as stream:
+            rows = list(csv.reader(stream))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InferenceInputError(f"{path}: cannot read the CSV file: {err}") from err
+    if not rows:
+        return
+    width = len(rows[0])
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) > width:
+            raise InferenceInputError(
+                f"row {number} of {path}: {len(row)} fields where the header has {width}; put texts that contain "
+                'commas in double quotes ("...")'
+            )
+
+
 def read_text_sidecar(path: str | os.PathLike) -> list[tuple[str, str, int]]:
     """Read a text sidecar: ``texts.csv`` (``Image,Description`` columns) or ``texts.json`` (name -> text).
 
@@ -155,6 +175,8 @@ def read_text_sidecar(path: str | os.PathLike) -> list[tuple[str, str, int]]:
             entries.append((str(name).strip(), text.strip(), number))
         unit = "entry"
     else:
+        if path.suffix.lower() == ".csv":
+            _check_csv_fields(path)
         try:
             rows = read_description_sheet(path)
         except DatalistError as err:
