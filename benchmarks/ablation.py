@@ -5,16 +5,16 @@ HiMix ablation study on a real text-guided segmentation datalist (e.g. Kvasir-SE
 Every variant is trained and evaluated under one fixed budget (same epochs, image size, batch size, seed,
 AdamW + cosine schedule, ``DiceCELoss``) with MONAI's ``SupervisedTrainer`` / ``SupervisedEvaluator``:
 
-=============== ===================================================== ==============================
-variant         network                                               text
-=============== ===================================================== ==============================
-``full``        ``HiMix`` as in the paper (ASRM + DLFM, sequential)   ``--datalist`` (e.g. p9)
-``no_asrm``     ``use_asrm=False``                                    ``--datalist``
-``no_dlfm``     ``layer_grouping="mean"`` (fixed equal weights)       ``--datalist``
-``last_layer``  ``layer_grouping="last"`` (final text layer only)     ``--datalist``
-``image_only``  ``text_encoder=None``                                 none
-``full_reports`` ``HiMix`` as in the paper                            ``--report-datalist``
-=============== ===================================================== ==============================
+================ =================================================== ========================
+variant          network                                             text
+================ =================================================== ========================
+``full``         ``HiMix`` as in the paper (ASRM + DLFM, sequential) ``--datalist`` (e.g. p9)
+``no_asrm``      ``use_asrm=False``                                  ``--datalist``
+``no_dlfm``      ``layer_grouping="mean"`` (fixed equal weights)     ``--datalist``
+``last_layer``   ``layer_grouping="last"`` (final text layer only)   ``--datalist``
+``image_only``   ``text_encoder=None``                               none
+``full_reports`` ``HiMix`` as in the paper                           ``--report-datalist``
+================ =================================================== ========================
 
 The text-guided variants are also evaluated, without further training, with the validation texts shuffled
 across images (a fixed derangement: mismatched text) and without any text, which tells whether the trained
@@ -24,7 +24,7 @@ Each call appends its variants to ``OUT/results.json`` and rewrites ``results.cs
 ``full`` has run) ``sigma_dlfm.png``, so variants can run as separate processes, one after another::
 
     python benchmarks/ablation.py --datalist /tmp/kvasir_p9.json --report-datalist /tmp/kvasir_reports.json \\
-        --out benchmarks/results/ablation --epochs 8 --image-size 128 --seed 0 --variants full
+        --out benchmarks/results/ablation --epochs 4 --image-size 96 --seed 0 --threads 1 --variants full
 
 At paper scale on a GPU::
 
@@ -167,8 +167,8 @@ class SegmentationStats:
         self.fp += float((pred * (1 - label)).sum())
         self.fn += float(((1 - pred) * label).sum())
 
-    def summary(self) -> dict[str, float]:
-        """Mean ± std of the per-image scores and the global (all-pixel) Dice / IoU."""
+    def summary(self) -> dict[str, Any]:
+        """Mean ± std of the per-image scores, the scores themselves (loader order) and the global Dice / IoU."""
         dice = self.dice.aggregate().flatten().cpu().numpy()
         iou = self.iou.aggregate().flatten().cpu().numpy()
         denom_dice = 2 * self.tp + self.fp + self.fn
@@ -181,6 +181,8 @@ class SegmentationStats:
             "global_dice": float(2 * self.tp / denom_dice) if denom_dice > 0 else float("nan"),
             "global_iou": float(self.tp / denom_iou) if denom_iou > 0 else float("nan"),
             "num_images": int(dice.size),
+            "dice_per_image": [round(float(v), 5) for v in dice],
+            "iou_per_image": [round(float(v), 5) for v in iou],
         }
 
 
@@ -200,7 +202,7 @@ def evaluate(
     loader: DataLoader,
     device: torch.device,
     precision: str,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Run a ``SupervisedEvaluator`` with sigmoid + 0.5 threshold and return :py:meth:`SegmentationStats.summary`."""
     stats = SegmentationStats()
     evaluator = SupervisedEvaluator(
@@ -428,7 +430,20 @@ def plot_internals(internals: dict[str, Any], path: str, title: str = "HiMix ful
     weights = internals.get("dlfm_group_weights", [])
     groups = internals.get("dlfm_groups", [])
     order = internals.get("dlfm_group_order", list(range(len(weights), 0, -1)))
-    fig, axes = plt.subplots(1, 1 + max(1, len(weights)), figsize=(3.3 * (1 + max(1, len(weights))), 3.6))
+    columns = 1 + max(1, len(weights))
+    fig, grid = plt.subplots(2, columns, figsize=(3.3 * columns, 6.4), squeeze=False)
+    axes, deltas = grid[0], grid[1]
+
+    def _delta(ax: Any, names: list[str], change: list[float], color: str, what: str) -> None:
+        bars = ax.bar(names, change, color=color)
+        ax.axhline(0.0, color="gray", linewidth=1)
+        for bar, v in zip(bars, change):
+            ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:+.4f}", ha="center",
+                    va="bottom" if v >= 0 else "top", fontsize=8)
+        span = max([abs(v) for v in change] + [1e-6])
+        ax.set_ylim(-1.4 * span, 1.4 * span)
+        ax.set_title(f"change from init ({what})", fontsize=9)
+
     ax = axes[0]
     labels = [f"stage {i + 1}" for i in range(len(sigmas))]
     values = [s if s is not None else 0.0 for s in sigmas]
@@ -439,10 +454,12 @@ def plot_internals(internals: dict[str, Any], path: str, title: str = "HiMix ful
     ax.set_ylim(0, max(values + [5.0]) * 1.2)
     ax.set_title("ASRM sigma (stage 1 = coarsest)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
+    _delta(deltas[0], labels, [v - 5.0 for v in values], "tab:blue", "sigma - 5")
     for index, ws in enumerate(weights):
         ax = axes[index + 1]
         layer_ids = groups[index] if index < len(groups) else list(range(1, len(ws) + 1))
-        bars = ax.bar([f"layer {j}" for j in layer_ids], ws, color="tab:orange")
+        names = [f"layer {j}" for j in layer_ids]
+        bars = ax.bar(names, ws, color="tab:orange")
         ax.axhline(1.0 / len(ws), color="gray", linestyle="--", linewidth=1, label="init (equal)")
         for bar, v in zip(bars, ws):
             ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
@@ -450,6 +467,7 @@ def plot_internals(internals: dict[str, Any], path: str, title: str = "HiMix ful
         stage = order.index(index + 1) + 1 if (index + 1) in order else "?"
         ax.set_title(f"DLFM G{index + 1} weights -> stage {stage}", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
+        _delta(deltas[index + 1], names, [w - 1.0 / len(ws) for w in ws], "tab:orange", f"w - 1/{len(ws)}")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -458,7 +476,10 @@ def plot_internals(internals: dict[str, Any], path: str, title: str = "HiMix ful
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    """Command-line options; ``--text-encoder`` defaults to the offline MiniLM-L6 and ``--tokenizer`` to it."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--datalist", required=True, help="datalist JSON (training / validation, with text)")
     parser.add_argument("--report-datalist", default=None, help="the same datalist with report-from-mask text")
     parser.add_argument("--text-name", default="p9", help="name of the --datalist text in the tables (default p9)")

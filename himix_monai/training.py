@@ -19,7 +19,8 @@ long run on real data needs:
 - :py:func:`load_checked_datalist` loads a datalist split and checks its files up front (missing, unreadable,
   size mismatch, 3-D volume), raising one :py:class:`~himix_monai.data.datalist.DatalistError` that lists the
   bad items, or skipping and counting them;
-- :py:func:`check_image_size` checks the configured image size against the network's size divisor.
+- :py:func:`check_image_size` checks the configured image size against the network's size divisor;
+- :py:func:`as_bool` reads yes/no settings that arrive from the command line as text (``--resume false``).
 
 All checkpoints written here hold plain state dicts (tensors, numbers, strings, lists, dicts) only, so they
 load with ``weights_only=True``.
@@ -256,12 +257,20 @@ def _fingerprint(network: torch.nn.Module, keys: Sequence[str]) -> float:
         return float(sum(float(parameters[k].detach().double().abs().sum()) for k in keys))
 
 
-def _trained_state(network: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The state dict without the frozen parameters, and a record of those (keys and checksum)."""
+def _trained_state(
+    network: torch.nn.Module, fingerprints: dict[tuple[str, ...], float] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dict without the frozen parameters, and a record of those (keys and checksum).
+
+    ``fingerprints`` caches the checksum per set of frozen keys (frozen weights do not change during training).
+    """
     frozen = _frozen_keys(network)
     skip = set(frozen)
     state = OrderedDict((k, v) for k, v in _unwrap(network).state_dict().items() if k not in skip)
-    return state, {"keys": frozen, "fingerprint": _fingerprint(network, frozen)}
+    cache = {} if fingerprints is None else fingerprints
+    if tuple(frozen) not in cache:
+        cache[tuple(frozen)] = _fingerprint(network, frozen)
+    return state, {"keys": frozen, "fingerprint": cache[tuple(frozen)]}
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -325,7 +334,8 @@ def describe_state_mismatch(
     if reshaped:
         lines.append("  other shape (checkpoint -> network):")
         lines += [
-            f"    {k}: {_format_shape(_shape(found[k]))} -> {_format_shape(_shape(expected[k]))}" for k in reshaped[:limit]
+            f"    {k}: {_format_shape(_shape(found[k]))} -> {_format_shape(_shape(expected[k]))}"
+            for k in reshaped[:limit]
         ]
         if len(reshaped) > limit:
             lines.append(f"    ... ({len(reshaped) - limit} more)")
@@ -394,6 +404,7 @@ def _check_and_load_network(
     source: str,
     signature: Mapping[str, Any] | None = None,
     frozen: Mapping[str, Any] | None = None,
+    target: str | None = None,
 ) -> None:
     """Compare, then load. ``frozen`` is the record of frozen parameters left out of ``state``, if any."""
     network = _unwrap(network)
@@ -401,7 +412,7 @@ def _check_and_load_network(
     if frozen is not None:
         skip = set(frozen.get("keys", []))
         expected = OrderedDict((k, v) for k, v in expected.items() if k not in skip)
-    report = describe_state_mismatch(expected, state, source=source, target=type(network).__name__)
+    report = describe_state_mismatch(expected, state, source=source, target=target or type(network).__name__)
     if report is not None:
         raise CheckpointMismatchError(report)
     if signature is not None:
@@ -479,8 +490,10 @@ class SafeCheckpointLoader(CheckpointLoader):
 
     Args:
         load_path: the checkpoint file.
-        load_dict: the objects to load, e.g. ``{"model": network}``; a single entry also loads a checkpoint that
-            is directly that object's state dict (as ``models/model.pt``).
+        load_dict: the objects to load, e.g. ``{"model": network}``; a single network entry also loads a
+            checkpoint that is directly its state dict (``models/model.pt``) or that holds it under ``model``,
+            ``network``, ``net`` or ``state_dict`` (``models/checkpoint_latest.pt``, whose recorded settings and
+            frozen-weight checksum are checked too).
         name: logger name; None uses the engine's logger.
         map_location: passed to ``torch.load``.
         strict: require the same keys (see ``CheckpointLoader``).
@@ -502,14 +515,20 @@ class SafeCheckpointLoader(CheckpointLoader):
         Args:
             engine: the ignite engine (trainer, evaluator or inference engine).
         """
+        source = str(self.load_path)
         checkpoint = load_checkpoint_file(self.load_path, map_location=self.map_location)
-        first_key = next(iter(self.load_dict))
+        meta = checkpoint.get(_META_KEY) if isinstance(checkpoint, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        first_key, first = next(iter(self.load_dict.items()))
         if len(self.load_dict) == 1 and (not isinstance(checkpoint, Mapping) or first_key not in checkpoint):
-            checkpoint = {first_key: checkpoint}
+            if isinstance(first, torch.nn.Module):  # a plain state dict, or one under "model", "network", ...
+                checkpoint = {first_key: _network_state_from_checkpoint(checkpoint, None, source)}
+            else:
+                checkpoint = {first_key: checkpoint}
         missing = [k for k in self.load_dict if k not in checkpoint]
         if missing and self.strict:
             raise CheckpointError(
-                f"{self.load_path}: no entries {missing} (found: {', '.join(map(repr, checkpoint))}); "
+                f"{source}: no entries {missing} (found: {', '.join(map(repr, checkpoint))}); "
                 "the load_dict names must match the names the checkpoint was saved with."
             )
         load_dict = {k: v for k, v in self.load_dict.items() if k in checkpoint}
@@ -520,28 +539,29 @@ class SafeCheckpointLoader(CheckpointLoader):
             state = _strip_prefix(checkpoint[k]) if isinstance(checkpoint[k], Mapping) else checkpoint[k]
             if not self.strict_shape:
                 checkpoint[k] = copy_model_state(_unwrap(obj), state, inplace=False)[0]
-                continue
-            if self.strict:
-                report = describe_state_mismatch(
-                    _unwrap(obj).state_dict(), state, source=str(self.load_path), target=f"{k!r} ({type(_unwrap(obj)).__name__})"
+            elif self.strict:  # compare keys, shapes and recorded settings, then load
+                target = f"{k!r} ({type(_unwrap(obj)).__name__})"
+                _check_and_load_network(
+                    obj, state, source, meta.get("network_signature"), meta.get("frozen_weights"), target
                 )
-                if report is not None:
-                    raise CheckpointMismatchError(report)
-            checkpoint[k] = state
+                del load_dict[k]
+            else:
+                checkpoint[k] = state
         if not self.strict_shape:
             skipped = [k for k, obj in load_dict.items() if not isinstance(obj, torch.nn.Module)]
             if skipped:
                 self.logger.warning(f"strict_shape is False: loading networks only, skipping {skipped}.")
             load_dict = {k: v for k, v in load_dict.items() if k not in skipped}
         prior_max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint, strict=self.strict)
+        if load_dict:
+            Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint, strict=self.strict)
         if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
             raise CheckpointError(
                 f"{self.load_path}: the checkpoint is at epoch {engine.state.epoch}, beyond this run's max_epochs "
                 f"({prior_max_epochs}); raise the number of epochs to continue training from it."
             )
         engine.state.max_epochs = prior_max_epochs
-        self.logger.info(f"Restored {sorted(load_dict)} from {self.load_path}")
+        self.logger.info(f"Restored {sorted(self.load_dict)} from {self.load_path}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -752,6 +772,7 @@ class TrainingStateCheckpoint:
         self._name = name
         self.logger = logging.getLogger(name)
         self.last_saved_iteration: int | None = None
+        self._fingerprints: dict[tuple[str, ...], float] = {}
 
     def attach(self, engine: Engine) -> None:
         """
@@ -765,7 +786,8 @@ class TrainingStateCheckpoint:
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         if self.every_n_iterations > 0:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self.iteration_completed)
+            event = Events.ITERATION_COMPLETED(every=self.every_n_iterations)
+            engine.add_event_handler(event, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
@@ -783,7 +805,8 @@ class TrainingStateCheckpoint:
         """Save the final state, marked as finished, unless the epoch end just saved it (a run that ends at
         ``max_epochs`` needs no mark; one that stopped early does, so that it is not resumed)."""
         max_epochs = engine.state.max_epochs
-        if self.last_saved_iteration == engine.state.iteration and (max_epochs is None or engine.state.epoch >= max_epochs):
+        reached_max = max_epochs is None or engine.state.epoch >= max_epochs
+        if self.last_saved_iteration == engine.state.iteration and reached_max:
             return
         self.save(engine, finished=True)
 
@@ -804,7 +827,7 @@ class TrainingStateCheckpoint:
                 if self.save_frozen:
                     content[key] = _state_of(obj)
                 else:
-                    content[key], frozen = _trained_state(obj)
+                    content[key], frozen = _trained_state(obj, self._fingerprints)
             else:
                 content[key] = _state_of(obj)
         loss = _loss_of(engine.state.output)
@@ -905,7 +928,8 @@ class TrainingStateCheckpoint:
         stopped_early = bool(meta.get("finished")) and int(meta.get("epoch", 0)) < int(meta.get("max_epochs", 0))
         if stopped_early and engine.state.epoch < (prior_max_epochs or 0):
             self.logger.warning(
-                f"{source}: that run had finished after {engine.state.epoch} epochs (stopped early); nothing to resume. "
+                f"{source}: that run had finished after {engine.state.epoch} epochs (stopped early); "
+                "nothing to resume. "
                 "Set resume to false (or remove the file) to train again."
             )
             engine.terminate()
@@ -942,9 +966,10 @@ class StopOnNonFiniteLoss:
     """Stop training with :py:class:`NonFiniteLossError` as soon as the loss is NaN or infinite.
 
     ignite's ``TerminateOnNan`` ends the run quietly, and the bundle command then exits with status 0. This
-    handler raises instead (on every rank of a ``torch.distributed`` job, which agree through an all-reduce), so the command fails (non-zero exit) with a message naming the epoch, the iteration
+    handler raises instead, so the command fails (non-zero exit) with a message naming the epoch, the iteration
     and the loss, and the run stops before anything saves the bad state. Attach it before the handlers that save
-    checkpoints (in the bundle it is a trainer handler; the state checkpoint is attached in ``run``).
+    checkpoints (in the bundle it is a trainer handler; the state checkpoint is attached in ``run``). In a
+    ``torch.distributed`` job every rank raises: the ranks agree through an all-reduce of a flag per iteration.
 
     Args:
         output_transform: gets the loss from ``engine.state.output``; default: ``output["loss"]``.

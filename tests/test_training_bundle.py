@@ -1,16 +1,17 @@
 """End-to-end tests of bundle/configs/train.json through the real ``python -m monai.bundle run training`` command.
 
 A tiny configuration (``test_convnext`` image encoder, 4 attention heads, 24 demo cases of 64 pixels, batch 4,
-32-pixel network input: 4 iterations per epoch) keeps each run short. The fresh 5-epoch run is shared (module
-fixture) by the end-to-end, determinism and checkpoint-loading tests and by ``test_reliability.py`` (resume).
+32-pixel network input: 4 iterations per epoch) keeps each run short; the runs are processes forked from a
+pre-imported forkserver (see :py:class:`BundleRun`). Two identical fresh 5-epoch runs are shared (session fixture)
+by the end-to-end, determinism and checkpoint-loading tests here and in ``test_reliability.py`` (resume).
 """
 
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,43 +33,112 @@ TINY = {
 }
 
 
-def bundle_args(bundle_root: Path, **overrides) -> list[str]:
-    """The ``python -m monai.bundle run training`` command line with the tiny settings and ``overrides``."""
+def bundle_argv(bundle_root: Path, **overrides) -> list[str]:
+    """The arguments of ``python -m monai.bundle`` for ``run training`` with the tiny settings and ``overrides``."""
     settings = {**TINY, "bundle_root": str(bundle_root), **overrides}
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIG)]
+    argv = ["run", "training", "--config_file", str(TRAIN_CONFIG)]
     for key, value in settings.items():
-        command += [f"--{key}", str(value)]
-    return command
+        argv += [f"--{key}", str(value)]
+    return argv
 
 
-def bundle_env() -> dict[str, str]:
-    """Offline, unbuffered, one thread: on a shared 2-core machine several OpenMP threads per run were 10x slower."""
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
+# Most of a tiny run on this shared machine was Python start-up and imports (torch, transformers, timm: ~8 s of
+# CPU per run). The runs are therefore forked from a ``forkserver`` that has imported them once; each run is still
+# a process of its own (killed with SIGKILL, exit status, its own logging), given exactly the arguments of the
+# command line and dispatched by ``fire`` to ``monai.bundle``'s ``run``, as ``python -m monai.bundle`` does.
+_PRELOAD = [
+    "torch",
+    "transformers",
+    "timm",
+    "ignite.engine",
+    "fire",
+    "monai.bundle.scripts",
+    "monai.engines",
+    "monai.handlers",
+    "himix_monai.networks",
+    "himix_monai.transforms",
+    "himix_monai.inferers",
+    "himix_monai.training",
+    "himix_monai.data.demo",
+    "tests.test_training_bundle",
+]
+_CONTEXT: list = []
+
+
+def _forkserver():
+    if not _CONTEXT:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)
+        _CONTEXT.append(context)
+    return _CONTEXT[0]
+
+
+def _bundle_main(argv: list[str], log: str) -> None:
+    """In the child: ``python -m monai.bundle <argv>`` with stdout and stderr to ``log``, offline, one thread."""
+    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(descriptor, 1)
+    os.dup2(descriptor, 2)
+    os.close(descriptor)
+    os.chdir(REPO)
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    torch.set_num_threads(1)  # several OpenMP threads per run were 10x slower on the shared 2-core machine
+    import fire
+    from monai.bundle import scripts
+
+    fire.Fire({"run": scripts.run}, command=argv, name="monai.bundle")
+
+
+class BundleRun:
+    """One ``python -m monai.bundle run training ...`` process.
+
+    Args:
+        bundle_root: the bundle root of the run (its log is ``bundle_root.log`` next to it).
+        overrides: config overrides, as on the command line.
+    """
+
+    def __init__(self, bundle_root: Path, **overrides) -> None:
+        self.argv = bundle_argv(bundle_root, **overrides)
+        self.log = Path(f"{bundle_root}.log")
+        self.process = _forkserver().Process(target=_bundle_main, args=(self.argv, str(self.log)), daemon=True)
+        self.process.start()
+
+    @property
+    def command(self) -> str:
+        return " ".join(["python -m monai.bundle", *self.argv])
+
+    def kill(self) -> None:
+        """SIGKILL: no handler of the run gets to do anything."""
+        self.process.kill()
+        self.process.join()
+
+    def wait(self, timeout: float = 900) -> subprocess.CompletedProcess:
+        """Wait for the end; ``stdout`` is the run's output (stdout and stderr)."""
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.kill()
+            pytest.fail(f"timed out after {timeout} s: {self.command}")
+        return subprocess.CompletedProcess(self.command, self.process.exitcode, self.log.read_text(errors="replace"))
+
+
+def run_trainings(*runs: tuple[Path, dict], timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """Run several trainings side by side, ``runs`` being ``(bundle_root, overrides)`` pairs; the exit status is not
+    checked."""
+    started = [BundleRun(root, **overrides) for root, overrides in runs]
+    return [run.wait(timeout) for run in started]
+
+
+def check_exit(proc: subprocess.CompletedProcess, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Fail the test, with the output's tail, on an unexpected exit status."""
+    if expect_ok and proc.returncode != 0:
+        pytest.fail(f"{proc.args} failed ({proc.returncode}):\n{proc.stdout[-5000:]}")
+    if not expect_ok and proc.returncode == 0:
+        pytest.fail(f"{proc.args} was expected to fail but exited with 0:\n{proc.stdout[-3000:]}")
+    return proc
 
 
 def run_training(bundle_root: Path, expect_ok: bool = True, **overrides) -> subprocess.CompletedProcess:
-    """Run the bundle's ``training``; output is stdout and stderr together. Fails the test on an unexpected exit."""
-    proc = subprocess.run(
-        bundle_args(bundle_root, **overrides),
-        cwd=REPO,
-        env=bundle_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=900,
-    )
-    if expect_ok and proc.returncode != 0:
-        pytest.fail(f"training failed ({proc.returncode}):\n{proc.stdout[-5000:]}")
-    if not expect_ok and proc.returncode == 0:
-        pytest.fail(f"training was expected to fail but exited with 0:\n{proc.stdout[-3000:]}")
-    return proc
+    """Run the bundle's ``training``; fails the test on an unexpected exit status."""
+    return check_exit(run_trainings((bundle_root, overrides))[0], expect_ok)
 
 
 def read_losses(path: Path) -> list[tuple[int, int, float]]:
@@ -95,13 +165,20 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fresh_run(tmp_path_factory, demo_dir) -> tuple[Path, subprocess.CompletedProcess]:
-    """A complete, uninterrupted 5-epoch training run: its bundle root and process result (run once per session,
-    also when another test module imports this fixture)."""
-    if "fresh_run" not in _SHARED:
-        root = tmp_path_factory.mktemp("fresh")
-        _SHARED["fresh_run"] = (root, run_training(root, dataset_dir=demo_dir, epochs=EPOCHS))
-    return _SHARED["fresh_run"]
+def fresh_runs(tmp_path_factory, demo_dir) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """Two identical, complete, uninterrupted 5-epoch training runs (run side by side, once per session, also when
+    another test module imports this fixture): their bundle roots and process results."""
+    if "fresh_runs" not in _SHARED:
+        roots = [tmp_path_factory.mktemp("fresh"), tmp_path_factory.mktemp("twin")]
+        procs = run_trainings(*[(root, {"dataset_dir": demo_dir, "epochs": EPOCHS}) for root in roots])
+        _SHARED["fresh_runs"] = [(root, check_exit(proc)) for root, proc in zip(roots, procs)]
+    return _SHARED["fresh_runs"]
+
+
+@pytest.fixture(scope="session")
+def fresh_run(fresh_runs) -> tuple[Path, subprocess.CompletedProcess]:
+    """The first of the two fresh runs."""
+    return fresh_runs[0]
 
 
 def test_training_writes_best_model_latest_state_and_loss_log(fresh_run):
@@ -129,12 +206,11 @@ def test_training_writes_best_model_latest_state_and_loss_log(fresh_run):
     assert "PILReader: unable to load" not in proc.stdout  # reader fall-through noise is silenced
 
 
-def test_two_runs_with_the_same_seed_give_the_same_losses(fresh_run, demo_dir, tmp_path):
+def test_two_runs_with_the_same_seed_give_the_same_losses(fresh_runs):
     """Determinism on CPU: the first 20 per-iteration losses of two runs are bitwise equal."""
-    root, _ = fresh_run
-    run_training(tmp_path, dataset_dir=demo_dir, epochs=EPOCHS)
+    (root, _), (twin, _) = fresh_runs
     first = read_losses(root / "logs" / "train_loss.csv")[:20]
-    second = read_losses(tmp_path / "logs" / "train_loss.csv")[:20]
+    second = read_losses(twin / "logs" / "train_loss.csv")[:20]
     assert len(first) == 20
     assert first == second
     assert len({loss for _, _, loss in first}) > 1  # the losses change: the network trains
@@ -163,5 +239,6 @@ def test_cli_booleans_given_as_text(tmp_path):
     assert [as_bool(v) for v in ("false", "False", "0", "no", 0, False, None)] == [False] * 7
     with pytest.raises(ValueError, match="resume must be true or false, got 'maybe'"):
         as_bool("maybe", "resume")
-    assert TrainingStateCheckpoint(tmp_path / "state.pt", {"net": torch.nn.Linear(1, 1)}, resume="false").resume is False
-    assert TrainingStateCheckpoint(tmp_path / "state.pt", {"net": torch.nn.Linear(1, 1)}, resume="true").resume is True
+    objects = {"net": torch.nn.Linear(1, 1)}
+    assert TrainingStateCheckpoint(tmp_path / "state.pt", objects, resume="false").resume is False
+    assert TrainingStateCheckpoint(tmp_path / "state.pt", objects, resume="true").resume is True

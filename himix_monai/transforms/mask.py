@@ -187,19 +187,24 @@ class EnsureImageChannels(Transform):
     - ``channels=1``: RGB is converted to grey by luminance (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B);
     - the values are cast to float32 without rescaling (16-bit images keep 0..65535; scale intensities
       with e.g. ``ScaleIntensityd`` afterwards);
-    - a trailing depth of 1 (a 2-D slice stored as a 3-D file) is squeezed.
+    - a trailing depth of 1 (a 2-D slice stored as a 3-D file) is squeezed;
+    - ``rescale_16bit=True`` (for pipelines that expect 8-bit pictures, e.g. an intensity range of 0..255): an
+      image with values above 255 is taken as 16-bit and mapped to 0..255 (divided by 257), so a 16-bit PNG
+      looks like its 8-bit version instead of being clipped to white.
 
     Args:
         channels: 1 or 3.
+        rescale_16bit: map 16-bit images (values above 255) to the 8-bit range.
 
     Raises:
         ValueError: when the input is a 3-D volume or not channel-first; the message names the source file.
     """
 
-    def __init__(self, channels: int = 3) -> None:
+    def __init__(self, channels: int = 3, rescale_16bit: bool = False) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}.")
         self.channels = channels
+        self.rescale_16bit = rescale_16bit
 
     def __call__(self, img: NdarrayOrTensor, source: str | None = None) -> NdarrayOrTensor:
         """
@@ -213,6 +218,8 @@ class EnsureImageChannels(Transform):
         source = source or source_name(img)
         x = convert_to_tensor(img, track_meta=False)
         x = _drop_alpha(_as_2d_channel_first(x, source, type(self).__name__)).float()
+        if self.rescale_16bit and x.numel() and x.max() > 255:
+            x = x / 257.0  # 65535 -> 255
         if self.channels == 3 and x.shape[0] == 1:
             x = x.repeat(3, 1, 1)
         elif self.channels == 1 and x.shape[0] == 3:
@@ -229,6 +236,7 @@ class EnsureImageChannelsd(MapTransform):
     Args:
         keys: keys of the images, usually ``"image"``.
         channels: 1 or 3 output channels.
+        rescale_16bit: map 16-bit images (values above 255) to the 8-bit range, see :py:class:`EnsureImageChannels`.
         allow_missing_keys: don't raise an exception if a key is missing.
 
     Examples::
@@ -244,9 +252,11 @@ class EnsureImageChannelsd(MapTransform):
 
     """
 
-    def __init__(self, keys: KeysCollection, channels: int = 3, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, channels: int = 3, rescale_16bit: bool = False, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.ensure_channels = EnsureImageChannels(channels=channels)
+        self.ensure_channels = EnsureImageChannels(channels=channels, rescale_16bit=rescale_16bit)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
