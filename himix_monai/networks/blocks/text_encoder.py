@@ -153,12 +153,17 @@ class FrozenTextEncoder(nn.Module):
         missing = [i for i, key in enumerate(keys) if key not in self._cache]
         self.cache_hits += len(keys) - len(missing)
         self.cache_misses += len(missing)
-        if missing:
-            encoded = self._encode(input_ids[missing], attention_mask[missing])
+        first_rows: dict[bytes, int] = {}  # a report repeated within the batch is encoded once
+        for index in missing:
+            first_rows.setdefault(keys[index], index)
+        if first_rows:
+            rows_to_encode = list(first_rows.values())
+            encoded = self._encode(input_ids[rows_to_encode], attention_mask[rows_to_encode])
             with torch.inference_mode(False):
-                encoded = encoded.clone()  # never keep inference tensors: they cannot join a later backward
-            for row, index in enumerate(missing):
-                self._cache[keys[index]] = encoded[row]
+                # one clone per entry: never an inference tensor (it could not join a later backward), and an
+                # evicted entry frees its memory instead of keeping its whole batch alive
+                for key, row in zip(first_rows, encoded.unbind(0)):
+                    self._cache[key] = row.clone()
         rows = []
         for key in keys:
             self._cache.move_to_end(key)
