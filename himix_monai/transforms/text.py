@@ -25,6 +25,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 
+from himix_monai.transforms.mask import source_name
+
 __all__ = [
     "TokenizeTextd",
     "to_report_style",
@@ -159,7 +161,7 @@ class TokenizeTextd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[self.input_ids_key], d[self.attention_mask_key] = self.tokenize(d[key], source=d.get("image"))
+            d[self.input_ids_key], d[self.attention_mask_key] = self.tokenize(d[key], source=source_name(d["image"], d, "image") if "image" in d else None)
         return d
 
 
