@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.utils import convert_to_torchscript
 
+from himix_monai.checkpoints import load_network_weights
 from himix_monai.networks.nets.himix import HiMix
 
 __all__ = ["export_torchscript", "example_inputs", "main"]
@@ -110,7 +111,11 @@ def _parse_overrides(tokens: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Build ``network_def`` from a bundle config, load a checkpoint (``weights_only``) and export it."""
+    """Build ``network_def`` from a bundle config, load a checkpoint and export it.
+
+    The checkpoint is loaded with :py:func:`himix_monai.checkpoints.load_network_weights` (``weights_only=True``;
+    keys, shapes and recorded settings compared first, one readable error when they do not fit).
+    """
     from monai.bundle import ConfigParser
 
     parser = argparse.ArgumentParser(prog="python -m himix_monai.export", description=__doc__.split("\n")[0])
@@ -119,17 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--filepath", required=True, help="output TorchScript file")
     parser.add_argument("--meta_file", default=None, help="metadata.json to store in the archive")
     parser.add_argument("--image_size", type=int, nargs=2, default=None, help="example image size (default: config)")
-    parser.add_argument("--key_in_ckpt", default="", help="key of the network weights in the checkpoint, if any")
+    parser.add_argument(
+        "--key_in_ckpt", default="", help="key of the network weights in the checkpoint, if any (default: detected)"
+    )
     args, overrides = parser.parse_known_args(argv)
 
     config = ConfigParser()
     config.read_config(args.config_file)
     config.update(_parse_overrides(overrides))
     network = config.get_parsed_content("network_def")
-    state = torch.load(args.ckpt_file, map_location="cpu", weights_only=True)
-    if args.key_in_ckpt:
-        state = state[args.key_in_ckpt]
-    network.load_state_dict(state)
+    # weights_only=True; a checkpoint of another configuration raises one readable CheckpointMismatchError
+    load_network_weights(network, args.ckpt_file, map_location="cpu", key=args.key_in_ckpt or None)
     image_size = args.image_size or config.get("image_size", [224, 224])
     extra = {}
     if args.meta_file:

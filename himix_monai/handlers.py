@@ -1,5 +1,18 @@
 """
-Ignite handlers of the HiMix bundle.
+Ignite handlers of the HiMix bundle: training state, loud failures and loss logging; CT volume masks.
+
+Training (the MONAI ``SupervisedTrainer`` runs the loop; these add what a long run on real data needs):
+
+- :py:class:`TrainingStateCheckpoint` saves the latest full training state (network, optimizer, lr scheduler,
+  trainer epoch/iteration, early-stopping counter, the evaluator's best metric and the best-model saver's
+  record) to one file at every epoch end and every N iterations, atomically, and resumes from it (the file
+  functions are in :py:mod:`himix_monai.checkpoints`);
+- :py:class:`StopOnNonFiniteLoss` stops training with :py:class:`NonFiniteLossError` (epoch, iteration, loss)
+  instead of ignite's silent ``TerminateOnNan``;
+- :py:class:`LossCSVWriter` logs every iteration's loss to a CSV file (full precision, for plots and
+  reproducibility checks).
+
+Inference:
 
 - :py:class:`VolumeMaskWriter` collects the 2-D slice predictions of CT volumes during inference and writes
   one NIfTI mask per volume, with the source geometry, when the volume's last slice arrives.
@@ -10,19 +23,36 @@ The overlay and per-image metric handlers are in :py:mod:`himix_monai.visualize`
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Hashable, Mapping
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from monai.config import PathLike
 from monai.data import MetaTensor, decollate_batch
-from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import
+from monai.handlers import CheckpointSaver, EarlyStopHandler
+from monai.utils import CommonKeys, IgniteInfo, convert_to_numpy, min_version, optional_import
 
+from himix_monai.checkpoints import (
+    _CHECKPOINT_FORMAT,
+    _META_KEY,
+    CheckpointError,
+    _check_and_load_network,
+    _trained_state,
+    _unwrap,
+    load_checkpoint_file,
+    network_signature,
+    save_checkpoint_atomically,
+)
+from himix_monai.config_utils import as_bool
 from himix_monai.data.ct import slices_to_nifti
-from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY, CTVolumeCache
+from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY
+from himix_monai.transforms.volume import CTVolumeCache
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -30,9 +60,477 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["VolumeMaskWriter"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainingStateCheckpoint",
+    "StopOnNonFiniteLoss",
+    "LossCSVWriter",
+    "VolumeMaskWriter",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and the iteration."""
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resumable training state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rank() -> int:
+    """This process's rank in a ``torch.distributed`` job; 0 when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return 0
+
+
+def _is_evaluator(obj: Any) -> bool:
+    from monai.engines import Evaluator
+
+    return isinstance(obj, Evaluator)
+
+
+def _state_of(obj: Any) -> Any:
+    """A plain state dict of one training object (None when there is nothing to save yet)."""
+    if isinstance(obj, torch.nn.Module):
+        return _unwrap(obj).state_dict()
+    if isinstance(obj, EarlyStopHandler):
+        return None if obj._handler is None else obj._handler.state_dict()  # ignite EarlyStopping: counter, best
+    if isinstance(obj, CheckpointSaver):
+        record = obj._key_metric_checkpoint
+        return None if record is None else record.state_dict()  # the (score, file) list of the best model(s)
+    if _is_evaluator(obj):
+        return {"best_metric": obj.state.best_metric, "best_metric_epoch": obj.state.best_metric_epoch}
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    raise TypeError(f"cannot save the state of a {type(obj).__name__}: it has no state_dict().")
+
+
+def _restore(obj: Any, state: Any) -> None:
+    if isinstance(obj, EarlyStopHandler):
+        if obj._handler is None:
+            raise CheckpointError("the early-stopping handler has no trainer yet: call set_trainer before resuming.")
+        obj._handler.load_state_dict(state)
+    elif isinstance(obj, CheckpointSaver):
+        obj.load_state_dict(state)
+    elif _is_evaluator(obj):
+        obj.state.best_metric = state["best_metric"]
+        obj.state.best_metric_epoch = state["best_metric_epoch"]
+    else:
+        obj.load_state_dict(state)
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value.detach()).all())
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
+
+
+def _non_finite_weights(network: torch.nn.Module) -> list[str]:
+    bad = []
+    for name, value in _unwrap(network).state_dict().items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(name)
+    return bad
+
+
+def _loss_of(output: Any) -> Any:
+    if isinstance(output, Mapping):
+        return output.get(CommonKeys.LOSS)
+    if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
+        return output[0].get(CommonKeys.LOSS)
+    return None
+
+
+class TrainingStateCheckpoint:
+    """Save the latest full training state to one file, atomically, and resume an interrupted run from it.
+
+    Saved at every epoch end (after the epoch's lr-scheduler step and validation), every
+    ``every_n_iterations`` iterations within an epoch, and when the run completes. The file is a dict of plain
+    state dicts, one per ``save_dict`` entry, plus ``"meta"`` (epoch, iteration, whether the run finished, the
+    network's settings, the last loss, the time), written with
+    :py:func:`~himix_monai.checkpoints.save_checkpoint_atomically`, so a kill never leaves a broken file, and
+    loadable with ``torch.load(..., weights_only=True)``.
+
+    What is saved per kind of object in ``save_dict``:
+
+    - ``torch.nn.Module`` (the first one; one network per checkpoint): its ``state_dict()`` (unwrapped from
+      ``DataParallel``/``DDP``), without the frozen parameters unless ``save_frozen``;
+    - the trainer (ignite ``Engine``): ``epoch_length``, ``max_epochs``, ``iteration``;
+    - MONAI ``EarlyStopHandler``: ignite ``EarlyStopping``'s ``counter`` and ``best_score``;
+    - MONAI ``Evaluator``: ``best_metric`` and ``best_metric_epoch``;
+    - MONAI ``CheckpointSaver``: its best-model record (score and file), so a resumed run overwrites
+      ``model.pt`` only with a better model;
+    - anything else (optimizer, lr scheduler): ``state_dict()``.
+
+    A state is not saved when the last loss or a network weight is NaN or infinite (the previous file is kept).
+
+    In a ``torch.distributed`` job attach it on every rank: every rank loads the state when resuming, only rank 0
+    writes. Entries of ``save_dict`` that are None (e.g. a handler disabled on this rank) are skipped.
+
+    With ``resume=True`` the file is loaded when the trainer starts: the network is checked first (keys, shapes
+    and settings, see :py:func:`~himix_monai.checkpoints.load_network_weights`), then everything else is
+    restored and the trainer continues from the saved iteration (mid-epoch too: the rest of that epoch is run)
+    up to the configured number of epochs, so a resumed run ends with as many epochs as an uninterrupted one.
+    Without a file it logs that and starts fresh. A run that had finished (e.g. stopped early) is not continued.
+
+    Args:
+        save_path: the checkpoint file, e.g. ``models/checkpoint_latest.pt``.
+        save_dict: the objects to save and restore by name, e.g.
+            ``{"network": net, "optimizer": opt, "lr_scheduler": sched, "trainer": trainer,
+            "early_stopping": early_stop_handler, "evaluator": evaluator, "best_model_saver": saver}``.
+            It must contain the trainer engine that the handler is attached to (under any name).
+        every_n_iterations: also save every N iterations within an epoch; 0 saves at epoch ends only.
+        resume: load ``save_path`` when the trainer starts, if it exists (text such as ``"false"`` is read as a
+            boolean, see :py:func:`~himix_monai.config_utils.as_bool`).
+        save_frozen: also save the network's frozen parameters (``requires_grad=False``: the pretrained text
+            encoder, about 90% of HiMix's weights). By default they are left out, which makes the file several
+            times smaller and faster to write; their names and a checksum are recorded instead, and resuming
+            checks that the rebuilt network has the same frozen weights.
+        map_location: passed to ``torch.load`` when resuming.
+        name: logger name; None uses the trainer's logger.
+
+    Examples::
+
+        "checkpoint_saver": {
+            "_target_": "himix_monai.handlers.TrainingStateCheckpoint",
+            "save_path": "$@ckpt_dir + '/checkpoint_latest.pt'",
+            "save_dict": {"network": "@network", "optimizer": "@optimizer", "trainer": "@train#trainer"},
+            "every_n_iterations": 50,
+            "resume": "@resume"
+        }
+        "run": ["$@train#checkpoint_saver.attach(@train#trainer)", "$@train#trainer.run()"]
+    """
+
+    def __init__(
+        self,
+        save_path: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        every_n_iterations: int = 0,
+        resume: bool = False,
+        save_frozen: bool = False,
+        map_location: Any = "cpu",
+        name: str | None = None,
+    ) -> None:
+        if not save_dict:
+            raise ValueError("save_dict must name at least one object to save.")
+        if _META_KEY in save_dict:
+            raise ValueError(f"{_META_KEY!r} is reserved for the checkpoint's metadata; rename that save_dict entry.")
+        if int(every_n_iterations) < 0:
+            raise ValueError(f"every_n_iterations must be 0 (epoch ends only) or positive, got {every_n_iterations}.")
+        self.save_path = Path(save_path)
+        self.save_dict = dict(save_dict)
+        self.every_n_iterations = int(every_n_iterations)
+        self.resume = as_bool(resume, "resume")
+        self.save_frozen = as_bool(save_frozen, "save_frozen")
+        self.map_location = map_location
+        self._name = name
+        self.logger = logging.getLogger(name)
+        self.last_saved_iteration: int | None = None
+        self._fingerprints: dict[tuple[str, ...], float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: the trainer; it must be one of the objects in ``save_dict``.
+        """
+        if not any(obj is engine for obj in self.save_dict.values()):
+            raise ValueError("TrainingStateCheckpoint: the engine it is attached to must be in save_dict.")
+        if self._name is None:
+            self.logger = engine.logger
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        if self.every_n_iterations > 0:
+            event = Events.ITERATION_COMPLETED(every=self.every_n_iterations)
+            engine.add_event_handler(event, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    # saving ---------------------------------------------------------------------------------------------------
+
+    def iteration_completed(self, engine: Engine) -> None:
+        """Save within an epoch; the last iteration of an epoch is saved at the epoch end instead (after the
+        lr-scheduler step and validation), so that a resumed run does not skip them."""
+        epoch_length = engine.state.epoch_length
+        if epoch_length and engine.state.iteration % epoch_length == 0:
+            return
+        self.save(engine)
+
+    def completed(self, engine: Engine) -> None:
+        """Save the final state, marked as finished, unless the epoch end just saved it (a run that ends at
+        ``max_epochs`` needs no mark; one that stopped early does, so that it is not resumed)."""
+        max_epochs = engine.state.max_epochs
+        reached_max = max_epochs is None or engine.state.epoch >= max_epochs
+        if self.last_saved_iteration == engine.state.iteration and reached_max:
+            return
+        self.save(engine, finished=True)
+
+    def state(self, engine: Engine, finished: bool = False) -> dict[str, Any]:
+        """The checkpoint content for the engine's current state.
+
+        Args:
+            engine: the trainer.
+            finished: mark the run as finished.
+        """
+        content: dict[str, Any] = {}
+        signature = frozen = None
+        for key, obj in self.save_dict.items():
+            if obj is None:  # e.g. a handler disabled on this rank
+                content[key] = None
+            elif isinstance(obj, torch.nn.Module) and signature is None:
+                signature = network_signature(obj)
+                if self.save_frozen:
+                    content[key] = _state_of(obj)
+                else:
+                    content[key], frozen = _trained_state(obj, self._fingerprints)
+            else:
+                content[key] = _state_of(obj)
+        loss = _loss_of(engine.state.output)
+        content[_META_KEY] = {
+            "format": _CHECKPOINT_FORMAT,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "epoch_length": int(engine.state.epoch_length or 0),
+            "max_epochs": int(engine.state.max_epochs or 0),
+            "finished": bool(finished),
+            "loss": None if loss is None else float(loss),
+            "network_signature": signature,
+            "frozen_weights": frozen,
+            "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        return content
+
+    def save(self, engine: Engine, finished: bool = False) -> None:
+        """Save the state atomically, unless the last loss or a network weight is not finite.
+
+        In a ``torch.distributed`` job only rank 0 writes (all ranks hold the same state).
+
+        Args:
+            engine: the trainer.
+            finished: mark the run as finished.
+        """
+        if _rank() != 0:
+            self.last_saved_iteration = int(engine.state.iteration)
+            return
+        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        loss = _loss_of(engine.state.output)
+        if loss is not None and not _is_finite_number(loss):
+            self.logger.error(f"not saving the training state at {where}: the loss is {float(loss)}.")
+            return
+        for obj in self.save_dict.values():
+            if isinstance(obj, torch.nn.Module):
+                bad = _non_finite_weights(obj)
+                if bad:
+                    self.logger.error(
+                        f"not saving the training state at {where}: {len(bad)} network weights hold NaN/inf "
+                        f"(e.g. {bad[0]}); keeping {self.save_path}."
+                    )
+                    return
+        save_checkpoint_atomically(self.state(engine, finished), self.save_path)
+        self.last_saved_iteration = int(engine.state.iteration)
+        self.logger.info(f"saved the training state at {where} to {self.save_path}")
+
+    # resuming -------------------------------------------------------------------------------------------------
+
+    def load(self, engine: Engine) -> None:
+        """Restore the saved state into the objects of ``save_dict`` (the trainer is started at ``STARTED``).
+
+        Args:
+            engine: the trainer.
+
+        Raises:
+            CheckpointError: the file is unreadable or lacks an entry of ``save_dict``; the trainer's epoch
+                length differs (other batch size or data) or its epoch is beyond ``max_epochs``.
+            CheckpointMismatchError: the network does not fit the saved one.
+        """
+        if not self.save_path.is_file():
+            self.logger.warning(f"resume is set but there is no training state at {self.save_path}; starting fresh.")
+            return
+        source = str(self.save_path)
+        checkpoint = load_checkpoint_file(self.save_path, map_location=self.map_location)
+        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get(_META_KEY), Mapping):
+            raise CheckpointError(f"{source}: not a training-state checkpoint (no {_META_KEY!r} entry).")
+        meta = checkpoint[_META_KEY]
+        missing = [k for k in self.save_dict if k not in checkpoint]
+        if missing:
+            raise CheckpointError(
+                f"{source}: no saved state for {missing} (saved: {[k for k in checkpoint if k != _META_KEY]}); "
+                "delete it, or set resume to false, to start fresh."
+            )
+        # the network first: a checkpoint of another configuration must fail before anything is changed
+        networks = [k for k, obj in self.save_dict.items() if isinstance(obj, torch.nn.Module)][:1]
+        for key in networks:
+            _check_and_load_network(
+                self.save_dict[key], checkpoint[key], source, meta.get("network_signature"), meta.get("frozen_weights")
+            )
+        prior_max_epochs = engine.state.max_epochs
+        epoch_length = engine.state.epoch_length
+        for key, obj in self.save_dict.items():
+            if key in networks or obj is None or checkpoint[key] is None:
+                continue
+            if obj is engine:
+                self._restore_trainer(engine, checkpoint[key], source)
+            else:
+                _restore(obj, checkpoint[key])
+        engine.state.max_epochs = prior_max_epochs
+        engine.state.epoch_length = epoch_length
+        self.last_saved_iteration = int(engine.state.iteration)
+        length = engine.state.epoch_length or 1
+        done = (
+            f"{engine.state.epoch} epochs done (iteration {engine.state.iteration}, "
+            f"{engine.state.iteration - engine.state.epoch * length} of {length} into the next epoch)"
+        )
+        stopped_early = bool(meta.get("finished")) and int(meta.get("epoch", 0)) < int(meta.get("max_epochs", 0))
+        if stopped_early and engine.state.epoch < (prior_max_epochs or 0):
+            self.logger.warning(
+                f"{source}: that run had finished after {engine.state.epoch} epochs (stopped early); "
+                "nothing to resume. "
+                "Set resume to false (or remove the file) to train again."
+            )
+            engine.terminate()
+            return
+        self.logger.info(f"resumed from {source}: {done}; training until epoch {prior_max_epochs}.")
+
+    def _restore_trainer(self, engine: Engine, state: Mapping[str, Any], source: str) -> None:
+        saved_length = state.get("epoch_length")
+        if saved_length and engine.state.epoch_length and int(saved_length) != int(engine.state.epoch_length):
+            raise CheckpointError(
+                f"{source}: saved with {saved_length} iterations per epoch, this run has {engine.state.epoch_length} "
+                "(another batch_size or datalist?); resume with the same settings, or set resume to false."
+            )
+        saved_epoch = int(state["iteration"]) // int(saved_length or engine.state.epoch_length or 1)
+        max_epochs = engine.state.max_epochs
+        if max_epochs is not None and saved_epoch > max_epochs:
+            raise CheckpointError(
+                f"{source}: the saved run is at epoch {saved_epoch}, beyond this run's {max_epochs} epochs; "
+                "raise epochs to continue it."
+            )
+        engine.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# non-finite loss and loss logging
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _default_loss(output: Any) -> Any:
+    return _loss_of(output)
+
+
+class StopOnNonFiniteLoss:
+    """Stop training with :py:class:`NonFiniteLossError` as soon as the loss is NaN or infinite.
+
+    ignite's ``TerminateOnNan`` ends the run quietly, and the bundle command then exits with status 0. This
+    handler raises instead, so the command fails (non-zero exit) with a message naming the epoch, the iteration
+    and the loss, and the run stops before anything saves the bad state. Attach it before the handlers that save
+    checkpoints (in the bundle it is a trainer handler; the state checkpoint is attached in ``run``). In a
+    ``torch.distributed`` job every rank raises: the ranks agree through an all-reduce of a flag per iteration.
+
+    Args:
+        output_transform: gets the loss from ``engine.state.output``; default: ``output["loss"]``.
+        checkpoint_path: the training-state file to point to in the message (the last good state).
+
+    Raises:
+        NonFiniteLossError: from the ``ITERATION_COMPLETED`` event.
+    """
+
+    def __init__(
+        self, output_transform: Callable[[Any], Any] = _default_loss, checkpoint_path: str | os.PathLike | None = None
+    ) -> None:
+        self.output_transform = output_transform
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+
+    def attach(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: the trainer.
+        """
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = self.output_transform(engine.state.output)
+        bad = loss is not None and not _is_finite_number(loss)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must stop together, else the others wait forever in the next all-reduce
+            device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+            flag = torch.tensor([1.0 if bad else 0.0], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() > 0 and not bad:
+                raise NonFiniteLossError(
+                    f"the training loss of another rank is not finite at epoch {engine.state.epoch}, iteration "
+                    f"{engine.state.iteration} of the run; training stopped (see that rank's message)."
+                )
+        if not bad:
+            return
+        value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        state = engine.state
+        in_epoch = (state.iteration - 1) % state.epoch_length + 1 if state.epoch_length else state.iteration
+        message = (
+            f"the training loss is {value} at epoch {state.epoch}, iteration {in_epoch} of {state.epoch_length} "
+            f"(iteration {state.iteration} of the run); training stopped."
+        )
+        if self.checkpoint_path is not None:
+            if self.checkpoint_path.is_file():
+                message += (
+                    f" The last training state saved before this (with a finite loss and weights) is kept in "
+                    f"{self.checkpoint_path}; fix the cause, then resume with --resume true or start afresh."
+                )
+            else:
+                message += f" No training state was saved yet ({self.checkpoint_path})."
+        message += (
+            " Common causes: a learning rate that is too high, fp16 overflow (try bf16 or fp32), or NaN/inf in an "
+            "input image."
+        )
+        raise NonFiniteLossError(message)
+
+
+class LossCSVWriter:
+    """Append every iteration's loss to a CSV file: ``epoch,iteration,loss`` (full precision).
+
+    The file is created with a header when missing and appended to otherwise, so a resumed run continues it
+    (iterations repeated after a resume are the ones that were run again). In a ``torch.distributed`` job only
+    rank 0 writes (its own loss, as ``StatsHandler`` shows).
+
+    Args:
+        filename: the CSV file; missing parent folders are created.
+        output_transform: gets the loss from ``engine.state.output``; default: ``output["loss"]``.
+    """
+
+    def __init__(self, filename: str | os.PathLike, output_transform: Callable[[Any], Any] = _default_loss) -> None:
+        self.filename = Path(filename)
+        self.output_transform = output_transform
+
+    def attach(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: the trainer.
+        """
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = self.output_transform(engine.state.output)
+        if loss is None or _rank() != 0:
+            return
+        value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        self.filename.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.filename.is_file()
+        with open(self.filename, "a", encoding="utf-8") as stream:
+            if new:
+                stream.write("epoch,iteration,loss\n")
+            stream.write(f"{engine.state.epoch},{engine.state.iteration},{value!r}\n")
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CT volume masks
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _items(data: Any) -> list:

@@ -28,7 +28,8 @@ def load_script():
 
 def run_script(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
     output = tmp_path / "results.jsonl"
-    command = [sys.executable, str(SCRIPT), "--tiny", "--quick", "--output", str(output), *args]
+    # one thread: on a busy machine OpenMP threads that spin at barriers make tiny networks very slow
+    command = [sys.executable, str(SCRIPT), "--tiny", "--quick", "--threads", "1", "--output", str(output), *args]
     completed = subprocess.run(command, cwd=SCRIPT.parent.parent, capture_output=True, text=True, timeout=600)
     lines = [json.loads(text) for text in completed.stdout.splitlines() if text.startswith("{")]
     assert [json.loads(text) for text in output.read_text().splitlines()] == lines

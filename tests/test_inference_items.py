@@ -1,5 +1,5 @@
-"""Tests of himix_monai.data.inference_items (inference item lists, volume slices, picture layout) and
-himix_monai.handlers.VolumeMaskWriter."""
+"""Tests of himix_monai.data.inference_items (inference item lists), himix_monai.transforms.volume (volume
+slices, picture layout) and himix_monai.handlers.VolumeMaskWriter."""
 
 from __future__ import annotations
 
@@ -14,19 +14,17 @@ from PIL import Image
 
 from monai.data import MetaTensor
 
-from himix_monai.data import inference_items
 from himix_monai.data.ct import hu_window, read_ct_volume
 from himix_monai.data.demo import write_ct_dicom
 from himix_monai.data.inference_items import (
-    CTVolumeCache,
     InferenceInputError,
-    LoadVolumeSliced,
-    ToPictureLayoutd,
     build_inference_items,
     read_text_sidecar,
     volume_num_slices,
 )
 from himix_monai.handlers import VolumeMaskWriter
+from himix_monai.transforms import CTVolumeCache, LoadVolumeSliced, ToPictureLayoutd
+from himix_monai.transforms import volume as volume_transforms
 
 TEXT_A = "Unilateral pulmonary infection, one infected area, upper left lung."
 TEXT_B = "Bilateral pulmonary infection, two infected areas, all left lung and all right lung."
@@ -240,8 +238,8 @@ def test_volume_num_slices_follows_the_axial_axis(tmp_path):
 def test_load_volume_slice_reads_the_volume_once(tmp_path, monkeypatch):
     series = _series(tmp_path / "series", num=3)
     calls = []
-    original = inference_items.read_ct_volume
-    monkeypatch.setattr(inference_items, "read_ct_volume", lambda *a, **k: calls.append(a) or original(*a, **k))
+    original = volume_transforms.read_ct_volume
+    monkeypatch.setattr(volume_transforms, "read_ct_volume", lambda *a, **k: calls.append(a) or original(*a, **k))
     cache = CTVolumeCache()
     load = LoadVolumeSliced(keys="image", window="lung", cache=cache)
     volume = read_ct_volume(series)

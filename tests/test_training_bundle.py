@@ -60,7 +60,9 @@ _PRELOAD = [
     "himix_monai.networks",
     "himix_monai.transforms",
     "himix_monai.inferers",
-    "himix_monai.training",
+    "himix_monai.checkpoints",
+    "himix_monai.config_utils",
+    "himix_monai.handlers",
     "himix_monai.data.demo",
     "tests.test_training_bundle",
 ]
@@ -235,7 +237,8 @@ def test_config_workflow_has_the_train_properties(demo_dir, tmp_path):
 
 def test_cli_booleans_given_as_text(tmp_path):
     """``--resume false`` arrives as the string "false": the bundle's settings read it as False."""
-    from himix_monai.training import TrainingStateCheckpoint, as_bool
+    from himix_monai.config_utils import as_bool
+    from himix_monai.handlers import TrainingStateCheckpoint
 
     assert [as_bool(v) for v in ("true", "True", "1", "yes", 1, True)] == [True] * 6
     assert [as_bool(v) for v in ("false", "False", "0", "no", 0, False, None)] == [False] * 7

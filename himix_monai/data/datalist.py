@@ -21,7 +21,10 @@ dataset converters in ``data_prep``:
 - :py:class:`DirectoryIndex`, :py:func:`find_image_file` and :py:func:`find_mask_file` resolve the
   file names written in annotation sheets to files on disk (extension mismatches, ``mask_`` prefixes);
 - :py:func:`read_description_sheet` reads ``Image``/``Description`` tables from ``.xlsx``/``.csv``;
-- :py:func:`build_datalist` turns checked candidate items into a datalist.
+- :py:func:`build_datalist` turns checked candidate items into a datalist;
+- :py:func:`load_checked_datalist` loads a split for training and checks its files up front (missing,
+  unreadable, size mismatch, 3-D volume), raising one :py:class:`DatalistError` that lists the bad items, or
+  skipping and counting them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from himix_monai.config_utils import as_bool
 
 __all__ = [
     "DATALIST_SPLITS",
@@ -65,6 +70,7 @@ __all__ = [
     "read_spatial_size",
     "check_image_label_pair",
     "build_datalist",
+    "load_checked_datalist",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -86,6 +92,7 @@ _TIFF_EXTENSIONS = (".tif", ".tiff")
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
 _NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 _PNG_END = b"IEND\xaeB`\x82"  # type and CRC of the IEND chunk that ends every complete PNG file
+_MAX_LISTED_ITEMS = 10  # bad datalist items shown in an error message
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterable[Any]]
 """``progress(iterable, total, description)`` wraps an iterable to show progress (e.g. with tqdm)."""
@@ -835,3 +842,109 @@ def build_datalist(
     finally:
         checks.close()  # stops the worker threads at once when strict mode raises
     return datalist
+
+
+def _item_problem(item: Mapping[str, Any], verify: bool) -> PairProblem | None:
+    image, label = item.get("image"), item.get("label")
+    if not isinstance(image, (str, os.PathLike)) or not isinstance(label, (str, os.PathLike)):
+        files = [f for key in ("image", "label") for f in (item[key] if isinstance(item[key], list) else [item[key]])]
+        absent = [str(f) for f in files if not Path(f).exists()]
+        return PairProblem("missing file", ", ".join(absent) + " not found") if absent else None
+    problem = check_image_label_pair(image, label, verify=verify)
+    if problem is not None:
+        return problem
+    try:
+        size = read_spatial_size(image, verify=False)
+    except UnreadableImageError as err:  # pragma: no cover - read just before
+        return PairProblem(SkipReason.UNREADABLE_IMAGE, str(err))
+    if len(size) > 2:
+        return PairProblem(
+            "3-D volume",
+            f"{image} is a volume of size {_format_size(size)}; a 2-D image is expected (slice volumes first)",
+        )
+    return None
+
+
+def _common_keys(items: list[dict], source: str) -> list[dict]:
+    """Keep the keys every item has: batching items with different keys fails with a bare ``KeyError``."""
+    if not items:
+        return items
+    common = set(items[0]).intersection(*items[1:])
+    extra = Counter(key for item in items for key in item if key not in common)
+    if not extra:
+        return items
+    detail = ", ".join(f"{key!r} (in {count} of {len(items)} items)" for key, count in sorted(extra.items()))
+    _LOGGER.info("%s: keys that only some items have are not used: %s", source, detail)
+    return [{k: v for k, v in item.items() if k in common} for item in items]
+
+
+def load_checked_datalist(
+    path: str | os.PathLike,
+    split: str = "training",
+    check_files: bool = True,
+    skip_bad_items: bool = False,
+    verify: bool = True,
+    num_workers: int | None = None,
+    base_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """Load a datalist split and check its files before training starts.
+
+    The datalist is read with :py:func:`himix_monai.data.datalist.load_datalist` (errors name the file, the split
+    and the item: invalid JSON, missing keys, empty text). Then every item's image and mask are checked:
+    present, readable (decoded when ``verify``, so truncated or corrupt PNG/JPEG/DICOM files and DICOM files
+    without pixel data are found), of the same spatial size, and 2-D. Bad items either stop the run with one
+    :py:class:`~himix_monai.data.datalist.DatalistError` that counts them by reason and lists the first few
+    (file, item number, file names), or, with ``skip_bad_items``, are logged, counted and left out.
+
+    Keys that only some items have (e.g. ``image_dicom`` in the demo items but not in items added by hand)
+    are dropped, with one log line: batching items with different keys would fail with a bare ``KeyError``.
+
+    Args:
+        path: the datalist JSON file.
+        split: ``"training"``, ``"validation"`` or ``"test"``.
+        check_files: check the files; False only loads the datalist. Booleans given as text (``"false"``) are
+            read as such, see :py:func:`~himix_monai.config_utils.as_bool`.
+        skip_bad_items: leave bad items out (with a warning each and a summary) instead of stopping.
+        verify: decode the files to find truncated or corrupt ones; False reads the headers only.
+        num_workers: threads for the checks; default ``min(8, cpu count)``.
+        base_dir: the folder relative paths are resolved against (default: the datalist's folder).
+
+    Returns:
+        The split's usable items.
+
+    Raises:
+        DatalistError: for an invalid datalist, for bad items unless ``skip_bad_items``, and when no item of a
+            non-empty split is usable.
+    """
+    items = _common_keys(load_datalist(path, split=split, base_dir=base_dir), f"{path} ({split!r})")
+    skip_bad_items = as_bool(skip_bad_items, "skip_bad_items")
+    if not as_bool(check_files, "check_files") or not items:
+        return items
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datalist-check") as executor:
+            problems = list(executor.map(lambda item: _item_problem(item, verify), items))
+    else:
+        problems = [_item_problem(item, verify) for item in items]
+    bad = [(number, problem) for number, problem in enumerate(problems, start=1) if problem is not None]
+    if not bad:
+        return items
+    counts = Counter(problem.reason for _, problem in bad)
+    summary = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
+    where = f"{path}: {len(bad)} of {len(items)} {split!r} items"
+    if not skip_bad_items:
+        listed = [f"  item {number}: {problem.reason}: {problem.detail}" for number, problem in bad[:_MAX_LISTED_ITEMS]]
+        if len(bad) > _MAX_LISTED_ITEMS:
+            listed.append(f"  ... ({len(bad) - _MAX_LISTED_ITEMS} more)")
+        raise DatalistError(
+            f"{where} cannot be used ({summary}):\n"
+            + "\n".join(listed)
+            + "\nFix or remove them (the data_prep converters skip such items), or set skip_bad_items to true to "
+            "train without them."
+        )
+    for number, problem in bad:
+        _LOGGER.warning("%s: skipped item %d of %r: %s: %s", path, number, split, problem.reason, problem.detail)
+    if len(bad) == len(items):
+        raise DatalistError(f"{where} cannot be used ({summary}): no usable item left.")
+    _LOGGER.warning("%s are skipped (%s); %d are used.", where, summary, len(items) - len(bad))
+    return [item for item, problem in zip(items, problems) if problem is None]

@@ -1,19 +1,24 @@
-"""MONAI dictionary transforms for HiMix: text tokenisation and report-style augmentation, masks, CT windows."""
+"""MONAI dictionary transforms for HiMix: text tokenisation and report-style augmentation, masks, CT windows,
+CT volume slices and the picture layout of predictions."""
 
 from .ct import CTWindow, CTWindowd, EnsureSingleSlice, EnsureSingleSliced
 from .mask import BinarizeMask, BinarizeMaskd, EnsureImageChannels, EnsureImageChannelsd
 from .text import ReportStyleTextd, TokenizeTextd, to_report_style
+from .volume import CTVolumeCache, LoadVolumeSliced, ToPictureLayoutd
 
 __all__ = [
     "BinarizeMask",
     "BinarizeMaskd",
+    "CTVolumeCache",
     "CTWindow",
     "CTWindowd",
     "EnsureImageChannels",
     "EnsureImageChannelsd",
     "EnsureSingleSlice",
     "EnsureSingleSliced",
+    "LoadVolumeSliced",
     "ReportStyleTextd",
+    "ToPictureLayoutd",
     "TokenizeTextd",
     "to_report_style",
 ]

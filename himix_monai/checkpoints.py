@@ -1,0 +1,548 @@
+"""
+Checkpoint files of the HiMix bundle: atomic writing, safe loading and readable reports when they do not fit.
+
+- :py:func:`save_checkpoint_atomically` writes a checkpoint so that a crash or a kill never leaves a
+  half-written file;
+- :py:class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` with atomic writes (MONAI's own writes in
+  place and deletes the previous best model before writing the new one);
+- :py:func:`load_checkpoint_file` loads with ``torch.load(..., weights_only=True)`` and clear errors;
+  :py:func:`load_network_weights` and :py:class:`SafeCheckpointLoader` compare keys and shapes first and raise
+  one readable :py:class:`CheckpointMismatchError` for a checkpoint of another configuration
+  (:py:func:`describe_state_mismatch` writes the report, :py:func:`network_signature` records the settings that
+  do not show in the weight shapes).
+
+The resumable training state built on these is :py:class:`himix_monai.handlers.TrainingStateCheckpoint`.
+All checkpoints written here hold plain state dicts (tensors, numbers, strings, lists, dicts) only, so they
+load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.networks.utils import copy_model_state
+from monai.utils import IgniteInfo, min_version, optional_import
+
+Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
+BaseSaveHandler, _ = optional_import(
+    "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
+)
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "save_checkpoint_atomically",
+    "load_checkpoint_file",
+    "network_signature",
+    "describe_state_mismatch",
+    "load_network_weights",
+    "SafeCheckpointLoader",
+    "AtomicCheckpointSaver",
+]
+
+_MAX_LISTED = 5  # mismatched keys of each kind shown in an error message
+_META_KEY = "meta"
+_CHECKPOINT_FORMAT = 1
+_STATE_DICT_KEYS = ("model", "network", "net", "state_dict")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, unsafe to load or not of the expected layout."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint does not fit the network (other keys, shapes or settings); the message lists the differences."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing and reading checkpoint files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _file_mode() -> int:
+    """``0o666`` minus the process umask: the mode a plain ``open(path, "w")`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_checkpoint_atomically(obj: Any, path: str | os.PathLike) -> Path:
+    """Save ``obj`` with ``torch.save`` so that ``path`` is never left half-written.
+
+    The data is written to a temporary file in the same folder, flushed and fsynced, given the usual file
+    permissions, then moved over ``path`` with :py:func:`os.replace`. A crash or a kill at any moment leaves
+    either the previous file or the complete new one (and at worst a stray ``.<name>.*.tmp`` file).
+
+    Args:
+        obj: what to save, e.g. a dict of state dicts.
+        path: the checkpoint file; missing parent folders are created.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temp_name, _file_mode())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint with ``torch.load(..., weights_only=True)`` and turn failures into clear errors.
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``; CPU by default (``load_state_dict`` copies to the parameters'
+            devices).
+
+    Returns:
+        The loaded object (usually a dict of state dicts).
+
+    Raises:
+        CheckpointError: when the file is missing, truncated or corrupt, or holds pickled Python objects other
+            than tensors and plain containers (these are not loaded, for safety).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: not loaded: it holds Python objects other than tensors and plain containers and is loaded "
+            f"with weights_only=True for safety ({first_line}). Re-save it as a plain state dict, e.g. "
+            "torch.save(model.state_dict(), path)."
+        ) from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, ... for truncated or corrupt files
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({type(err).__name__}: {first_line}); the file is truncated, "
+            "corrupt or not a PyTorch checkpoint."
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# comparing a checkpoint with a network
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return network.module
+    return network
+
+
+def network_signature(network: torch.nn.Module) -> dict[str, Any]:
+    """Settings of a network that change its results but not its weight shapes.
+
+    Today: the class name and the number of heads of every attention module (``num_heads`` does not change the
+    shapes of the attention weights, so a checkpoint of another ``num_heads`` would load silently).
+
+    Args:
+        network: the network (``DataParallel`` wrappers are unwrapped).
+
+    Returns:
+        ``{"class": "HiMix", "num_heads": {"stages.0.self_attention": 8, ...}}``.
+    """
+    network = _unwrap(network)
+    heads = {
+        name: int(module.num_heads)
+        for name, module in network.named_modules()
+        if name and isinstance(getattr(module, "num_heads", None), int)
+    }
+    return {"class": type(network).__name__, "num_heads": heads}
+
+
+def _frozen_keys(network: torch.nn.Module) -> list[str]:
+    """State-dict keys of the parameters that are not trained (``requires_grad=False``), e.g. the text encoder."""
+    return [name for name, parameter in _unwrap(network).named_parameters() if not parameter.requires_grad]
+
+
+def _fingerprint(network: torch.nn.Module, keys: Sequence[str]) -> float:
+    """A checksum of the given parameters: the sum of their absolute values, in float64."""
+    parameters = dict(_unwrap(network).named_parameters())
+    with torch.no_grad():
+        return float(sum(float(parameters[k].detach().double().abs().sum()) for k in keys))
+
+
+def _trained_state(
+    network: torch.nn.Module, fingerprints: dict[tuple[str, ...], float] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dict without the frozen parameters, and a record of those (keys and checksum).
+
+    ``fingerprints`` caches the checksum per set of frozen keys (frozen weights do not change during training).
+    """
+    frozen = _frozen_keys(network)
+    skip = set(frozen)
+    state = OrderedDict((k, v) for k, v in _unwrap(network).state_dict().items() if k not in skip)
+    cache = {} if fingerprints is None else fingerprints
+    if tuple(frozen) not in cache:
+        cache[tuple(frozen)] = _fingerprint(network, frozen)
+    return state, {"keys": frozen, "fingerprint": cache[tuple(frozen)]}
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _format_shape(shape: tuple[int, ...] | None) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")" if shape is not None else "(not a tensor)"
+
+
+def _group(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def _listed(keys: Sequence[str], limit: int = _MAX_LISTED) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> Mapping[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return OrderedDict((k[len(prefix) :], v) for k, v in state.items())
+    return state
+
+
+def describe_state_mismatch(
+    expected: Mapping[str, Any],
+    found: Mapping[str, Any],
+    source: str = "the checkpoint",
+    target: str = "the network",
+    limit: int = _MAX_LISTED,
+) -> str | None:
+    """Compare a network's state dict with a checkpoint's, by keys and shapes.
+
+    Args:
+        expected: the network's ``state_dict()``.
+        found: the checkpoint's state dict.
+        source: how to name the checkpoint in the message, usually its file.
+        target: how to name the network in the message.
+        limit: how many mismatched keys of each kind to list.
+
+    Returns:
+        None when every key is in both and every shape is equal; else a multi-line report: counts, the first
+        ``limit`` keys of each kind (with both shapes for shape mismatches), the network parts concerned and a
+        hint on the settings that change them.
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [k for k in expected if k in found and _shape(expected[k]) != _shape(found[k])]
+    if not (missing or unexpected or reshaped):
+        return None
+    lines = [
+        f"{source} does not fit {target}: of {len(expected)} network weights, {len(missing)} are missing from the "
+        f"checkpoint and {len(reshaped)} have another shape; {len(unexpected)} of the checkpoint's {len(found)} "
+        "weights are unknown to the network."
+    ]
+    if reshaped:
+        lines.append("  other shape (checkpoint -> network):")
+        lines += [
+            f"    {k}: {_format_shape(_shape(found[k]))} -> {_format_shape(_shape(expected[k]))}"
+            for k in reshaped[:limit]
+        ]
+        if len(reshaped) > limit:
+            lines.append(f"    ... ({len(reshaped) - limit} more)")
+    if missing:
+        lines.append(f"  missing from the checkpoint: {_listed(missing, limit)}")
+    if unexpected:
+        lines.append(f"  not in the network: {_listed(unexpected, limit)}")
+    parts = Counter(_group(k) for k in missing + unexpected + reshaped)
+    lines.append("  parts concerned: " + ", ".join(f"{part} ({count})" for part, count in parts.most_common()))
+    first = next(iter(expected), None)
+    if first in reshaped and len(_shape(expected[first]) or ()) > 1:
+        old, new = _shape(found[first]), _shape(expected[first])
+        if old and new and len(old) == len(new) and old[0] == new[0] and old[1] != new[1]:
+            lines.append(f"  the first layer takes {old[1]} input channels in the checkpoint, {new[1]} in the network.")
+    lines.append(
+        "Was it trained with a different image_encoder / text encoder (text_encoder, use_text) / in_channels / "
+        "out_channels? Use the settings it was trained with (e.g. the same --image_encoder and dataset preset)."
+    )
+    return "\n".join(lines)
+
+
+def _describe_signature_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], source: str) -> str | None:
+    differences = []
+    if found.get("class") != expected.get("class"):
+        differences.append(f"network class {found.get('class')!r} in the checkpoint, {expected.get('class')!r} now")
+    found_heads, expected_heads = dict(found.get("num_heads", {})), dict(expected.get("num_heads", {}))
+    if found_heads != expected_heads:
+        changed = [
+            f"{name}: {found_heads.get(name)} -> {expected_heads.get(name)}"
+            for name in sorted(set(found_heads) | set(expected_heads))
+            if found_heads.get(name) != expected_heads.get(name)
+        ]
+        differences.append("attention heads (checkpoint -> network): " + _listed(changed, 3))
+    if not differences:
+        return None
+    return (
+        f"{source} was saved from a network with other settings: " + "; ".join(differences) + ". "
+        "Was it trained with a different num_heads (network_def#num_heads)? Use the settings it was trained with."
+    )
+
+
+def _network_state_from_checkpoint(checkpoint: Any, key: str | None, source: str) -> Mapping[str, Any]:
+    if key is not None:
+        if not isinstance(checkpoint, Mapping) or key not in checkpoint:
+            found = ", ".join(map(repr, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+            raise CheckpointError(f"{source}: no entry {key!r} (found: {found})")
+        state = checkpoint[key]
+    elif _is_state_dict(checkpoint):
+        state = checkpoint
+    else:
+        entries = [k for k in _STATE_DICT_KEYS if isinstance(checkpoint, Mapping) and _is_state_dict(checkpoint.get(k))]
+        if not entries:
+            found = ", ".join(map(repr, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+            raise CheckpointError(
+                f"{source}: not a network state dict and no network entry {list(_STATE_DICT_KEYS)} (found: {found})"
+            )
+        state = checkpoint[entries[0]]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source}: the network entry is a {type(state).__name__}, not a state dict")
+    return _strip_prefix(state)
+
+
+def _check_and_load_network(
+    network: torch.nn.Module,
+    state: Mapping[str, Any],
+    source: str,
+    signature: Mapping[str, Any] | None = None,
+    frozen: Mapping[str, Any] | None = None,
+    target: str | None = None,
+) -> None:
+    """Compare, then load. ``frozen`` is the record of frozen parameters left out of ``state``, if any."""
+    network = _unwrap(network)
+    expected = network.state_dict()
+    if frozen is not None:
+        skip = set(frozen.get("keys", []))
+        expected = OrderedDict((k, v) for k, v in expected.items() if k not in skip)
+    report = describe_state_mismatch(expected, state, source=source, target=target or type(network).__name__)
+    if report is not None:
+        raise CheckpointMismatchError(report)
+    if signature is not None:
+        report = _describe_signature_mismatch(network_signature(network), signature, source)
+        if report is not None:
+            raise CheckpointMismatchError(report)
+    if frozen is not None:
+        keys = list(frozen.get("keys", []))
+        current = _frozen_keys(network)
+        if sorted(current) != sorted(keys):
+            raise CheckpointMismatchError(
+                f"{source} was saved without its {len(keys)} frozen (untrained) weights, but this network has "
+                f"{len(current)} frozen weights with other names; was it trained with a different text encoder?"
+            )
+        saved, now = float(frozen.get("fingerprint", 0.0)), _fingerprint(network, keys)
+        if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=1e-6):
+            raise CheckpointMismatchError(
+                f"{source} was trained with other frozen weights (checksum {saved:.6g}, this network {now:.6g}): "
+                "was it trained with a different text encoder (text_encoder) or pretrained image encoder? "
+                "Use the same encoders to resume."
+            )
+    result = network.load_state_dict(state, strict=frozen is None)
+    if frozen is not None and (result.unexpected_keys or set(result.missing_keys) - set(frozen.get("keys", []))):
+        raise CheckpointMismatchError(f"{source}: unexpected network keys after comparison: {result}")
+
+
+def load_network_weights(
+    network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu", key: str | None = None
+) -> torch.nn.Module:
+    """Load network weights from a checkpoint safely, with one readable error when they do not fit.
+
+    The file is loaded with ``weights_only=True``. It may be a plain state dict (``models/model.pt``) or a
+    dict with the state dict under ``key`` (default: the first of ``model``, ``network``, ``net``,
+    ``state_dict`` that holds one, e.g. ``models/checkpoint_latest.pt``). A ``module.`` prefix left by
+    ``DataParallel`` is removed. Keys and shapes are compared before loading; a checkpoint that also records
+    the network's settings (:py:class:`~himix_monai.handlers.TrainingStateCheckpoint` does) is compared by
+    those as well.
+
+    Args:
+        network: the network to load into (``DataParallel`` wrappers are unwrapped).
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
+        key: the checkpoint entry that holds the network state dict; None to detect it.
+
+    Returns:
+        ``network``, with the weights loaded.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or unsafe, or holds no network state dict.
+        CheckpointMismatchError: the keys, shapes or recorded settings differ; the message gives counts, the
+            first few keys with both shapes, the network parts concerned and a hint.
+
+    Examples::
+
+        net = HiMix(in_channels=1, image_encoder="convnext_tiny", text_encoder=minilm_path)
+        load_network_weights(net, "bundle/models/model.pt")
+    """
+    checkpoint = load_checkpoint_file(path, map_location=map_location)
+    state = _network_state_from_checkpoint(checkpoint, key, str(path))
+    signature = frozen = None
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(_META_KEY), Mapping):
+        signature = checkpoint[_META_KEY].get("network_signature")
+        frozen = checkpoint[_META_KEY].get("frozen_weights")
+    _check_and_load_network(network, state, str(path), signature, frozen)
+    return network
+
+
+class SafeCheckpointLoader(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` that loads with ``weights_only=True`` and reports configuration mismatches.
+
+    A drop-in replacement (same arguments). Every ``torch.nn.Module`` in ``load_dict`` is compared with its
+    checkpoint entry before anything is loaded: with ``strict=True`` and ``strict_shape=True`` (the defaults) a
+    checkpoint of another configuration raises one :py:class:`CheckpointMismatchError` (counts, the first few
+    keys with shapes, a hint) instead of PyTorch's list of every missing key. A missing, truncated or unsafe file
+    raises :py:class:`CheckpointError` naming it.
+
+    Args:
+        load_path: the checkpoint file.
+        load_dict: the objects to load, e.g. ``{"model": network}``; a single network entry also loads a
+            checkpoint that is directly its state dict (``models/model.pt``) or that holds it under ``model``,
+            ``network``, ``net`` or ``state_dict`` (``models/checkpoint_latest.pt``, whose recorded settings and
+            frozen-weight checksum are checked too).
+        name: logger name; None uses the engine's logger.
+        map_location: passed to ``torch.load``.
+        strict: require the same keys (see ``CheckpointLoader``).
+        strict_shape: require the same shapes; False loads the matching weights only and skips non-network
+            objects (transfer learning, see ``CheckpointLoader``).
+
+    Examples::
+
+        {
+            "_target_": "himix_monai.checkpoints.SafeCheckpointLoader",
+            "load_path": "$@ckpt_dir + '/model.pt'",
+            "load_dict": {"model": "@network"},
+            "map_location": "@device"
+        }
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: the ignite engine (trainer, evaluator or inference engine).
+        """
+        source = str(self.load_path)
+        checkpoint = load_checkpoint_file(self.load_path, map_location=self.map_location)
+        meta = checkpoint.get(_META_KEY) if isinstance(checkpoint, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        first_key, first = next(iter(self.load_dict.items()))
+        if len(self.load_dict) == 1 and (not isinstance(checkpoint, Mapping) or first_key not in checkpoint):
+            if isinstance(first, torch.nn.Module):  # a plain state dict, or one under "model", "network", ...
+                checkpoint = {first_key: _network_state_from_checkpoint(checkpoint, None, source)}
+            else:
+                checkpoint = {first_key: checkpoint}
+        missing = [k for k in self.load_dict if k not in checkpoint]
+        if missing and self.strict:
+            raise CheckpointError(
+                f"{source}: no entries {missing} (found: {', '.join(map(repr, checkpoint))}); "
+                "the load_dict names must match the names the checkpoint was saved with."
+            )
+        load_dict = {k: v for k, v in self.load_dict.items() if k in checkpoint}
+        checkpoint = dict(checkpoint)
+        for k, obj in list(load_dict.items()):
+            if not isinstance(obj, torch.nn.Module):
+                continue
+            state = _strip_prefix(checkpoint[k]) if isinstance(checkpoint[k], Mapping) else checkpoint[k]
+            if not self.strict_shape:
+                checkpoint[k] = copy_model_state(_unwrap(obj), state, inplace=False)[0]
+            elif self.strict:  # compare keys, shapes and recorded settings, then load
+                target = f"{k!r} ({type(_unwrap(obj)).__name__})"
+                _check_and_load_network(
+                    obj, state, source, meta.get("network_signature"), meta.get("frozen_weights"), target
+                )
+                del load_dict[k]
+            else:
+                checkpoint[k] = state
+        if not self.strict_shape:
+            skipped = [k for k, obj in load_dict.items() if not isinstance(obj, torch.nn.Module)]
+            if skipped:
+                self.logger.warning(f"strict_shape is False: loading networks only, skipping {skipped}.")
+            load_dict = {k: v for k, v in load_dict.items() if k not in skipped}
+        prior_max_epochs = engine.state.max_epochs
+        if load_dict:
+            Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint, strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise CheckpointError(
+                f"{self.load_path}: the checkpoint is at epoch {engine.state.epoch}, beyond this run's max_epochs "
+                f"({prior_max_epochs}); raise the number of epochs to continue training from it."
+            )
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored {sorted(self.load_dict)} from {self.load_path}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# atomic best-model saving
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler: atomic writes with normal permissions; an optional fixed file name."""
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        self.dirname = Path(dirname)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        save_checkpoint_atomically(checkpoint, self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if self.filename is not None:
+            return  # the next save replaces the fixed file atomically; deleting it first would risk losing it
+        (self.dirname / filename).unlink(missing_ok=True)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose files are written atomically.
+
+    MONAI's ``CheckpointSaver`` writes with ignite's ``DiskSaver(atomic=False)`` (for group-readable files),
+    and with a fixed ``key_metric_filename`` it deletes the previous best model before writing the new one: a
+    kill in between leaves no ``model.pt`` or a truncated one. This subclass writes every file through
+    :py:func:`save_checkpoint_atomically` (temporary file, fsync, ``os.replace``, the usual permissions) and
+    overwrites a fixed file name in place instead of deleting it first. Arguments and file names are those of
+    ``CheckpointSaver``.
+
+    Args:
+        save_dir: the folder of the checkpoints.
+        save_dict: the objects to save, e.g. ``{"model": network}``.
+        kwargs: the other ``CheckpointSaver`` arguments (``save_key_metric``, ``key_metric_filename``,
+            ``save_interval``, ...).
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        fixed = {
+            "_final_checkpoint": kwargs.get("final_filename"),
+            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+            "_interval_checkpoint": None,
+        }
+        for attribute, filename in fixed.items():
+            checkpoint = getattr(self, attribute)
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(save_dir, filename)
