@@ -20,16 +20,18 @@ one JSON line per result, then a readable table. Cases:
 
 Every JSON line has ``case``, ``variant``, ``precision``, ``status`` (``ok``, ``skipped`` or ``error``),
 ``images_per_s``, ``latency_ms`` and ``peak_rss_mb`` (``null`` where a figure does not apply), plus
-case-specific details and the 1-minute load average before and after the case (timings are only comparable on
-a quiet machine).
+case-specific details, the torch thread count, ``OMP_WAIT_POLICY`` and the 1-minute load average before and after
+the case: timings are only comparable on a quiet machine. On a busy one, torch's OpenMP threads spin at barriers
+and slow down far more than the load suggests; ``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1`` keeps the figures
+usable. See ``benchmarks/README.md`` for results and their analysis.
 
 Usage (from the repository root)::
 
-    python benchmarks/run.py                  # all cases, full settings (about 10-20 minutes on 2 cores)
-    python benchmarks/run.py --quick          # fewer steps and repeats (a few minutes)
-    python benchmarks/run.py --tiny --quick   # test_convnext + tiny BERT, small sizes (smoke test)
+    python benchmarks/run.py                  # all cases, full settings (about 12 minutes on an idle 2-core CPU)
+    python benchmarks/run.py --quick          # fewer steps and repeats (about 6 minutes)
     python benchmarks/run.py --cases train_step,infer_b1 --precisions bf16 --output results.jsonl
-    python benchmarks/run.py --case infer_b1 --precision bf16   # one case in this process
+    python benchmarks/run.py --tiny --quick --threads 1 --one-process   # smoke test: test_convnext, tiny BERT
+    python benchmarks/run.py --case infer_b1 --precision bf16   # one case in this process (what the parent runs)
 
 The parent process imports only the standard library; the heavy imports happen in the case processes.
 """
@@ -268,6 +270,8 @@ def case_train_step(settings: Settings, precision: str) -> list[dict]:
             "batch": batch,
             "image_size": size,
             "steps": settings.train_steps,
+            "params_mb": round(sum(p.element_size() * p.nelement() for p in net.parameters()) / 2**20, 1),
+            "trainable_params_m": round(sum(p.nelement() for p in net.parameters() if p.requires_grad) / 1e6, 2),
         }
     ]
 
@@ -359,16 +363,23 @@ def case_text_cache(settings: Settings, precision: str) -> list[dict]:
 
     inferer = AutocastInferer(precision=precision)
 
+    encoder = net.text_encoder
+    encoded_rows = [0]
+    encode = encoder._encode
+
+    def counting_encode(input_ids, attention_mask):  # counts the reports the text model really encodes
+        encoded_rows[0] += int(input_ids.shape[0])
+        return encode(input_ids, attention_mask)
+
+    encoder._encode = counting_encode
     results: dict[str, dict[str, float]] = {}
     for label, cache_size in (("no_cache", 0), ("cache", 2048)):
-        net.text_encoder.cache_size = cache_size
-        net.text_encoder.clear_cache()
-        net.text_encoder.cache_hits = net.text_encoder.cache_misses = 0
+        encoder.cache_size = cache_size
         text_s = rest_s = 0.0
         with torch.inference_mode():
             inferer(image, net, pool_ids[picks[0]], pool_mask[picks[0]])  # warm-up, not counted
-            net.text_encoder.clear_cache()
-            net.text_encoder.cache_hits = net.text_encoder.cache_misses = 0
+            encoder.clear_cache()
+            encoder.cache_hits = encoder.cache_misses = encoded_rows[0] = 0
             for pick in picks:
                 start = time.perf_counter()
                 with autocast_context(precision):
@@ -378,12 +389,14 @@ def case_text_cache(settings: Settings, precision: str) -> list[dict]:
                     inferer(image, net, pool_ids[pick], pool_mask[pick])
                 text_s += middle - start
                 rest_s += time.perf_counter() - middle
-        seen = net.text_encoder.cache_hits + net.text_encoder.cache_misses
+        seen = encoder.cache_hits + encoder.cache_misses
         results[label] = {
             "images_per_s": len(picks) * batch / (text_s + rest_s),
             "text_encoder_ms_per_batch": 1000.0 * text_s / len(picks),
-            "hit_rate": net.text_encoder.cache_hits / seen if seen else 0.0,
+            "hit_rate": encoder.cache_hits / seen if seen else 0.0,
+            "encoded_rows": encoded_rows[0],
         }
+    entry_bytes = sum(t.element_size() * t.nelement() for t in encoder._cache.values()) / max(1, len(encoder._cache))
     return [
         {
             "images_per_s": round(results["cache"]["images_per_s"], 2),
@@ -393,6 +406,9 @@ def case_text_cache(settings: Settings, precision: str) -> list[dict]:
             "text_encoder_ms_per_batch": round(results["cache"]["text_encoder_ms_per_batch"], 2),
             "text_encoder_ms_per_batch_no_cache": round(results["no_cache"]["text_encoder_ms_per_batch"], 2),
             "cache_hit_rate": round(results["cache"]["hit_rate"], 3),
+            "reports_encoded": results["cache"]["encoded_rows"],
+            "reports_encoded_no_cache": results["no_cache"]["encoded_rows"],
+            "cache_kb_per_report": round(entry_bytes / 1024, 1),
             "distinct_reports": settings.cache_distinct_reports,
             "batches": len(picks),
             "batch": batch,
@@ -496,6 +512,13 @@ def _volume_overrides(config: dict, root: Path, volume: Path, settings: Settings
     return args
 
 
+def _bundle_environment() -> dict[str, str]:
+    """The environment of the bundle process: this process's torch thread count as ``OMP_NUM_THREADS``."""
+    import torch
+
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
     """A NIfTI CT volume through ``bundle/configs/inference.json`` to a NIfTI mask, via ``monai.bundle run``."""
     if not INFERENCE_CONFIG.is_file():
@@ -521,7 +544,7 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
 
         command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE_CONFIG), *overrides]
         start = time.perf_counter()
-        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=_bundle_environment())
         wall_s = time.perf_counter() - start
         if completed.returncode != 0:
             raise RuntimeError(f"monai.bundle run failed:\n{completed.stderr[-3000:]}")
@@ -534,7 +557,7 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
         if not settings.tiny:  # the fixed cost of a fresh interpreter importing what the bundle needs
             start = time.perf_counter()
             command = [sys.executable, "-c", "import torch, monai, timm, transformers, himix_monai.networks"]
-            subprocess.run(command, cwd=REPO_ROOT, check=True)
+            subprocess.run(command, cwd=REPO_ROOT, check=True, env=_bundle_environment())
             import_s = round(time.perf_counter() - start, 2)
     return [
         {
@@ -568,15 +591,20 @@ CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] 
 
 def complete(result: dict, case: str, precision: str) -> dict:
     """Fill the keys every JSON line carries, keeping what the case set."""
-    line = {"case": case, "variant": "", "precision": precision, "status": "ok"}
-    line.update({key: None for key in ("images_per_s", "latency_ms", "peak_rss_mb")})
+    line: dict[str, Any] = {key: None for key in REQUIRED_KEYS}
+    line.update(case=case, variant="", precision=precision, status="ok")
     line.update(result)
     return line
 
 
 def run_case_here(case: str, precision: str, settings: Settings, threads: int | None) -> list[dict]:
     """Run one case in this process and return its completed result lines."""
+    import monai  # noqa: F401  (imported first so that rss_after_imports_mb is the fixed cost of the stack)
+    import timm  # noqa: F401
     import torch
+    import transformers  # noqa: F401
+
+    import himix_monai.networks  # noqa: F401
 
     if threads:
         torch.set_num_threads(threads)
@@ -593,6 +621,7 @@ def run_case_here(case: str, precision: str, settings: Settings, threads: int | 
         result.setdefault("peak_rss_mb", peak_rss_mb())
         result.update(
             threads=torch.get_num_threads(),
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
             rss_after_imports_mb=rss_at_start,
             load_avg_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)],
             elapsed_s=round(time.perf_counter() - start, 2),
@@ -644,8 +673,9 @@ def _details(line: dict) -> str:
         return message[-1][:160] if message else ""
     case = line["case"]
     if case == "train_step":
-        return "text {text_encoder_ms:.0f} / fwd+loss {forward_ms:.0f} / bwd {backward_ms:.0f} / opt {optimizer_ms:.0f} ms".format(
-            **line
+        return (
+            f"text {line['text_encoder_ms']:.0f} / fwd+loss {line['forward_ms']:.0f} / bwd {line['backward_ms']:.0f} / "
+            f"opt {line['optimizer_ms']:.0f} ms"
         )
     if case.startswith("infer_"):
         return (
@@ -657,7 +687,8 @@ def _details(line: dict) -> str:
         return (
             f"no cache {line['images_per_s_no_cache']:.1f} img/s, x{line['speedup']:.2f}; text "
             f"{line['text_encoder_ms_per_batch_no_cache']:.1f} -> {line['text_encoder_ms_per_batch']:.1f} ms/batch, "
-            f"hits {100 * line['cache_hit_rate']:.0f}%"
+            f"hits {100 * line['cache_hit_rate']:.0f}%, {line['reports_encoded']} of "
+            f"{line['reports_encoded_no_cache']} reports encoded, {line['cache_kb_per_report']:.0f} KB/report cached"
         )
     if case == "data_pipeline":
         build = f", cache build {line['cache_build_s']:.2f} s" if line.get("cache_build_s") is not None else ""
@@ -684,7 +715,9 @@ def print_table(lines: list[dict]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (a few minutes in all)")
     parser.add_argument("--tiny", action="store_true", help="test_convnext, tiny BERT, small sizes (smoke test)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
@@ -746,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(line), flush=True)
                 if handle is not None:
                     handle.write(json.dumps(line) + "\n")
+                    handle.flush()
     print()
     print_table(lines)
     return 1 if any(line["status"] == "error" for line in lines) else 0

@@ -151,7 +151,9 @@ class LoadVolumeSliced(MapTransform):
                 raise InferenceInputError(
                     f"{path}: the item expects {int(expected)} slices, the volume read has {volume.num_slices}"
                 )
-            plane = hu_window(np.take(volume.hu, index, axis=volume.slice_axis), self.window)
+            slicer = [slice(None)] * volume.hu.ndim
+            slicer[volume.slice_axis] = index  # a view: np.take would copy the whole volume for every slice
+            plane = hu_window(volume.hu[tuple(slicer)], self.window)
             meta = {
                 "filename_or_obj": path,
                 self.slice_index_key: index,
