@@ -402,6 +402,11 @@ def find_image_file(index: DirectoryIndex, name: str) -> FileMatch | None:
     candidates = [name]
     if name.startswith(MASK_PREFIX):
         candidates.append(name[len(MASK_PREFIX) :])
+    return _first_match(index, name, candidates)
+
+
+def _first_match(index: DirectoryIndex, name: str, candidates: list[str]) -> FileMatch | None:
+    """The first candidate file name found in ``index``: exact names first, then by stem."""
     for candidate in candidates:
         if candidate in index:
             return FileMatch(index.folder / candidate, name, by_stem=False)
@@ -434,14 +439,7 @@ def find_mask_file(index: DirectoryIndex, name: str, image_name: str) -> FileMat
         The match (its ``requested`` is ``name``), or None.
     """
     candidates = mask_name_candidates(name, image_name)
-    for candidate in candidates:
-        if candidate in index:
-            return FileMatch(index.folder / candidate, name, by_stem=False)
-    for candidate in candidates:
-        match = index.find(candidate)
-        if match is not None:
-            return FileMatch(match.path, name, match.by_stem)
-    return None
+    return _first_match(index, name, candidates)
 
 
 def _cell_text(value: Any) -> str:
