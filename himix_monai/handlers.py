@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from monai.config import PathLike
-from monai.data import MetaTensor, decollate_batch
+from monai.data import decollate_batch
 from monai.handlers import CheckpointSaver, EarlyStopHandler
 from monai.utils import CommonKeys, IgniteInfo, convert_to_numpy, min_version, optional_import
 
@@ -53,6 +53,7 @@ from himix_monai.config_utils import as_bool
 from himix_monai.data.ct import slices_to_nifti
 from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY
 from himix_monai.transforms.volume import CTVolumeCache
+from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -544,14 +545,7 @@ def _items(data: Any) -> list:
 
 def _filename(item: Mapping[Hashable, Any], key: Hashable) -> str | None:
     value = item.get(key)
-    if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
-        return str(value.meta["filename_or_obj"])
-    meta = item.get(f"{key}_meta_dict")
-    if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
-        return str(meta["filename_or_obj"])
-    if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value)
-    return None
+    return meta_filename(item, key) or (os.fspath(value) if isinstance(value, (str, os.PathLike)) else None)
 
 
 def _as_int(value: Any) -> int:

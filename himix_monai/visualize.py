@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from monai.config import NdarrayOrTensor, PathLike
-from monai.data import MetaTensor, decollate_batch
+from monai.data import decollate_batch
 from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import, string_list_all_gather
+
+from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
@@ -181,19 +183,6 @@ def save_overlay(
     return rgb
 
 
-def _item_filename(item: Any, key: Hashable) -> str | None:
-    """``filename_or_obj`` of ``item[key]`` from its MetaTensor meta data or ``item[f"{key}_meta_dict"]``."""
-    if not isinstance(item, Mapping):
-        return None
-    value = item.get(key)
-    if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
-        return str(value.meta["filename_or_obj"])
-    meta = item.get(f"{key}_meta_dict")
-    if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
-        return str(meta["filename_or_obj"])
-    return None
-
-
 def _as_item_list(data: Any) -> list:
     """Decollated items of ``engine.state.output`` / ``engine.state.batch`` (list already, or a batch dict)."""
     if isinstance(data, Mapping):
@@ -281,9 +270,9 @@ class OverlaySaver:
         items = _as_item_list(engine.state.output)
         batch_items = _as_item_list(engine.state.batch)
         for index, item in enumerate(items):
-            filename = _item_filename(item, self.image_key)
+            filename = meta_filename(item, self.image_key)
             if filename is None and index < len(batch_items):
-                filename = _item_filename(batch_items[index], self.image_key)
+                filename = meta_filename(batch_items[index], self.image_key)
             stem = _file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
             pred = item[self.pred_key]
             if not self._logit_warned:
@@ -432,7 +421,7 @@ class PerImageMetricsWriter:
 
     def _collect_filenames(self, engine: Engine) -> None:
         for index, item in enumerate(_as_item_list(engine.state.batch)):
-            name = _item_filename(item, self.image_key)
+            name = meta_filename(item, self.image_key)
             self._filenames.append(name if name is not None else f"iter{engine.state.iteration}_{index}")
 
     def _details(self, engine: Engine, metric: str | None) -> np.ndarray | None:

@@ -22,6 +22,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
 __all__ = [
+    "meta_filename",
     "source_name",
     "BinarizeMask",
     "BinarizeMaskd",
@@ -31,6 +32,19 @@ __all__ = [
 
 # ITU-R BT.601 luma weights, as used by PIL's "L" conversion.
 _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def meta_filename(item: Any, key: Hashable) -> str | None:
+    """``filename_or_obj`` of ``item[key]``, from its MetaTensor meta data or ``item[f"{key}_meta_dict"]``."""
+    if not isinstance(item, Mapping):
+        return None
+    value = item.get(key)
+    if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
+        return str(value.meta["filename_or_obj"])
+    meta = item.get(f"{key}_meta_dict")
+    if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
+        return str(meta["filename_or_obj"])
+    return None
 
 
 def source_name(img: Any, data: Mapping[Hashable, Any] | None = None, key: Hashable | None = None) -> str:

@@ -26,6 +26,7 @@ from monai.transforms import MapTransform
 
 from himix_monai.data.ct import DEFAULT_WINDOW, CTReadError, CTVolume, WindowLike, hu_window, read_ct_volume, resolve_window
 from himix_monai.data.inference_items import NUM_SLICES_KEY, PICTURE_EXTENSIONS, SLICE_INDEX_KEY, InferenceInputError
+from himix_monai.transforms.mask import meta_filename
 
 __all__ = ["CTVolumeCache", "LoadVolumeSliced", "ToPictureLayoutd"]
 
@@ -168,14 +169,7 @@ class LoadVolumeSliced(MapTransform):
 
 
 def _source_filename(data: Mapping[Hashable, Any], key: Hashable, image_key: Hashable) -> str | None:
-    for candidate in (key, image_key):
-        value = data.get(candidate)
-        if isinstance(value, MetaTensor) and value.meta.get("filename_or_obj"):
-            return str(value.meta["filename_or_obj"])
-        meta = data.get(f"{candidate}_meta_dict")
-        if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
-            return str(meta["filename_or_obj"])
-    return None
+    return meta_filename(data, key) or meta_filename(data, image_key)
 
 
 class ToPictureLayoutd(MapTransform):
