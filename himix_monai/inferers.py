@@ -20,7 +20,7 @@ from monai.inferers import SimpleInferer
 
 from himix_monai.transforms.text import TokenizeTextd
 
-__all__ = ["AutocastInferer", "TextPromptInferer"]
+__all__ = ["AutocastInferer", "TextPromptInferer", "compute_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,31 @@ _PRECISIONS: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+
+
+def compute_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype the bundle's ``precision`` switch computes in on ``device``.
+
+    ``"fp32"`` gives float32, ``"bf16"`` bfloat16 and ``"fp16"`` float16, except on a CPU, where float16 falls
+    back to bfloat16 (as :py:class:`AutocastInferer` does), and on a device type without autocast (float32).
+    Use it to store weights that are never trained (the frozen text encoder; the whole network for
+    inference) in the precision they are computed in: half the memory and no casts on every call.
+
+    Examples::
+
+        >>> compute_dtype("fp16", "cpu"), compute_dtype("fp32", "cuda")
+        (torch.bfloat16, torch.float32)
+    """
+    key = str(precision).lower()
+    if key not in _PRECISIONS:
+        raise ValueError(f"precision must be one of 'fp32', 'bf16', 'fp16', got {precision!r}.")
+    dtype = _PRECISIONS[key]
+    device_type = torch.device(device).type
+    if dtype is None or not torch.amp.is_autocast_available(device_type):
+        return torch.float32
+    if device_type == "cpu" and dtype == torch.float16:
+        return torch.bfloat16
+    return dtype
 
 
 def _to_float32(output: Any) -> Any:

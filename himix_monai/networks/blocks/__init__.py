@@ -2,12 +2,14 @@
 
 from .asrm import AdaptiveSpectrumRefinement, gaussian_spectrum_filter
 from .dlfm import LAYER_GROUPINGS, DynamicLayerFusion, interleaved_layer_groups, layer_groups
-from .image_encoder import TimmImageEncoder
+from .head import subpixel_segmentation_head
+from .image_encoder import CPUDepthwiseConv2d, TimmImageEncoder, use_cpu_depthwise_convs
 from .mixing_stage import TextProjection, VisualTextualMixingStage, sinusoidal_position_embedding_2d
 from .text_encoder import FrozenTextEncoder, is_cxr_bert_config, load_text_encoder, load_text_tokenizer
 
 __all__ = [
     "AdaptiveSpectrumRefinement",
+    "CPUDepthwiseConv2d",
     "DynamicLayerFusion",
     "FrozenTextEncoder",
     "LAYER_GROUPINGS",
@@ -21,4 +23,6 @@ __all__ = [
     "load_text_encoder",
     "load_text_tokenizer",
     "sinusoidal_position_embedding_2d",
+    "subpixel_segmentation_head",
+    "use_cpu_depthwise_convs",
 ]

@@ -8,7 +8,43 @@ import timm
 import torch
 import torch.nn as nn
 
-__all__ = ["TimmImageEncoder"]
+__all__ = ["CPUDepthwiseConv2d", "TimmImageEncoder", "use_cpu_depthwise_convs"]
+
+
+class CPUDepthwiseConv2d(nn.Conv2d):
+    """A depthwise ``nn.Conv2d`` that runs in channels-last memory format on the CPU, and in float32 under autocast.
+
+    oneDNN's depthwise kernels on the CPU are much faster on channels-last tensors, and under bf16 autocast
+    slower in bf16 than in float32. For the 7x7 depthwise convolution of ConvNeXt-Tiny's first stage at
+    8x96x56x56 (forward + backward, 2-core Xeon with AMX): 154 ms contiguous float32, 156 ms contiguous bf16,
+    69 ms channels-last float32. Elsewhere (CUDA) it is a plain ``nn.Conv2d``. Parameters, state dict and
+    results are those of ``nn.Conv2d``; only the memory format (and under CPU autocast the dtype) of the output
+    differ.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (the name nn.Conv2d uses)
+        if input.device.type != "cpu":
+            return super().forward(input)
+        input = input.contiguous(memory_format=torch.channels_last)
+        if not torch.is_autocast_enabled("cpu"):
+            return super().forward(input)
+        with torch.autocast("cpu", enabled=False):
+            weight = self.weight.float()
+            bias = None if self.bias is None else self.bias.float()
+            return self._conv_forward(input.float(), weight, bias)
+
+
+def use_cpu_depthwise_convs(module: nn.Module) -> int:
+    """Turn every depthwise ``nn.Conv2d`` of ``module`` into a :class:`CPUDepthwiseConv2d`, in place.
+
+    The modules keep their parameters and names (the state dict is unchanged). Returns how many were changed.
+    """
+    changed = 0
+    for child in module.modules():
+        if type(child) is nn.Conv2d and child.groups > 1 and child.groups == child.in_channels == child.out_channels:
+            child.__class__ = CPUDepthwiseConv2d
+            changed += 1
+    return changed
 
 
 class TimmImageEncoder(nn.Module):
@@ -24,6 +60,10 @@ class TimmImageEncoder(nn.Module):
         pretrained: load timm's pretrained weights (from the hub or timm's local cache).
         checkpoint_path: a local weights file (``.pth``/``.bin``/``.safetensors``) for the backbone, loaded
             through timm's own checkpoint filter, so an ImageNet ConvNeXt checkpoint works offline.
+        fast_depthwise_convs: run the backbone's depthwise convolutions as :class:`CPUDepthwiseConv2d` (same
+            results; faster on the CPU, unchanged on CUDA).
+        gradient_checkpointing: recompute the backbone's stages in the backward pass instead of keeping their
+            activations (timm's ``set_grad_checkpointing``): less training memory, a slower step.
 
     Examples::
 
@@ -38,6 +78,8 @@ class TimmImageEncoder(nn.Module):
         in_channels: int = 3,
         pretrained: bool = False,
         checkpoint_path: str | os.PathLike | None = None,
+        fast_depthwise_convs: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         kwargs: dict = {"features_only": True, "in_chans": in_channels}
@@ -48,6 +90,10 @@ class TimmImageEncoder(nn.Module):
         else:
             kwargs["pretrained"] = pretrained
         self.backbone = timm.create_model(name, **kwargs)
+        if fast_depthwise_convs:
+            use_cpu_depthwise_convs(self.backbone)
+        if gradient_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
         self.channels: list[int] = list(self.backbone.feature_info.channels())
         self.reductions: list[int] = list(self.backbone.feature_info.reduction())
 

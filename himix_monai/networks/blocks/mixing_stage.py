@@ -118,13 +118,13 @@ class VisualTextualMixingStage(nn.Module):
         if text_width is not None:
             self.text_projection = TextProjection(text_width, in_channels, text_length, num_text_tokens)
             self.cross_attention_norm = nn.LayerNorm(in_channels)
-            self.cross_attention = CrossAttentionBlock(in_channels, num_heads, qkv_bias=True)
+            self.cross_attention = CrossAttentionBlock(in_channels, num_heads, qkv_bias=True, use_flash_attention=True)
             self.cross_attention_out_norm = nn.LayerNorm(in_channels)
             self.beta_cross_attention = nn.Parameter(torch.tensor(float(residual_scale_init)))
         else:
             self.text_projection = None
         self.self_attention_norm = nn.LayerNorm(in_channels)
-        self.self_attention = SABlock(in_channels, num_heads, qkv_bias=True)
+        self.self_attention = SABlock(in_channels, num_heads, qkv_bias=True, use_flash_attention=True)
         self.self_attention_out_norm = nn.LayerNorm(in_channels)
         self.beta_self_attention = nn.Parameter(torch.tensor(float(residual_scale_init)))
         self.mlp_norm = nn.LayerNorm(in_channels)

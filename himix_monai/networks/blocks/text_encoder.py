@@ -40,15 +40,20 @@ def is_cxr_bert_config(config: dict) -> bool:
     return config.get("model_type") in _CXR_BERT_MODEL_TYPES or any("CXRBert" in a for a in architectures)
 
 
-def load_text_encoder(source: str | os.PathLike | PreTrainedModel) -> PreTrainedModel:
+def load_text_encoder(
+    source: str | os.PathLike | PreTrainedModel, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """Load a text encoder from a hub name, a local directory, or return a given model instance.
+
+    With ``dtype`` the weights are loaded (or an instance is cast) straight into that dtype, so a bf16 encoder
+    never holds a float32 copy of its weights.
 
     CXR-BERT configurations are read as a ``BertConfig`` and the checkpoint's ``bert.`` weights are loaded into a
     standard ``BertModel`` (the MLM and projection heads are dropped); every other model goes through
     ``AutoModel`` without remote code.
     """
     if isinstance(source, PreTrainedModel):
-        return source
+        return source if dtype is None else source.to(dtype)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"text encoder must be a name, a directory or a PreTrainedModel, got {type(source)}.")
     config = _read_json(source, "config.json")
@@ -56,8 +61,8 @@ def load_text_encoder(source: str | os.PathLike | PreTrainedModel) -> PreTrained
         bert_keys = BertConfig().to_dict().keys()
         bert_config = BertConfig(**{k: v for k, v in config.items() if k in bert_keys and k != "model_type"})
         bert_config.architectures = ["BertModel"]
-        return BertModel.from_pretrained(source, config=bert_config, add_pooling_layer=False)
-    return AutoModel.from_pretrained(source, trust_remote_code=False)
+        return BertModel.from_pretrained(source, config=bert_config, add_pooling_layer=False, dtype=dtype)
+    return AutoModel.from_pretrained(source, trust_remote_code=False, dtype=dtype)
 
 
 def load_text_tokenizer(source: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -76,6 +81,27 @@ def load_text_tokenizer(source: str | os.PathLike | PreTrainedTokenizerBase) -> 
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
+_DTYPE_NAMES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"text encoder dtype must be a floating dtype, got {dtype}.")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise ValueError(f"text encoder dtype must be one of {sorted(_DTYPE_NAMES)} or a torch dtype, got {dtype!r}.")
+    return _DTYPE_NAMES[key]
+
+
 class FrozenTextEncoder(nn.Module):
     """A pretrained text encoder that is never trained: no gradients and always in eval mode.
 
@@ -85,9 +111,15 @@ class FrozenTextEncoder(nn.Module):
     Outputs are optionally cached per sample, keyed by the token ids and attention mask, so a report seen
     again (QaTa-COV19 repeats many) is not encoded again. The cache is a bounded LRU on the encoder's device.
 
+    The weights can be stored in a lower precision (``dtype=torch.bfloat16`` under bf16 autocast): they are never
+    updated, so no float32 master copy is needed; this halves the encoder's memory (and that of the cache) and
+    saves casting every weight on every call. The outputs are returned in the stored dtype.
+
     Args:
         source: hub name, local directory or ``PreTrainedModel``.
         cache_size: number of distinct tokenised reports kept; 0 disables the cache.
+        dtype: store the weights in this floating dtype (``torch.bfloat16``, ``"bf16"``, ...); ``None`` keeps
+            the loaded dtype.
 
     Examples::
 
@@ -97,9 +129,11 @@ class FrozenTextEncoder(nn.Module):
         (6, 384)
     """
 
-    def __init__(self, source: str | os.PathLike | PreTrainedModel, cache_size: int = 0) -> None:
+    def __init__(
+        self, source: str | os.PathLike | PreTrainedModel, cache_size: int = 0, dtype: torch.dtype | str | None = None
+    ) -> None:
         super().__init__()
-        self.model = load_text_encoder(source)
+        self.model = load_text_encoder(source, None if dtype is None else _as_dtype(dtype))
         self.model.requires_grad_(False)
         self.model.eval()
         config = self.model.config

@@ -11,6 +11,7 @@ from monai.networks.blocks import SubpixelUpsample, UnetOutBlock
 from transformers import PreTrainedModel
 
 from himix_monai.networks.blocks.dlfm import DynamicLayerFusion
+from himix_monai.networks.blocks.head import subpixel_segmentation_head
 from himix_monai.networks.blocks.image_encoder import TimmImageEncoder
 from himix_monai.networks.blocks.mixing_stage import VisualTextualMixingStage
 from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder
@@ -58,6 +59,8 @@ class HiMix(nn.Module):
         norm_name: str | tuple = "batch",
         head_channels: int | None = None,
         text_cache_size: int = 0,
+        text_encoder_dtype: torch.dtype | str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -87,6 +90,11 @@ class HiMix(nn.Module):
             head_channels: channels after the subpixel upsampling of the head (default: a quarter of the
                 finest encoder width, 24 for ConvNeXt-Tiny).
             text_cache_size: cache the text encoder's outputs for this many distinct tokenised reports.
+            text_encoder_dtype: store the frozen text encoder's weights in this dtype, e.g. ``torch.bfloat16``
+                when training or inferring under bf16 autocast (``himix_monai.inferers.compute_dtype(precision,
+                device)``): half its memory, and no casts of its weights on every call. ``None`` keeps float32.
+            gradient_checkpointing: recompute the image encoder's stages in the backward pass: less training
+                memory (about 0.33 GB at batch 8, 224x224) for a slower step (see ``benchmarks/README.md``).
 
         Examples::
 
@@ -100,7 +108,13 @@ class HiMix(nn.Module):
             >>> net = HiMix(text_encoder=None)
         """
         super().__init__()
-        self.image_encoder = TimmImageEncoder(image_encoder, in_channels, pretrained, image_encoder_checkpoint)
+        self.image_encoder = TimmImageEncoder(
+            image_encoder,
+            in_channels,
+            pretrained,
+            image_encoder_checkpoint,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         channels = self.image_encoder.channels
         reductions = self.image_encoder.reductions
         if len(channels) < 2:
@@ -113,7 +127,9 @@ class HiMix(nn.Module):
         self.text_length = text_length
 
         if text_encoder is not None:
-            self.text_encoder: FrozenTextEncoder | None = FrozenTextEncoder(text_encoder, cache_size=text_cache_size)
+            self.text_encoder: FrozenTextEncoder | None = FrozenTextEncoder(
+                text_encoder, cache_size=text_cache_size, dtype=text_encoder_dtype
+            )
             self.layer_fusion: DynamicLayerFusion | None = DynamicLayerFusion(
                 self.text_encoder.num_layers, num_stages, layer_grouping, group_order
             )
@@ -170,8 +186,10 @@ class HiMix(nn.Module):
             input_ids = nn.functional.pad(input_ids, (0, pad))
             attention_mask = nn.functional.pad(attention_mask, (0, pad))
         hidden_states = self.text_encoder(input_ids, attention_mask)
-        keep = attention_mask.unsqueeze(-1)
-        return [t * keep.to(t.dtype) for t in self.layer_fusion(hidden_states)]  # Eq. 1
+        # the text encoder may be stored in a lower precision than the decoder that consumes its output
+        dtype = self.head_upsample.conv_block.weight.dtype
+        keep = attention_mask.unsqueeze(-1).to(dtype)
+        return [t.to(dtype) * keep for t in self.layer_fusion(hidden_states)]  # Eq. 1
 
     def forward(
         self,
@@ -207,4 +225,4 @@ class HiMix(nn.Module):
         for index, stage in enumerate(self.stages):
             skip = features[len(features) - 2 - index]
             decoded = stage(decoded, skip, None if texts is None else texts[index])
-        return self.head(self.head_upsample(decoded))  # Eq. 9 without the sigmoid: logits
+        return subpixel_segmentation_head(decoded, self.head_upsample, self.head)  # Eq. 9 without the sigmoid
