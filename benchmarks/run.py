@@ -140,23 +140,47 @@ def text_encoder_config(settings: Settings):
     return BertConfig()
 
 
-def build_network(settings: Settings, in_channels: int = 3, text_cache_size: int = 0):
-    """HiMix with randomly initialised weights (no download): the image encoder and a BERT text encoder."""
+def build_network(
+    settings: Settings, in_channels: int = 3, text_cache_size: int = 0, precision: str = "fp32", **kwargs: Any
+):
+    """HiMix with randomly initialised weights (no download): the image encoder and a BERT text encoder.
+
+    Built as the bundle builds it for ``precision``: the frozen text encoder is created directly in the compute
+    dtype (``text_encoder_dtype``), so it never holds a float32 copy. ``kwargs`` go to ``HiMix``.
+    """
     import torch
     from transformers import BertModel
 
+    from himix_monai.inferers import compute_dtype
     from himix_monai.networks import HiMix
 
     torch.manual_seed(0)
+    dtype = compute_dtype(precision, "cpu")
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the random BERT is created in its storage dtype, as from_pretrained(dtype=)
+    try:
+        text_encoder = BertModel(text_encoder_config(settings), add_pooling_layer=False)
+    finally:
+        torch.set_default_dtype(default_dtype)
     extra: dict[str, Any] = dict(num_heads=4, text_tokens=(6, 4, 3)) if settings.tiny else {}
     return HiMix(
         in_channels=in_channels,
         image_encoder=settings.image_encoder,
-        text_encoder=BertModel(text_encoder_config(settings), add_pooling_layer=False),
+        text_encoder=text_encoder,
         text_length=settings.text_length,
         text_cache_size=text_cache_size,
+        text_encoder_dtype=dtype,
         **extra,
+        **kwargs,
     )
+
+
+def inference_network(settings: Settings, precision: str, text_cache_size: int = 0):
+    """The network as ``inference.json`` holds it: eval mode, weights stored in the compute dtype."""
+    from himix_monai.inferers import compute_dtype
+
+    net = build_network(settings, in_channels=3, text_cache_size=text_cache_size, precision=precision)
+    return net.to(dtype=compute_dtype(precision, "cpu")).eval()
 
 
 def random_tokens(batch: int, length: int, vocab_size: int, seed: int = 0):
@@ -227,51 +251,101 @@ def _memory_formats():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def case_train_step(settings: Settings, precision: str) -> list[dict]:
-    """Training step time split into text encoder / forward + loss / backward / optimizer."""
+def _train_setup(settings: Settings, precision: str, **network_kwargs: Any):
+    """Network, loss, optimizer, inferer and one batch, as ``train.json`` sets them up."""
     import torch
     from monai.losses import DiceCELoss
 
     from himix_monai.inferers import AutocastInferer
 
-    net = build_network(settings, in_channels=3)
+    net = build_network(settings, in_channels=3, precision=precision, **network_kwargs)
     net.train()
     loss_function = DiceCELoss(sigmoid=True, lambda_dice=0.5, lambda_ce=0.5)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-4)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-4, fused=True)
     inferer = AutocastInferer(precision=precision)
     batch, size = settings.train_batch, settings.image_size
     torch.manual_seed(1)
     image = torch.rand(batch, 3, size, size)
     label = (torch.rand(batch, 1, size, size) > 0.7).float()
     input_ids, attention_mask = random_tokens(batch, settings.text_length, net.text_encoder.model.config.vocab_size)
+    return net, loss_function, optimizer, inferer, (image, label, input_ids, attention_mask)
 
+
+def _train_step(net, loss_function, optimizer, inferer, batch, precision: str, timer: Timer) -> None:
+    import torch
+
+    image, label, input_ids, attention_mask = batch
+    step_start = time.perf_counter()
+    with timer("text_encoder"), autocast_context(precision):
+        texts = net.encode_text(input_ids, attention_mask)
+    with timer("forward"), precomputed_text(net, texts):
+        loss = loss_function(inferer(image, net, input_ids, attention_mask), label)
+    with timer("backward"):
+        loss.backward()
+    with timer("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    timer.parts.setdefault("step", []).append(time.perf_counter() - step_start)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss.item()}")
+
+
+def case_train_step(settings: Settings, precision: str, gradient_checkpointing: bool = False) -> list[dict]:
+    """Training step time split into text encoder / forward + loss / backward / optimizer."""
+    net, loss_function, optimizer, inferer, batch = _train_setup(
+        settings, precision, gradient_checkpointing=gradient_checkpointing
+    )
     timer = Timer()
     for _ in range(settings.train_warmup + settings.train_steps):
-        step_start = time.perf_counter()
-        with timer("text_encoder"), autocast_context(precision):
-            texts = net.encode_text(input_ids, attention_mask)
-        with timer("forward"), precomputed_text(net, texts):
-            loss = loss_function(inferer(image, net, input_ids, attention_mask), label)
-        with timer("backward"):
-            loss.backward()
-        with timer("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        timer.parts.setdefault("step", []).append(time.perf_counter() - step_start)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()}")
+        _train_step(net, loss_function, optimizer, inferer, batch, precision, timer)
     timer.drop_first(settings.train_warmup)
     parts = timer.medians_ms()
     return [
         {
-            "images_per_s": round(batch / (parts["step_ms"] / 1000.0), 2),
+            "images_per_s": round(settings.train_batch / (parts["step_ms"] / 1000.0), 2),
             "latency_ms": parts["step_ms"],
             **parts,
-            "batch": batch,
-            "image_size": size,
+            "batch": settings.train_batch,
+            "image_size": settings.image_size,
             "steps": settings.train_steps,
+            "gradient_checkpointing": gradient_checkpointing,
             "params_mb": round(sum(p.element_size() * p.nelement() for p in net.parameters()) / 2**20, 1),
             "trainable_params_m": round(sum(p.nelement() for p in net.parameters() if p.requires_grad) / 1e6, 2),
+        }
+    ]
+
+
+def case_train_step_checkpointed(settings: Settings, precision: str) -> list[dict]:
+    """The training step with gradient checkpointing of the image encoder (the bundle's memory option)."""
+    return case_train_step(settings, precision, gradient_checkpointing=True)
+
+
+def case_train_ratio(settings: Settings, precision: str) -> list[dict]:
+    """bf16 / fp32 training-step ratio, both networks in one process with their steps alternating.
+
+    On a shared or throttled CPU two fresh processes can run at different speeds; alternating the steps exposes
+    both precisions to the same conditions, so their ratio is robust where absolute times are not.
+    """
+    runs = {name: _train_setup(settings, name) for name in PRECISIONS}
+    timers = {name: Timer() for name in PRECISIONS}
+    for _ in range(settings.train_warmup + settings.train_steps):
+        for name in PRECISIONS:
+            _train_step(*runs[name], name, timers[name])
+    steps = {}
+    for name in PRECISIONS:
+        timers[name].drop_first(settings.train_warmup)
+        steps[name] = timers[name].medians_ms()["step_ms"]
+    return [
+        {
+            "images_per_s": round(settings.train_batch / (steps["bf16"] / 1000.0), 2),
+            "latency_ms": steps["bf16"],
+            "fp32_step_ms": steps["fp32"],
+            "bf16_step_ms": steps["bf16"],
+            "bf16_to_fp32": round(steps["bf16"] / steps["fp32"], 3),
+            "peak_rss_mb": None,  # two networks in one process: not a training footprint
+            "batch": settings.train_batch,
+            "image_size": settings.image_size,
+            "steps": settings.train_steps,
         }
     ]
 
@@ -295,7 +369,7 @@ def _inference_case(settings: Settings, precision: str, batch: int, warmup: int,
     """Latency of one batch in contiguous and channels-last memory format; the faster is the headline."""
     import torch
 
-    net = build_network(settings, in_channels=3).eval()
+    net = inference_network(settings, precision)
     torch.manual_seed(1)
     image = torch.rand(batch, 3, settings.image_size, settings.image_size)
     input_ids, attention_mask = random_tokens(batch, settings.text_length, net.text_encoder.model.config.vocab_size)
@@ -349,7 +423,7 @@ def case_text_cache(settings: Settings, precision: str) -> list[dict]:
     """A stream of inference batches drawn from few distinct reports, without and with the text cache."""
     import torch
 
-    net = build_network(settings, in_channels=3).eval()
+    net = inference_network(settings, precision)
     batch, size = settings.cache_batch, settings.image_size
     vocab_size = net.text_encoder.model.config.vocab_size
     pool_ids, pool_mask = random_tokens(settings.cache_distinct_reports, settings.text_length, vocab_size)
@@ -576,6 +650,8 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
 
 CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] = {
     "train_step": (case_train_step, PRECISIONS),
+    "train_step_checkpointed": (case_train_step_checkpointed, ("bf16",)),
+    "train_ratio": (case_train_ratio, ("bf16",)),
     "infer_b1": (case_infer_b1, PRECISIONS),
     "infer_b16": (case_infer_b16, PRECISIONS),
     "text_cache": (case_text_cache, PRECISIONS),
@@ -672,7 +748,9 @@ def _details(line: dict) -> str:
         message = (line.get("reason") or line.get("error") or "").strip().splitlines()
         return message[-1][:160] if message else ""
     case = line["case"]
-    if case == "train_step":
+    if case == "train_ratio":
+        return f"fp32 {line['fp32_step_ms']:.0f} / bf16 {line['bf16_step_ms']:.0f} ms per step: x{line['bf16_to_fp32']:.3f}"
+    if case.startswith("train_step"):
         return (
             f"text {line['text_encoder_ms']:.0f} / fwd+loss {line['forward_ms']:.0f} / bwd {line['backward_ms']:.0f} / "
             f"opt {line['optimizer_ms']:.0f} ms"

@@ -58,10 +58,11 @@ def subpixel_segmentation_head(features: torch.Tensor, upsample: SubpixelUpsampl
     out_weight = out_conv.weight.flatten(1)  # (O, C)
     channels = out_weight.shape[1]
     up_weight = up_conv.weight.reshape(channels, sub_pixels, *up_conv.weight.shape[1:])  # (C, r^2, C_in, k, k)
-    weight = torch.einsum("oc,cs...->os...", out_weight, up_weight).flatten(0, 1)  # (O * r^2, C_in, k, k)
-    bias = None
-    if up_conv.bias is not None:
-        bias = (out_weight @ up_conv.bias.reshape(channels, sub_pixels)).flatten()  # (O * r^2,)
+    with torch.autocast(features.device.type, enabled=False):  # the fold itself in the weights' precision
+        weight = torch.einsum("oc,cs...->os...", out_weight, up_weight).flatten(0, 1)  # (O * r^2, C_in, k, k)
+        bias = None
+        if up_conv.bias is not None:
+            bias = (out_weight @ up_conv.bias.reshape(channels, sub_pixels)).flatten()  # (O * r^2,)
     logits = F.conv2d(features, weight, bias, stride=up_conv.stride, padding=up_conv.padding)
     logits = upsample.pad_pool(pixelshuffle(logits, 2, scale))
     if out_conv.bias is not None:

@@ -18,20 +18,18 @@ class CPUDepthwiseConv2d(nn.Conv2d):
     slower in bf16 than in float32. For the 7x7 depthwise convolution of ConvNeXt-Tiny's first stage at
     8x96x56x56 (forward + backward, 2-core Xeon with AMX): 154 ms contiguous float32, 156 ms contiguous bf16,
     69 ms channels-last float32. Elsewhere (CUDA) it is a plain ``nn.Conv2d``. Parameters, state dict and
-    results are those of ``nn.Conv2d``; only the memory format (and under CPU autocast the dtype) of the output
-    differ.
+    results are those of ``nn.Conv2d``; only the memory format (and, under CPU autocast with float32 weights,
+    the dtype: float32) of the output differ. Weights stored in a lower precision are used as they are.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (the name nn.Conv2d uses)
         if input.device.type != "cpu":
             return super().forward(input)
         input = input.contiguous(memory_format=torch.channels_last)
-        if not torch.is_autocast_enabled("cpu"):
-            return super().forward(input)
+        if not torch.is_autocast_enabled("cpu") or self.weight.dtype != torch.float32:
+            return super().forward(input)  # weights stored in bf16 (inference): the layers after expect bf16
         with torch.autocast("cpu", enabled=False):
-            weight = self.weight.float()
-            bias = None if self.bias is None else self.bias.float()
-            return self._conv_forward(input.float(), weight, bias)
+            return super().forward(input.float())
 
 
 def use_cpu_depthwise_convs(module: nn.Module) -> int:

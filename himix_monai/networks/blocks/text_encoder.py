@@ -45,8 +45,8 @@ def load_text_encoder(
 ) -> PreTrainedModel:
     """Load a text encoder from a hub name, a local directory, or return a given model instance.
 
-    With ``dtype`` the weights are loaded (or an instance is cast) straight into that dtype, so a bf16 encoder
-    never holds a float32 copy of its weights.
+    With ``dtype`` the weights are loaded straight into that dtype, so a bf16 encoder never holds a float32 copy
+    of its weights. A given instance is cast in place (``nn.Module.to``): the network takes ownership of it.
 
     CXR-BERT configurations are read as a ``BertConfig`` and the checkpoint's ``bert.`` weights are loaded into a
     standard ``BertModel`` (the MLM and projection heads are dropped); every other model goes through
