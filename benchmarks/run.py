@@ -414,6 +414,40 @@ def case_infer_b1(settings: Settings, precision: str) -> list[dict]:
     return [_inference_case(settings, precision, 1, settings.infer_warmup, settings.infer_repeats)]
 
 
+def case_infer_b1_compiled(settings: Settings, precision: str) -> list[dict]:
+    """Batch-1 latency of the network compiled with ``torch.compile`` (inductor, frozen weights), report cached.
+
+    Not what the bundle does (compiling takes minutes on a small CPU and again for every new input shape), but
+    what a latency-bound deployment (a server answering one image at a time) can get out of the same weights.
+    """
+    import torch
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # constant-fold and pre-pack the weights for oneDNN (inference only)
+    net = inference_network(settings, precision, text_cache_size=16).to(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    image = torch.rand(1, 3, settings.image_size, settings.image_size).to(memory_format=torch.channels_last)
+    input_ids, attention_mask = random_tokens(1, settings.text_length, net.text_encoder.model.config.vocab_size)
+    net.compile()
+    start = time.perf_counter()
+    _time_inference(net, image, input_ids, attention_mask, precision, 1, 0)  # compiles
+    compile_s = time.perf_counter() - start
+    durations = _time_inference(net, image, input_ids, attention_mask, precision, settings.infer_warmup,
+                                settings.infer_repeats)  # fmt: skip
+    latency = median_ms(durations)
+    return [
+        {
+            "images_per_s": round(1000.0 / latency, 2),
+            "latency_ms": latency,
+            "compile_s": round(compile_s, 1),
+            "memory_format": "channels_last",
+            "batch": 1,
+            "image_size": settings.image_size,
+            "repeats": settings.infer_repeats,
+        }
+    ]
+
+
 def case_infer_b16(settings: Settings, precision: str) -> list[dict]:
     """Inference throughput at batch 16."""
     return [_inference_case(settings, precision, settings.b16_batch, settings.b16_warmup, settings.b16_repeats)]
@@ -627,6 +661,16 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
             raise RuntimeError(f"no NIfTI mask written under {root}; stdout:\n{completed.stdout[-2000:]}")
         mask_shape = list(nib.load(str(masks[0])).shape)
 
+        # the same run inside this already-started interpreter: the cost of one more volume in a running
+        # process (a folder of volumes, a server), without the interpreter start-up and the imports
+        from monai.bundle import run as run_bundle
+
+        in_process = {key.lstrip("-"): value for key, value in zip(overrides[::2], overrides[1::2])}
+        in_process["output_dir"] = str(root / "output_in_process")
+        start = time.perf_counter()
+        run_bundle(config_file=str(INFERENCE_CONFIG), **in_process)
+        in_process_s = round(time.perf_counter() - start, 2)
+
         import_s = None
         if not settings.tiny:  # the fixed cost of a fresh interpreter importing what the bundle needs
             start = time.perf_counter()
@@ -639,6 +683,7 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
             "latency_ms": round(1000.0 * wall_s, 1),
             "wall_s": round(wall_s, 2),
             "import_s": import_s,
+            "in_process_s": in_process_s,
             "slices": settings.volume_slices,
             "slice_size": settings.volume_size,
             "mask_shape": mask_shape,
@@ -653,6 +698,7 @@ CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] 
     "train_step_checkpointed": (case_train_step_checkpointed, ("bf16",)),
     "train_ratio": (case_train_ratio, ("bf16",)),
     "infer_b1": (case_infer_b1, PRECISIONS),
+    "infer_b1_compiled": (case_infer_b1_compiled, ("bf16",)),
     "infer_b16": (case_infer_b16, PRECISIONS),
     "text_cache": (case_text_cache, PRECISIONS),
     "data_pipeline": (case_data_pipeline, ("fp32",)),
@@ -755,6 +801,8 @@ def _details(line: dict) -> str:
             f"text {line['text_encoder_ms']:.0f} / fwd+loss {line['forward_ms']:.0f} / bwd {line['backward_ms']:.0f} / "
             f"opt {line['optimizer_ms']:.0f} ms"
         )
+    if case == "infer_b1_compiled":
+        return f"torch.compile, report cached, channels-last; compiling took {line['compile_s']:.0f} s"
     if case.startswith("infer_"):
         return (
             f"{line['memory_format']} (contig {line['latency_contiguous_ms']:.0f}, ch-last "
@@ -773,7 +821,8 @@ def _details(line: dict) -> str:
         return f"1st epoch {line['first_epoch_images_per_s']:.0f} img/s{build}"
     if case == "ct_volume":
         imports = f" (interpreter + imports {line['import_s']:.1f} s)" if line.get("import_s") is not None else ""
-        return f"{line['slices']} slices {line['slice_size']}^2 in {line['wall_s']:.1f} s{imports}"
+        in_process = f"; {line['in_process_s']:.1f} s in a running process" if line.get("in_process_s") else ""
+        return f"{line['slices']} slices {line['slice_size']}^2 in {line['wall_s']:.1f} s{imports}{in_process}"
     return ""
 
 
