@@ -9,6 +9,7 @@ image encoder, the tiny BERT of ``conftest.py``, 64x64 images, batch 2.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ from himix_monai.networks.blocks import (
     subpixel_segmentation_head,
     use_cpu_depthwise_convs,
 )
+
+from tests.test_training_bundle import demo_dir, load_state, read_losses, run_training  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -435,3 +438,32 @@ def test_train_config_fp32_keeps_the_text_encoder_in_float32(tiny_text_model_dir
     net = _bundle_parser("train.json", tiny_text_model_dir, precision="fp32").get_parsed_content("network")
     assert {p.dtype for p in net.parameters()} == {torch.float32}
     assert not net.image_encoder.backbone.grad_checkpointing
+
+
+def test_bundle_trains_in_bf16_with_gradient_checkpointing(tmp_path, demo_dir):
+    """The training bundle end to end with ``--precision bf16 --gradient_checkpointing true``: a bf16 text encoder,
+    fused AdamW on float32 weights, recomputed encoder stages; the losses are finite and fall, model.pt loads."""
+    run_training(tmp_path, dataset_dir=demo_dir, epochs=3, precision="bf16", gradient_checkpointing="true")
+    losses = [loss for _, _, loss in read_losses(tmp_path / "logs" / "train_loss.csv")]
+    assert len(losses) == 12 and all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-4:]) < sum(losses[:4])
+    weights = {k: t for k, t in load_state(tmp_path / "models" / "model.pt").items() if t.is_floating_point()}
+    # trained weights stay float32; the frozen text encoder is saved as it was used in training (bf16)
+    assert {t.dtype for k, t in weights.items() if not k.startswith("text_encoder.")} == {torch.float32}
+    assert {t.dtype for k, t in weights.items() if k.startswith("text_encoder.")} <= {torch.bfloat16}
+
+
+def test_compile_for_inference_gives_the_eager_result(tiny_bert):
+    """``HiMix.compile_for_inference`` compiles the image encoder and the decoder stages (not the text encoder, whose
+    cache is Python code), keeps the state dict, and the compiled network with frozen weights matches eager."""
+    eager = tiny_himix(tiny_bert, text_cache_size=4).eval()
+    compiled = copy.deepcopy(eager).compile_for_inference()
+    assert compiled.image_encoder._compiled_call_impl is not None
+    assert all(stage._compiled_call_impl is not None for stage in compiled.stages)
+    assert compiled.text_encoder._compiled_call_impl is None
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    ids, mask = tokens()
+    with torch.inference_mode():
+        expected = eager(image(), ids, mask)
+        actual = compiled(image(), ids, mask)
+    assert_close_rel(actual, expected, rel=1e-4)

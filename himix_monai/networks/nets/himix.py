@@ -168,6 +168,31 @@ class HiMix(nn.Module):
         self.head_upsample = SubpixelUpsample(2, channels[0], head_channels, scale_factor=reductions[0])  # Eq. 9
         self.head = UnetOutBlock(2, head_channels, out_channels)
 
+    def compile_for_inference(self, freeze_weights: bool = True, **compile_kwargs) -> HiMix:
+        """Compile the image encoder and the decoder stages with ``torch.compile`` for inference, in place.
+
+        The text encoder stays eager: its cache lookup is Python code that would split a whole-network graph into
+        pieces (compiling the whole network measured slower than eager). With ``freeze_weights`` inductor treats
+        the weights as constants and pre-packs them for oneDNN (``freezing``): only valid while the weights do not
+        change, i.e. for inference. Compiling happens at the first call of each new input shape (about a minute
+        on a 2-core CPU); at batch 1, 224x224, bf16, the latency went from ~125 to ~50 ms (benchmarks/README.md).
+        The state dict is unchanged, so checkpoints load before or after this call.
+
+        Args:
+            freeze_weights: let inductor freeze and pre-pack the weights (inference only).
+            compile_kwargs: more arguments of ``torch.compile`` (``mode``, ``dynamic``, ...).
+
+        Returns:
+            this network.
+        """
+        options = dict(compile_kwargs.pop("options", None) or {})
+        if freeze_weights:
+            options.setdefault("freezing", True)
+        self.image_encoder.compile(options=options, **compile_kwargs)
+        for stage in self.stages:
+            stage.compile(options=options, **compile_kwargs)
+        return self
+
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> list[torch.Tensor] | None:
