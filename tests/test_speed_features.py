@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor, list_data_collate
 from monai.losses import DiceCELoss
 from monai.networks.blocks import SubpixelUpsample, UnetOutBlock
 
@@ -463,7 +464,12 @@ def test_compile_for_inference_gives_the_eager_result(tiny_bert):
     assert compiled.text_encoder._compiled_call_impl is None
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     ids, mask = tokens()
+    batch = list_data_collate(
+        [{"image": MetaTensor(x, meta={"filename_or_obj": f"case{i}.png"})} for i, x in enumerate(image())]
+    )["image"]  # a MONAI batch, as the bundle's evaluator passes it
     with torch.inference_mode():
-        expected = eager(image(), ids, mask)
-        actual = compiled(image(), ids, mask)
-    assert_close_rel(actual, expected, rel=1e-4)
+        expected = eager(batch, ids, mask)
+        actual = compiled(batch, ids, mask)
+    assert_close_rel(actual.as_tensor(), expected.as_tensor(), rel=1e-4)
+    assert isinstance(actual, MetaTensor) and actual.is_batch
+    assert actual.meta["filename_or_obj"] == expected.meta["filename_or_obj"] == ["case0.png", "case1.png"]

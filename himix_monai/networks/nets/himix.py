@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from monai.data import MetaTensor
 from monai.networks.blocks import SubpixelUpsample, UnetOutBlock
 from transformers import PreTrainedModel
 
@@ -123,6 +124,7 @@ class HiMix(nn.Module):
             if coarser != 2 * finer:
                 raise ValueError(f"image encoder {image_encoder!r} must halve the resolution per stage: {reductions}.")
         self.size_divisor = reductions[-1]
+        self._compiled_for_inference = False
         num_stages = len(channels) - 1
         self.text_length = text_length
 
@@ -176,7 +178,8 @@ class HiMix(nn.Module):
         the weights as constants and pre-packs them for oneDNN (``freezing``): only valid while the weights do not
         change, i.e. for inference. Compiling happens at the first call of each new input shape (about a minute
         on a 2-core CPU); at batch 1, 224x224, bf16, the latency went from ~125 to ~50 ms (benchmarks/README.md).
-        The state dict is unchanged, so checkpoints load before or after this call.
+        The state dict is unchanged, so checkpoints load before or after this call. MONAI ``MetaTensor`` inputs are
+        passed to the compiled modules as plain tensors and the logits get the image's metadata back.
 
         Args:
             freeze_weights: let inductor freeze and pre-pack the weights (inference only).
@@ -191,6 +194,7 @@ class HiMix(nn.Module):
         self.image_encoder.compile(options=options, **compile_kwargs)
         for stage in self.stages:
             stage.compile(options=options, **compile_kwargs)
+        self._compiled_for_inference = True
         return self
 
     def encode_text(
@@ -236,6 +240,12 @@ class HiMix(nn.Module):
         step (Eq. 4) of every stage is skipped and the mask is decoded from the image alone. A network trained
         with text still runs this way (as ``verify_net_in_out`` does) but is less accurate: give it the report.
         """
+        if self._compiled_for_inference and isinstance(image, MetaTensor):
+            # compiled graphs take plain tensors; the logits carry the image's metadata, as in eager mode
+            plain = [t.as_tensor() if isinstance(t, MetaTensor) else t for t in (image, input_ids, attention_mask)]
+            logits = MetaTensor(self.forward(*plain))
+            logits.copy_meta_from(image)
+            return logits
         if image.ndim != 4:
             raise ValueError(f"image must be (batch, channels, height, width), got shape {tuple(image.shape)}.")
         height, width = image.shape[-2:]
