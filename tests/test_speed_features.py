@@ -473,3 +473,23 @@ def test_compile_for_inference_gives_the_eager_result(tiny_bert):
     assert_close_rel(actual.as_tensor(), expected.as_tensor(), rel=1e-4)
     assert isinstance(actual, MetaTensor) and actual.is_batch
     assert actual.meta["filename_or_obj"] == expected.meta["filename_or_obj"] == ["case0.png", "case1.png"]
+
+
+def test_metatensor_batch_runs_as_plain_tensors_and_keeps_its_metadata(tiny_bert):
+    """A MONAI batch goes through the network as plain tensors (no per-operation metadata dispatch); the logits equal
+    those of the plain batch, keep the graph for training and carry the batch's metadata."""
+    net = tiny_himix(tiny_bert).train()
+    plain = image()
+    batch = list_data_collate(
+        [{"image": MetaTensor(x, meta={"filename_or_obj": f"case{i}.png"})} for i, x in enumerate(plain)]
+    )["image"]
+    ids, mask = tokens()
+    torch.manual_seed(3)
+    logits = net(batch, ids, mask)
+    torch.manual_seed(3)
+    expected = net(plain, ids, mask)
+    assert isinstance(logits, MetaTensor) and logits.is_batch
+    assert logits.meta["filename_or_obj"] == ["case0.png", "case1.png"]
+    torch.testing.assert_close(logits.as_tensor(), expected)
+    logits.sum().backward()
+    assert net.head.conv.conv.weight.grad is not None
