@@ -90,3 +90,16 @@ def test_a_failing_case_gives_an_error_line_with_every_key(monkeypatch):
     (line,) = bench.run_case_here("infer_b1", "bf16", bench.make_settings(tiny=True, quick=True), threads=None)
     assert all(key in line for key in KEYS)
     assert line["status"] == "error" and "boom" in line["error"] and line["precision"] == "bf16"
+
+
+def test_low_memory_case_runs_with_its_allocator_setting(tmp_path):
+    """``train_step_low_memory`` is ``train_step_checkpointed`` in a process started with MALLOC_MMAP_THRESHOLD_ set
+    (glibc reads it at start-up); ``train_ratio`` alternates both precisions in one process."""
+    completed, lines = run_script(tmp_path, "--cases", "train_step_checkpointed,train_step_low_memory,train_ratio")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    by_case = {line["case"]: line for line in lines}
+    assert by_case["train_step_low_memory"]["malloc_mmap_threshold"] == "4194304"
+    assert by_case["train_step_checkpointed"]["malloc_mmap_threshold"] == ""
+    assert by_case["train_step_low_memory"]["gradient_checkpointing"] is True
+    ratio = by_case["train_ratio"]
+    assert ratio["bf16_to_fp32"] == pytest.approx(ratio["bf16_step_ms"] / ratio["fp32_step_ms"], abs=1e-3)
