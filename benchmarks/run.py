@@ -418,8 +418,8 @@ def case_infer_b1_compiled(settings: Settings, precision: str) -> list[dict]:
     """Batch-1 latency with the image encoder and decoder stages compiled by ``torch.compile`` (inductor, frozen
     weights), report cached.
 
-    Not what the bundle does (compiling takes minutes on a small CPU and again for every new input shape), but
-    what a latency-bound deployment (a server answering one image at a time) can get out of the same weights.
+    What ``inference.json --compile true`` does; not the bundle's default, since compiling takes about a minute on a
+    small CPU and again for every new input shape: it pays off for a server answering one image at a time.
     """
     import torch
 

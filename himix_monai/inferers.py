@@ -18,21 +18,12 @@ import torch
 
 from monai.inferers import SimpleInferer
 
+from himix_monai.precision import as_dtype
 from himix_monai.transforms.text import TokenizeTextd
 
 __all__ = ["AutocastInferer", "TextPromptInferer", "compute_dtype"]
 
 logger = logging.getLogger(__name__)
-
-_PRECISIONS: dict[str, torch.dtype | None] = {
-    "fp32": None,
-    "float32": None,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
 
 def compute_dtype(precision: str, device: str | torch.device = "cpu") -> torch.dtype:
     """The dtype the bundle's ``precision`` switch computes in on ``device``.
@@ -47,12 +38,9 @@ def compute_dtype(precision: str, device: str | torch.device = "cpu") -> torch.d
         >>> compute_dtype("fp16", "cpu"), compute_dtype("fp32", "cuda")
         (torch.bfloat16, torch.float32)
     """
-    key = str(precision).lower()
-    if key not in _PRECISIONS:
-        raise ValueError(f"precision must be one of 'fp32', 'bf16', 'fp16', got {precision!r}.")
-    dtype = _PRECISIONS[key]
+    dtype = as_dtype(precision)
     device_type = torch.device(device).type
-    if dtype is None or not torch.amp.is_autocast_available(device_type):
+    if dtype == torch.float32 or not torch.amp.is_autocast_available(device_type):
         return torch.float32
     if device_type == "cpu" and dtype == torch.float16:
         return torch.bfloat16
@@ -105,11 +93,9 @@ class AutocastInferer(SimpleInferer):
 
     def __init__(self, precision: str = "fp32") -> None:
         super().__init__()
-        key = str(precision).lower()
-        if key not in _PRECISIONS:
-            raise ValueError(f"precision must be one of 'fp32', 'bf16', 'fp16', got {precision!r}.")
-        self.precision = key
-        self.dtype = _PRECISIONS[key]
+        dtype = as_dtype(precision)
+        self.precision = str(precision).lower()
+        self.dtype: torch.dtype | None = None if dtype == torch.float32 else dtype  # None: no autocast
         self._reported: set[str] = set()
 
     def _report_once(self, message: str) -> None:
@@ -121,13 +107,13 @@ class AutocastInferer(SimpleInferer):
         """The autocast dtype used on ``device_type``, or None for float32 (no autocast)."""
         if self.dtype is None:
             return None
-        if not torch.amp.is_autocast_available(device_type):
+        dtype = compute_dtype(self.precision, device_type)
+        if dtype == torch.float32:
             self._report_once(f"autocast is not available on device type {device_type!r}; running in float32.")
             return None
-        if device_type == "cpu" and self.dtype == torch.float16:
+        if dtype != self.dtype:
             self._report_once("precision 'fp16' on CPU falls back to bf16 autocast (CPU float16 is slow).")
-            return torch.bfloat16
-        return self.dtype
+        return dtype
 
     def __call__(
         self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any

@@ -18,6 +18,8 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTo
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
+from himix_monai.precision import as_dtype
+
 __all__ = ["FrozenTextEncoder", "load_text_encoder", "load_text_tokenizer", "is_cxr_bert_config"]
 
 _CXR_BERT_MODEL_TYPES = ("cxr-bert", "cxrbert")
@@ -81,27 +83,6 @@ def load_text_tokenizer(source: str | os.PathLike | PreTrainedTokenizerBase) -> 
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
-_DTYPE_NAMES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"text encoder dtype must be a floating dtype, got {dtype}.")
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"text encoder dtype must be one of {sorted(_DTYPE_NAMES)} or a torch dtype, got {dtype!r}.")
-    return _DTYPE_NAMES[key]
-
-
 class FrozenTextEncoder(nn.Module):
     """A pretrained text encoder that is never trained: no gradients and always in eval mode.
 
@@ -133,7 +114,7 @@ class FrozenTextEncoder(nn.Module):
         self, source: str | os.PathLike | PreTrainedModel, cache_size: int = 0, dtype: torch.dtype | str | None = None
     ) -> None:
         super().__init__()
-        self.model = load_text_encoder(source, None if dtype is None else _as_dtype(dtype))
+        self.model = load_text_encoder(source, None if dtype is None else as_dtype(dtype, "text encoder dtype"))
         self.model.requires_grad_(False)
         self.model.eval()
         config = self.model.config
