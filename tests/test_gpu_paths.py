@@ -1,0 +1,107 @@
+"""CPU tests of the GPU code paths: what the bundle asks of torch.cuda / torch.distributed, checked with
+stand-ins that record the calls (no GPU on the CI machines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from himix_monai.inferers import AutocastInferer, compute_dtype, has_native_bf16
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+FP16_SPELLINGS = ["fp16", "FP16", "float16", "torch.float16"]
+
+
+@pytest.fixture
+def gpu_of_capability(monkeypatch):
+    """Pretend a CUDA device of the given compute capability is there."""
+
+    def pretend(capability: tuple[int, int]) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: True)
+
+    return pretend
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_bf16_falls_back_to_fp16_on_gpus_without_native_bf16(gpu_of_capability, capability, expected):
+    gpu_of_capability(capability)
+    assert has_native_bf16("cuda:0") == (capability >= (8, 0))
+    assert compute_dtype("bf16", "cuda:0") == expected
+    assert AutocastInferer("bf16").autocast_dtype("cuda") == expected
+    assert compute_dtype("bf16", "cpu") == torch.bfloat16
+
+
+def _trainer_amp(precision: str, device: str) -> bool:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"precision": precision, "device": f"$torch.device('{device}')"})
+    return parser.get_parsed_content("train#trainer#amp")
+
+
+@pytest.mark.parametrize("precision", FP16_SPELLINGS)
+def test_every_fp16_spelling_trains_with_a_loss_scaler_on_gpu(gpu_of_capability, precision):
+    gpu_of_capability((8, 0))
+    assert _trainer_amp(precision, "cuda:0") is True
+    assert _trainer_amp(precision, "cpu") is False  # CPU fp16 runs as bf16: no scaler needed
+
+
+def test_bf16_trains_with_a_loss_scaler_only_where_it_becomes_fp16(gpu_of_capability):
+    gpu_of_capability((8, 6))
+    assert _trainer_amp("bf16", "cuda:0") is False
+    gpu_of_capability((7, 0))
+    assert _trainer_amp("bf16", "cuda:0") is True
+    assert _trainer_amp("fp32", "cuda:0") is False
+
+
+def test_multi_gpu_setup_binds_each_rank_to_its_own_gpu_before_joining(monkeypatch):
+    """Every rank must call set_device(cuda:LOCAL_RANK) (the old expression never did: init_process_group
+    returns None, so `(init() or ...) and set_device(...)` skipped it) and join the group once."""
+    calls: list[tuple] = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+
+    def init_process_group(backend=None, device_id=None, **kwargs):
+        calls.append(("init_process_group", backend, str(device_id)))
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    parser.get_parsed_content("distributed_setup")
+    assert calls == [("set_device", "cuda:1"), ("init_process_group", "nccl", "cuda:1")]
+
+
+def test_multi_gpu_setup_on_cpu_joins_gloo_without_touching_cuda(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend=None, device_id=None, **kw: calls.append(("init", backend, device_id)))
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    parser.get_parsed_content("distributed_setup")
+    assert calls == [("init", "gloo", None)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cudnn_is_deterministic_only_when_asked(monkeypatch, deterministic):
+    from himix_monai.determinism import seed_run
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kwargs: None)
+    try:
+        seed_run(0, deterministic_algorithms=deterministic)
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.backends.cudnn.benchmark is (not deterministic)
+        assert ("CUBLAS_WORKSPACE_CONFIG" in __import__("os").environ) is deterministic
+    finally:
+        seed_run(None)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
