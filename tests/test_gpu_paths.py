@@ -105,3 +105,33 @@ def test_cudnn_is_deterministic_only_when_asked(monkeypatch, deterministic):
     finally:
         seed_run(None)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+
+
+def test_each_rank_caches_only_its_own_partition_of_the_training_data(monkeypatch, tmp_path):
+    """Under DDP every rank used to cache the whole training set (CacheDataset + DistributedSampler)."""
+    import json
+
+    items = [{"image": f"img{i}.png", "label": f"mask{i}.png", "text": f"report {i}"} for i in range(6)]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items, "validation": items[:1]}))
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None, rank=rank: rank)
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+        parser.update({"datalist": str(tmp_path / "datalist.json"), "check_data_files": False})
+        parts.append([item["text"] for item in parser.get_parsed_content("train#dataset#data")])
+    assert len(parts[0]) == len(parts[1]) == 3
+    assert sorted(parts[0] + parts[1]) == sorted(item["text"] for item in items)
+
+
+def test_gpu_input_pipeline_defaults(monkeypatch):
+    """Workers, pinned memory and non-blocking copies on a GPU; none of them on the CPU."""
+    for device, pinned in (("cuda:0", True), ("cpu", False)):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "train.json"))
+        parser.update({"device": f"$torch.device('{device}')"})
+        assert parser.get_parsed_content("pin_memory") is pinned
+        assert (parser.get_parsed_content("num_workers") > 0) is pinned
+        assert parser.get("train#dataloader#pin_memory") == "@pin_memory"
+        assert parser.get("train#trainer#non_blocking") == parser.get("validate#evaluator#non_blocking") == "@pin_memory"
