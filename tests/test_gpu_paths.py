@@ -135,3 +135,24 @@ def test_gpu_input_pipeline_defaults(monkeypatch):
         assert (parser.get_parsed_content("num_workers") > 0) is pinned
         assert parser.get("train#dataloader#pin_memory") == "@pin_memory"
         assert parser.get("train#trainer#non_blocking") == parser.get("validate#evaluator#non_blocking") == "@pin_memory"
+
+
+def test_gpu_smoke_script_skips_without_cuda_and_its_checks_run_on_the_cpu():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "skipped"
+    result = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--tiny", "--checks", "forward_backward,cpu_checkpoint"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {(line["check"], line["status"]) for line in lines} >= {("forward_backward", "ok"), ("cpu_checkpoint", "ok")}
