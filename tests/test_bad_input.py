@@ -135,3 +135,181 @@ def test_metrics_writer_counts_only_the_images_that_entered_the_mean(tmp_path, c
     messages = [record.getMessage() for record in caplog.records]
     assert any("over 1 images" in message for message in messages)
     assert any("1 of 2 images have no score" in message and "img_0.png" in message for message in messages)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# row 9: from the command line, the project's own message is the last thing printed
+
+
+def test_bundle_command_prints_the_project_message_last(tmp_path):
+    """Was ``RuntimeError: Failed to evaluate ConfigExpression ...`` under a long traceback."""
+    datalist = tmp_path / "datalist.json"
+    missing = tmp_path / "missing.png"
+    items = [{"image": str(missing), "label": str(tmp_path / "missing_mask.png"), "text": TEXT}]
+    datalist.write_text(json.dumps({"training": items, "validation": []}))
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
+    settings = {
+        "bundle_root": tmp_path / "root",
+        "use_demo_data": False,
+        "datalist": datalist,
+        "image_encoder": "test_convnext",
+        "network_def#num_heads": 4,
+        "image_size": "[32,32]",
+    }
+    for key, value in settings.items():
+        command += [f"--{key}", str(value)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.update(OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 1
+    lines = proc.stderr.rstrip().splitlines()
+    assert "Traceback (most recent call last)" in proc.stderr  # the full traceback is still there, first
+    tail = "\n".join(lines[-3:])
+    assert lines[-3].startswith(f"error: {datalist}: 1 of 1 'training' items cannot be used (missing image: 1)")
+    assert f"item 1: missing image: {missing} not found" in tail
+    assert lines[-1].startswith("Fix or remove them") and "--skip_bad_items true" in lines[-1]
+
+
+def test_library_use_keeps_normal_exceptions():
+    """Outside ``python -m monai.bundle`` (MONAI Label, notebooks, ConfigWorkflow, pytest) nothing is installed."""
+    hook = sys.excepthook
+    installed = _config(TRAIN).get_parsed_content("initialize#0")
+    assert installed is False and sys.excepthook is hook
+
+
+def test_command_line_hook_finds_the_project_error_behind_monai_wrapper(capsys, monkeypatch):
+    from himix_monai.errors import install_command_line_excepthook
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args))
+    assert install_command_line_excepthook(force=True) and install_command_line_excepthook(force=True)
+    try:
+        try:
+            raise DatalistError("d.json: item 3 of 'training': 'text' must be a non-empty string")
+        except DatalistError as err:
+            raise RuntimeError("Failed to evaluate ConfigExpression: ...") from err
+    except RuntimeError as err:
+        wrapped = err
+    sys.excepthook(RuntimeError, wrapped, wrapped.__traceback__)
+    assert len(seen) == 1  # the previous hook printed the traceback, once
+    assert capsys.readouterr().err.rstrip().splitlines()[-1] == (
+        "error: d.json: item 3 of 'training': 'text' must be a non-empty string"
+    )
+    sys.excepthook(ValueError, ValueError("not ours"), None)
+    assert capsys.readouterr().err == ""  # other errors: only the normal traceback
+    assert find_project_error(RuntimeError("plain")) is None
+
+
+def test_project_errors_share_one_base_class():
+    from himix_monai.checkpoints import CheckpointError
+    from himix_monai.data.ct import CTReadError
+    from himix_monai.data.inference_items import InferenceInputError
+    from himix_monai.handlers import NonFiniteLossError
+
+    for kind in (DatalistError, CheckpointError, NonFiniteLossError, CTReadError, InferenceInputError, SettingError):
+        assert issubclass(kind, HiMixError), kind
+    assert issubclass(DatalistError, ValueError) and issubclass(CheckpointError, RuntimeError)  # as before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# row 10: small ones
+
+
+@pytest.mark.parametrize("config_file", [TRAIN, INFERENCE])
+def test_image_size_64_is_a_square(config_file, tmp_path):
+    """Was a bare ``TypeError: 'int' object is not iterable`` (and MONAI's Resized refuses one size)."""
+    config = _config(config_file, image_size=64, image_encoder="test_convnext", bundle_root=str(tmp_path))
+    config["network_def"]["num_heads"] = 4
+    check = next(i for i, expr in enumerate(config["initialize"]) if "check_image_size" in expr)
+    config.get_parsed_content(f"initialize#{check}")  # no error
+    transforms = config.get_parsed_content("validate#preprocessing" if config_file == TRAIN else "preprocessing")
+    resize = next(t for t in transforms.transforms if type(t).__name__ == "Resized")
+    assert list(resize.resizer.spatial_size) == [64, 64]
+
+
+def test_image_size_of_wrong_form_is_named(tmp_path):
+    config = _config(TRAIN, image_size=[64], bundle_root=str(tmp_path))
+    with pytest.raises(Exception) as info:
+        config.get_parsed_content("validate#preprocessing")
+    error = find_project_error(info.value)
+    assert isinstance(error, SettingError) and "image_size must be one positive size" in str(error)
+
+
+def _datalist(tmp_path: Path, items: list[dict], split: str = "test") -> Path:
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({split: items}))
+    return path
+
+
+def _good_item(tmp_path: Path, name: str, text: str = TEXT) -> dict:
+    rng = np.random.default_rng(0)
+    image = _png(tmp_path / f"{name}.png", (rng.random((32, 32)) * 255).astype(np.uint8))
+    mask = _png(tmp_path / f"{name}_mask.png", np.zeros((32, 32), np.uint8))
+    return {"image": image, "label": mask, "text": text}
+
+
+def test_evaluate_honours_skip_bad_items(tmp_path):
+    """evaluate.json passed skip_bad_items=False whatever the setting, while the error message suggested it."""
+    items = [_good_item(tmp_path, "good"), {**_good_item(tmp_path, "bad"), "image": str(tmp_path / "gone.png")}]
+    path = _datalist(tmp_path, items)
+    config = _config(TRAIN, EVALUATE, use_demo_data=False, datalist=str(path), skip_bad_items=True)
+    data = config.get_parsed_content("validate#dataset#data")
+    assert [Path(item["image"]).name for item in data] == ["good.png"]
+    config = _config(TRAIN, EVALUATE, use_demo_data=False, datalist=str(path))
+    with pytest.raises(Exception) as info:
+        config.get_parsed_content("validate#dataset#data")
+    assert "set skip_bad_items to true" in str(find_project_error(info.value))
+
+
+def test_empty_text_is_skipped_with_skip_bad_items(tmp_path, caplog):
+    items = [_good_item(tmp_path, "good"), _good_item(tmp_path, "blank", text="   ")]
+    path = _datalist(tmp_path, items, split="training")
+    with pytest.raises(DatalistError, match=r"item 2 of 'training': 'text' must be a non-empty string"):
+        load_checked_datalist(path, "training")
+    with caplog.at_level(logging.WARNING, logger="himix_monai.data.datalist"):
+        data = load_checked_datalist(path, "training", skip_bad_items="true")
+    assert [Path(item["image"]).name for item in data] == ["good.png"]
+    assert any(
+        f"{path}: skipped item 2 of 'training': empty text (image {items[1]['image']})" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# row 7: NaN or inf in an input image
+
+
+def _float_tiff(path: Path, bad: float) -> str:
+    pixels = np.random.default_rng(0).random((32, 32)).astype(np.float32) * 255
+    pixels[3, 4] = bad
+    Image.fromarray(pixels, mode="F").save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_image_is_named_at_start_or_skipped(tmp_path, bad, caplog):
+    """Training stopped at a NaN loss without naming the image; evaluation gave Dice 0 with exit status 0."""
+    item = {**_good_item(tmp_path, "good"), "image": _float_tiff(tmp_path / "nan.tif", bad)}
+    path = _datalist(tmp_path, [_good_item(tmp_path, "good"), item], split="training")
+    with pytest.raises(DatalistError) as info:
+        load_checked_datalist(path, "training")
+    message = str(info.value)
+    assert "NaN or infinite values in image: 1" in message and f"{item['image']}: " in message
+    assert "set skip_bad_items to true" in message
+    with caplog.at_level(logging.WARNING, logger="himix_monai.data.datalist"):
+        assert len(load_checked_datalist(path, "training", skip_bad_items=True)) == 1
+    assert any(item["image"] in r.getMessage() and "NaN or infinite" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("config_file", [TRAIN, INFERENCE])
+def test_preprocessing_names_a_non_finite_image(tmp_path, config_file):
+    """Without the start-up check (check_data_files false, inference) the preprocessing stops, naming the file."""
+    item = {**_good_item(tmp_path, "good"), "image": _float_tiff(tmp_path / "nan.tif", float("nan"))}
+    config = _config(config_file, bundle_root=str(tmp_path), image_size=[32, 32])
+    preprocessing = config.get_parsed_content("validate#preprocessing" if config_file == TRAIN else "preprocessing")
+    with pytest.raises(Exception) as info:
+        preprocessing(dict(item))
+    error = find_project_error(info.value)
+    assert isinstance(error, NonFiniteImageError)
+    assert str(error).startswith(f"{item['image']}: the image has 1 NaN and 0 infinite values")
+    assert EnsureFinited("image")({"image": torch.zeros(1, 2, 2)})["image"].shape == (1, 2, 2)

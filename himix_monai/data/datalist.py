@@ -982,8 +982,8 @@ def load_checked_datalist(
         raise DatalistError(
             f"{where} cannot be used ({summary}):\n"
             + "\n".join(listed)
-            + "\nFix or remove them (the data_prep converters skip such items), or set skip_bad_items to true to "
-            "train without them."
+            + "\nFix or remove them (the data_prep converters skip such items), or set skip_bad_items to true "
+            "(--skip_bad_items true) to leave them out."
         )
     for number, problem in bad:
         _LOGGER.warning("%s: skipped item %d of %r: %s: %s", path, number, split, problem.reason, problem.detail)
