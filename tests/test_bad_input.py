@@ -313,3 +313,28 @@ def test_preprocessing_names_a_non_finite_image(tmp_path, config_file):
     assert isinstance(error, NonFiniteImageError)
     assert str(error).startswith(f"{item['image']}: the image has 1 NaN and 0 infinite values")
     assert EnsureFinited("image")({"image": torch.zeros(1, 2, 2)})["image"].shape == (1, 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# row 8: reports the text encoder cannot read
+
+
+def test_unreadable_report_warns_once_per_item(tiny_text_model_dir, caplog):
+    """A Chinese or emoji report became almost all [UNK] with no message."""
+    from himix_monai.transforms import TokenizeTextd
+
+    tokenize = TokenizeTextd("text", tiny_text_model_dir, max_length=24)
+    items = [
+        {"image": "chinese.png", "text": "双肺感染，两个感染区域，左上肺。"},
+        {"image": "emoji.png", "text": "🦠🦠 😷 🫁🫁"},
+        {"image": "english.png", "text": "Bilateral pulmonary infection, two infected areas."},
+    ]
+    with caplog.at_level(logging.WARNING, logger="himix_monai.transforms.text"):
+        for _ in range(2):  # two epochs
+            for item in items:
+                tokenize(item)
+    warnings = [r.getMessage() for r in caplog.records if "mostly unreadable" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "'the item with image chinese.png'" in warnings[0] and "tokens are [UNK]" in warnings[0]
+    assert "'the item with image emoji.png'" in warnings[1]
+    assert all("english" not in warning for warning in warnings)
