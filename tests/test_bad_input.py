@@ -338,3 +338,63 @@ def test_unreadable_report_warns_once_per_item(tiny_text_model_dir, caplog):
     assert "'the item with image chinese.png'" in warnings[0] and "tokens are [UNK]" in warnings[0]
     assert "'the item with image emoji.png'" in warnings[1]
     assert all("english" not in warning for warning in warnings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# row 11: converters check that every file they list can be opened
+
+CORRUPT_JPEG = b"\xff\xd8\xff" + b"garbage" * 20
+
+
+def test_lvit_skips_a_corrupt_jpeg_and_strict_fails(tmp_path, capsys):
+    """The issue's case: one LViT image is ``\\xff\\xd8\\xff`` and garbage."""
+    from data_prep import lvit
+    from tests.test_converters import make_lvit
+
+    dataset = make_lvit(tmp_path / "data")
+    dataset.images[1].write_bytes(CORRUPT_JPEG)
+    out = tmp_path / "d.json"
+    for extra in ([], ["--no-verify"]):  # the header check alone finds it
+        assert lvit.main(["--root", str(dataset.root), "--out", str(out), "--no-progress", *extra]) == 0
+        captured = capsys.readouterr()
+        assert f"{dataset.location(1)} ('{dataset.records[1][0]}'): unreadable image: {dataset.images[1]}" in captured.err
+        assert str(dataset.images[1]) not in out.read_text()
+    out.unlink()
+    assert lvit.main(["--root", str(dataset.root), "--out", str(out), "--no-progress", "--strict"]) == 1
+    assert "unreadable image" in capsys.readouterr().err and not out.exists()
+
+
+def test_reports_converter_checks_the_files_it_lists(tmp_path, capsys):
+    """``data_prep.reports --datalist`` wrote items whose image it never opened, and stopped on the first corrupt
+    mask; now it checks each image and mask, skips and names a bad one, and stops under --strict."""
+    from data_prep.reports import main as reports_main
+
+    good = _good_item(tmp_path, "good", text="")
+    corrupt_image = {**_good_item(tmp_path, "other", text="kept"), "image": str(tmp_path / "corrupt.jpg")}
+    (tmp_path / "corrupt.jpg").write_bytes(CORRUPT_JPEG)
+    corrupt_mask = {**_good_item(tmp_path, "third", text=""), "label": str(tmp_path / "corrupt_mask.png")}
+    (tmp_path / "corrupt_mask.png").write_bytes(CORRUPT_JPEG)
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps({"training": [good, corrupt_image], "test": [corrupt_mask]}))
+    out = tmp_path / "out.json"
+    assert reports_main(["--datalist", str(source), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"entry 2 of {source} ('training: corrupt.jpg'): unreadable image: {tmp_path / 'corrupt.jpg'}" in captured.err
+    assert f"entry 1 of {source} ('test: third.png'): unreadable mask: {tmp_path / 'corrupt_mask.png'}" in captured.err
+    assert "skipped 2 (unreadable image: 1, unreadable mask: 1)" in captured.out
+    result = json.loads(out.read_text())
+    assert [Path(item["image"]).name for item in result["training"]] == ["good.png"] and result["test"] == []
+    old = out.read_text()
+    assert reports_main(["--datalist", str(source), "--out", str(out), "--strict", "--overwrite-text"]) == 1
+    assert "corrupt.jpg" in capsys.readouterr().err and out.read_text() == old
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    _png(masks / "a.png", np.zeros((16, 16), np.uint8))
+    (masks / "b.png").write_bytes(CORRUPT_JPEG)
+    csv_out = tmp_path / "text.csv"
+    assert reports_main(["--masks", str(masks), "--out", str(csv_out)]) == 0
+    captured = capsys.readouterr()
+    assert "('b.png'): unreadable mask" in captured.err and "1 reports" in captured.out
+    assert reports_main(["--masks", str(masks), "--out", str(tmp_path / "strict.csv"), "--strict"]) == 1
+    assert not (tmp_path / "strict.csv").exists()

@@ -21,7 +21,8 @@ dataset converters in ``data_prep``:
 - :py:class:`DirectoryIndex`, :py:func:`find_image_file` and :py:func:`find_mask_file` resolve the
   file names written in annotation sheets to files on disk (extension mismatches, ``mask_`` prefixes);
 - :py:func:`read_description_sheet` reads ``Image``/``Description`` tables from ``.xlsx``/``.csv``;
-- :py:func:`build_datalist` turns checked candidate items into a datalist;
+- :py:func:`build_datalist` turns checked candidate items into a datalist; :py:func:`check_datalist_files`
+  runs the same check on the items of an existing datalist (``data_prep.reports``);
 - :py:func:`load_checked_datalist` loads a split for training and checks its files up front (missing,
   unreadable, size mismatch, 3-D volume), raising one :py:class:`DatalistError` that lists the bad items, or
   skipping and counting them.
@@ -71,6 +72,7 @@ __all__ = [
     "read_spatial_size",
     "check_image_label_pair",
     "build_datalist",
+    "check_datalist_files",
     "load_checked_datalist",
 ]
 
@@ -881,6 +883,73 @@ def build_datalist(
     finally:
         checks.close()  # stops the worker threads at once when strict mode raises
     return datalist
+
+
+def check_datalist_files(
+    datalist: Mapping[str, Any],
+    report: SkipReport,
+    source: str | os.PathLike,
+    base_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Check the image and mask of every item of an existing datalist; leave out (and report) the bad ones.
+
+    The check is :py:func:`check_image_label_pair`, the one every converter runs (through
+    :py:func:`build_datalist`): both files present and readable (the header always; decoded with ``verify``, so
+    truncated files and NaN or infinite values are found), of the same spatial size. Each bad item goes to
+    ``report`` with its entry number in ``source`` (so ``--strict`` stops at the first one). Items without
+    string ``image`` and ``label`` paths and top-level keys that are not lists are kept unchanged.
+
+    Args:
+        datalist: a parsed datalist.
+        report: collects skipped items; raises :py:class:`DatalistError` in strict mode.
+        source: the datalist file, for the report.
+        base_dir: the folder relative paths are resolved against (default: the folder of ``source``).
+        verify: decode the files; False reads the headers only.
+        num_workers: threads used to check files; default ``min(8, cpu count)``.
+
+    Returns:
+        The datalist without the bad items.
+
+    Raises:
+        DatalistError: from ``report`` in strict mode.
+
+    Examples::
+
+        report = SkipReport(strict=False)
+        checked = check_datalist_files(json.loads(path.read_text()), report, source=path)
+        print(report.summary())  # e.g. "skipped 1 (unreadable image: 1)"
+    """
+    base = Path(base_dir) if base_dir is not None else Path(source).absolute().parent
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+
+    def resolve(path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else base / path
+
+    result: dict[str, Any] = {}
+    for key, items in datalist.items():
+        if not isinstance(items, list):
+            result[key] = items
+            continue
+        checkable = [
+            isinstance(item, Mapping) and isinstance(item.get("image"), str) and isinstance(item.get("label"), str)
+            for item in items
+        ]
+        pairs = [(resolve(item["image"]), resolve(item["label"])) for item, ok in zip(items, checkable) if ok]
+        with ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="datalist-check") as executor:
+            problems = iter(list(executor.map(lambda pair: check_image_label_pair(*pair, verify=verify), pairs)))
+        kept = []
+        for number, (item, ok) in enumerate(zip(items, checkable), start=1):
+            problem = next(problems) if ok else None
+            if problem is None:
+                kept.append(item)
+                continue
+            item_id = f"{key}: {Path(item['image']).name}"
+            report.skip(item_id, problem.reason, source, number, problem.detail, unit="entry")
+        result[key] = kept
+    return result
 
 
 def _item_problem(item: Mapping[str, Any], verify: bool) -> PairProblem | None:
