@@ -398,3 +398,17 @@ def test_reports_converter_checks_the_files_it_lists(tmp_path, capsys):
     assert "('b.png'): unreadable mask" in captured.err and "1 reports" in captured.out
     assert reports_main(["--masks", str(masks), "--out", str(tmp_path / "strict.csv"), "--strict"]) == 1
     assert not (tmp_path / "strict.csv").exists()
+
+
+def test_inference_skips_a_non_finite_image_with_skip_bad_items(tmp_path, caplog):
+    """Inference gave an empty mask for a NaN image, exit status 0; now it stops naming it, or skips it."""
+    nan_image = _float_tiff(tmp_path / "nan.tif", float("nan"))
+    items = [_good_item(tmp_path, "good"), {"image": nan_image, "text": TEXT}]
+    path = _datalist(tmp_path, items)
+    config = _config(INFERENCE, bundle_root=str(tmp_path), input_datalist=str(path))
+    assert len(config.get_parsed_content("image_items")) == 2  # default: read later, stops at the NaN image
+    config = _config(INFERENCE, bundle_root=str(tmp_path), input_datalist=str(path), skip_bad_items="true")
+    with caplog.at_level(logging.WARNING, logger="himix_monai.data.datalist"):
+        kept = config.get_parsed_content("image_items")
+    assert [Path(item["image"]).name for item in kept] == ["good.png"]
+    assert any(f"skipped {nan_image} (skip_bad_items)" in r.getMessage() and "NaN" in r.getMessage() for r in caplog.records)

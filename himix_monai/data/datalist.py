@@ -73,6 +73,7 @@ __all__ = [
     "check_image_label_pair",
     "build_datalist",
     "check_datalist_files",
+    "drop_unusable_images",
     "load_checked_datalist",
 ]
 
@@ -950,6 +951,41 @@ def check_datalist_files(
             report.skip(item_id, problem.reason, source, number, problem.detail, unit="entry")
         result[key] = kept
     return result
+
+
+def drop_unusable_images(
+    items: Sequence[Mapping[str, Any]], skip_bad_items: bool | str = False, key: str = "image"
+) -> list[Mapping[str, Any]]:
+    """With ``skip_bad_items``, leave out the items whose image cannot be read or holds NaN or infinite values.
+
+    For inference, which has no label to check: each item's ``key`` file is decoded with
+    :py:func:`read_spatial_size` and a bad one is logged (file and reason) and left out. Without
+    ``skip_bad_items`` the items are returned unchanged and unread; the preprocessing then stops at a bad image,
+    naming it (``EnsureFinited``).
+
+    Args:
+        items: items with a file path under ``key``.
+        skip_bad_items: check and leave bad items out; booleans given as text are read as such.
+        key: the key of the image path.
+
+    Returns:
+        The usable items, in order.
+    """
+    if not as_bool(skip_bad_items, "skip_bad_items"):
+        return list(items)
+    kept = []
+    for item in items:
+        path = item.get(key)
+        if isinstance(path, (str, os.PathLike)):
+            try:
+                read_spatial_size(path, verify=True)
+            except (UnreadableImageError, NonFiniteImageError) as err:
+                _LOGGER.warning("skipped %s (skip_bad_items): %s", path, err)
+                continue
+        kept.append(item)
+    if len(kept) < len(items):
+        _LOGGER.warning("%d of %d images are skipped; %d are used.", len(items) - len(kept), len(items), len(kept))
+    return kept
 
 
 def _item_problem(item: Mapping[str, Any], verify: bool) -> PairProblem | None:
