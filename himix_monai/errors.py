@@ -15,6 +15,10 @@ a MONAI Label server, a notebook, tests) keeps normal exceptions, and even on th
 changes what is printed for an uncaught exception: the full traceback is printed first (for debugging) and
 then, when a :py:class:`HiMixError` is found in the exception's ``__cause__``/``__context__`` chain, its
 message, as the last lines of the output (after an ``error:`` prefix).
+
+Limits: an error raised in a DataLoader worker process (``num_workers > 0``) reaches the main process as a
+new exception of the same type whose message is the worker's traceback, without the chain; it is printed
+as usual. Errors raised before ``initialize`` runs (e.g. a config file that is not valid JSON) are MONAI's.
 """
 
 from __future__ import annotations

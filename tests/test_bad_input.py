@@ -173,7 +173,9 @@ def test_bundle_command_prints_the_project_message_last(tmp_path):
 def test_library_use_keeps_normal_exceptions():
     """Outside ``python -m monai.bundle`` (MONAI Label, notebooks, ConfigWorkflow, pytest) nothing is installed."""
     hook = sys.excepthook
-    installed = _config(TRAIN).get_parsed_content("initialize#0")
+    config = _config(TRAIN)
+    index = next(i for i, expr in enumerate(config["initialize"]) if "install_command_line_excepthook" in expr)
+    installed = config.get_parsed_content(f"initialize#{index}")
     assert installed is False and sys.excepthook is hook
 
 
@@ -357,7 +359,8 @@ def test_lvit_skips_a_corrupt_jpeg_and_strict_fails(tmp_path, capsys):
     for extra in ([], ["--no-verify"]):  # the header check alone finds it
         assert lvit.main(["--root", str(dataset.root), "--out", str(out), "--no-progress", *extra]) == 0
         captured = capsys.readouterr()
-        assert f"{dataset.location(1)} ('{dataset.records[1][0]}'): unreadable image: {dataset.images[1]}" in captured.err
+        expected = f"{dataset.location(1)} ('{dataset.records[1][0]}'): unreadable image: {dataset.images[1]}"
+        assert expected in captured.err
         assert str(dataset.images[1]) not in out.read_text()
     out.unlink()
     assert lvit.main(["--root", str(dataset.root), "--out", str(out), "--no-progress", "--strict"]) == 1
@@ -379,7 +382,8 @@ def test_reports_converter_checks_the_files_it_lists(tmp_path, capsys):
     out = tmp_path / "out.json"
     assert reports_main(["--datalist", str(source), "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert f"entry 2 of {source} ('training: corrupt.jpg'): unreadable image: {tmp_path / 'corrupt.jpg'}" in captured.err
+    expected = f"entry 2 of {source} ('training: corrupt.jpg'): unreadable image: {tmp_path / 'corrupt.jpg'}"
+    assert expected in captured.err
     assert f"entry 1 of {source} ('test: third.png'): unreadable mask: {tmp_path / 'corrupt_mask.png'}" in captured.err
     assert "skipped 2 (unreadable image: 1, unreadable mask: 1)" in captured.out
     result = json.loads(out.read_text())
@@ -411,4 +415,5 @@ def test_inference_skips_a_non_finite_image_with_skip_bad_items(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="himix_monai.data.datalist"):
         kept = config.get_parsed_content("image_items")
     assert [Path(item["image"]).name for item in kept] == ["good.png"]
-    assert any(f"skipped {nan_image} (skip_bad_items)" in r.getMessage() and "NaN" in r.getMessage() for r in caplog.records)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(f"skipped {nan_image} (skip_bad_items)" in message and "NaN" in message for message in messages)
