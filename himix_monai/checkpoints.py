@@ -33,6 +33,8 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.utils import copy_model_state
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from himix_monai.errors import HiMixError
+
 Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
 BaseSaveHandler, _ = optional_import(
     "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
@@ -60,7 +62,7 @@ _CHECKPOINT_FORMAT = 1
 _STATE_DICT_KEYS = ("model", "network", "net", "state_dict")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HiMixError, RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe to load or not of the expected layout."""
 
 

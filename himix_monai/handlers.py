@@ -52,6 +52,7 @@ from himix_monai.checkpoints import (
 from himix_monai.config_utils import as_bool
 from himix_monai.data.ct import slices_to_nifti
 from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY
+from himix_monai.errors import HiMixError
 from himix_monai.transforms.volume import CTVolumeCache
 from himix_monai.transforms.mask import meta_filename
 
@@ -72,7 +73,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HiMixError, RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and the iteration."""
 
 
