@@ -179,7 +179,8 @@ class TrainingRunGuard(OutputGuard):
         output_dirs: the other folders the training writes to (``logs/``).
         resume: the run continues the saved training state (``--resume true``).
         overwrite: a new training may replace the models in ``ckpt_dir`` (``--overwrite true``).
-        model_files: the files in ``ckpt_dir`` that make it hold a model.
+        model_files: the model files in ``ckpt_dir`` that a new training would replace.
+        state_file: the training-state file in ``ckpt_dir`` that ``resume`` continues from.
         lock_timeout: seconds to wait for the lock; 0 fails at once.
 
     Examples::
@@ -198,7 +199,8 @@ class TrainingRunGuard(OutputGuard):
         output_dirs: Sequence[str | os.PathLike] = (),
         resume: Any = False,
         overwrite: Any = False,
-        model_files: Sequence[str] = ("model.pt", "checkpoint_latest.pt"),
+        model_files: Sequence[str] = ("model.pt",),
+        state_file: str = "checkpoint_latest.pt",
         lock_timeout: float = 0,
     ) -> None:
         super().__init__([ckpt_dir, *output_dirs])
@@ -206,6 +208,7 @@ class TrainingRunGuard(OutputGuard):
         self.resume = as_bool(resume, "resume")
         self.overwrite = as_bool(overwrite, "overwrite")
         self.model_files = list(model_files)
+        self.state_file = state_file
         self.lock_timeout = float(lock_timeout)
         self.lock: FileLock | None = None
 
@@ -215,11 +218,8 @@ class TrainingRunGuard(OutputGuard):
 
     def check_existing_models(self) -> None:
         """Raise :py:class:`RunGuardError` when this run would replace the models of an earlier run."""
-        found = [name for name in self.model_files if (self.ckpt_dir / name).exists()]
-        if not found or self.overwrite:
-            return
-        state = self.model_files[-1] if len(self.model_files) > 1 else None
-        if self.resume and (state is None or state in found):
+        found = [name for name in [*self.model_files, self.state_file] if (self.ckpt_dir / name).exists()]
+        if not found or self.overwrite or (self.resume and self.state_file in found):
             return
         ways = (
             "--resume true to continue that run, --overwrite true to replace it, or another --bundle_root for a "
@@ -227,8 +227,9 @@ class TrainingRunGuard(OutputGuard):
         )
         if self.resume:
             raise RunGuardError(
-                f"{self.ckpt_dir} holds {', '.join(found)} but no training state ({state}) to resume: a resumed run "
-                f"would start afresh and replace them. Use --overwrite true to replace them, or another --bundle_root."
+                f"{self.ckpt_dir} holds {', '.join(found)} but no training state ({self.state_file}) to resume: a "
+                "resumed run would start afresh and replace them. Use --overwrite true to replace them, or another "
+                "--bundle_root."
             )
         raise RunGuardError(
             f"{self.ckpt_dir} already holds {' and '.join(found)} of an earlier training; a new training would "
@@ -258,8 +259,7 @@ class TrainingRunGuard(OutputGuard):
                 raise
         except RunGuardError as err:
             return str(err)
-        names = [n for n in self.model_files]
-        for path in remove_stale_temp_files(self.ckpt_dir, names):
+        for path in remove_stale_temp_files(self.ckpt_dir, [*self.model_files, self.state_file]):
             logger.warning(f"removed {path}, left by a run that was killed while saving a checkpoint.")
         return None
 

@@ -165,7 +165,9 @@ class ResumableDataLoader(DataLoader):
         return _randomizables(getattr(self.dataset, "transform", None))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch_start": self._epoch_start, "served": int(self.served), "now": get_random_state(self.randomizables())}
+        """The random state when the current epoch's iterator was made, the batches served since, the state now."""
+        now = get_random_state(self.randomizables())
+        return {"epoch_start": self._epoch_start, "served": int(self.served), "now": now}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore at the next ``iter()`` (when the trainer starts its epoch)."""
