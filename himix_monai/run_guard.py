@@ -237,6 +237,8 @@ class TrainingRunGuard(OutputGuard):
         )
 
     def _acquire(self) -> None:
+        if self.lock is not None:  # started already (idempotent)
+            return
         lock = FileLock(self.lock_path, timeout=self.lock_timeout)
         try:
             lock.acquire()
@@ -244,7 +246,9 @@ class TrainingRunGuard(OutputGuard):
             raise RunGuardError(
                 f"another training is running in {self.ckpt_dir.parent} (it holds {self.lock_path}); two trainings "
                 "in one folder would overwrite each other's model and logs. Wait for it to end, or use another "
-                "--bundle_root."
+                "--bundle_root. (The lock ends with the process that holds it; only on a file system without "
+                "flock, where filelock falls back to a lock file, can one outlive a crash: then delete "
+                f"{self.lock_path}.)"
             ) from None
         self.lock = lock
 
