@@ -371,7 +371,9 @@ def load_network_weights(
     ``state_dict`` that holds one, e.g. ``models/checkpoint_latest.pt``). A ``module.`` prefix left by
     ``DataParallel`` is removed. Keys and shapes are compared before loading; a checkpoint that also records
     the network's settings (:py:class:`~himix_monai.handlers.TrainingStateCheckpoint` does) is compared by
-    those as well.
+    those as well. The fingerprint of a frozen text encoder (``text_encoder._extra_state``) must be that of the
+    network's encoder; a ``model.pt`` that still holds the encoder's weights loads after they are compared and
+    dropped (:py:meth:`~himix_monai.networks.blocks.FrozenTextEncoder.check_state`).
 
     Args:
         network: the network to load into (``DataParallel`` wrappers are unwrapped).
@@ -416,7 +418,7 @@ class SafeCheckpointLoader(CheckpointLoader):
         load_dict: the objects to load, e.g. ``{"model": network}``; a single network entry also loads a
             checkpoint that is directly its state dict (``models/model.pt``) or that holds it under ``model``,
             ``network``, ``net`` or ``state_dict`` (``models/checkpoint_latest.pt``, whose recorded settings and
-            frozen-weight checksum are checked too).
+            text-encoder fingerprint are checked too).
         name: logger name; None uses the engine's logger.
         map_location: passed to ``torch.load``.
         strict: require the same keys (see ``CheckpointLoader``).

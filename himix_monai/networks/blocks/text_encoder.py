@@ -161,6 +161,13 @@ def text_encoder_fingerprint(model: PreTrainedModel, source: str | os.PathLike |
     tensor at a time, from ``source``'s weight files (the ``bert.`` prefix of CXR-BERT files is handled). A
     ``source`` whose files cannot be matched key by key is loaded once in its own dtype to be hashed.
 
+    Why values and not the files' bytes: the same weights saved as ``model.safetensors`` or ``pytorch_model.bin``,
+    or given as a ``PreTrainedModel`` instance, get the same fingerprint, and files the encoder does not use
+    (CXR-BERT's MLM and projection heads, the tokenizer) do not count. Why an exact hash and not a sum with a
+    tolerance (the previous checksum): a sum taken in the storage dtype differs between bf16 and fp16, and a
+    tolerance wide enough for that also lets a slightly fine-tuned encoder through. About 0.4 s for a
+    110 M-parameter BERT on one CPU thread, once per network.
+
     Args:
         model: the loaded encoder.
         source: its hub name or directory; needed only when ``model`` is stored below float32.
@@ -375,7 +382,9 @@ class FrozenTextEncoder(nn.Module):
             "setting), or train again with this one."
         )
 
-    def check_state(self, state_dict: MutableMapping[str, Any], prefix: str = "", source: str = "the checkpoint") -> None:
+    def check_state(
+        self, state_dict: MutableMapping[str, Any], prefix: str = "", source: str = "the checkpoint"
+    ) -> None:
         """Check a state dict's fingerprint for this encoder and bring an old-format state dict up to date, in place.
 
         A state dict written before the encoder's weights were left out holds them under ``<prefix>model.``: they
