@@ -22,9 +22,8 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTo
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from himix_monai.precision import as_dtype
-
 from himix_monai.errors import HiMixError
+from himix_monai.precision import as_dtype
 
 __all__ = [
     "FrozenTextEncoder",
