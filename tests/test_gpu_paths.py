@@ -156,3 +156,28 @@ def test_gpu_smoke_script_skips_without_cuda_and_its_checks_run_on_the_cpu():
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert {(line["check"], line["status"]) for line in lines} >= {("forward_backward", "ok"), ("cpu_checkpoint", "ok")}
+
+
+def test_the_loss_scaler_state_is_part_of_the_training_state(tmp_path):
+    """fp16 training resumes with the scale it had reached (the bundle saves the trainer's scaler)."""
+    from ignite.engine import Engine
+
+    from himix_monai.handlers import TrainingStateCheckpoint
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    assert parser.get("train#checkpoint_saver#save_dict#grad_scaler") == "$@train#trainer.scaler"
+
+    network = torch.nn.Linear(2, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    engine = Engine(lambda e, b: {"loss": torch.tensor(0.5)})
+    saver = TrainingStateCheckpoint(tmp_path / "state.pt", {"network": network, "trainer": engine,
+                                                            "grad_scaler": scaler})
+    saver.attach(engine)
+    engine.run([0, 1], max_epochs=1)
+    resumed_scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    again = Engine(lambda e, b: {"loss": torch.tensor(0.5)})
+    TrainingStateCheckpoint(tmp_path / "state.pt", {"network": network, "trainer": again,
+                                                    "grad_scaler": resumed_scaler}, resume=True).attach(again)
+    again.run([0, 1], max_epochs=2)
+    assert resumed_scaler.get_scale() == 1024.0
