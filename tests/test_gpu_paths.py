@@ -181,3 +181,26 @@ def test_the_loss_scaler_state_is_part_of_the_training_state(tmp_path):
                                                     "grad_scaler": resumed_scaler}, resume=True).attach(again)
     again.run([0, 1], max_epochs=2)
     assert resumed_scaler.get_scale() == 1024.0
+
+
+def test_the_text_cache_copies_the_tokens_to_the_host_once_per_forward_and_keeps_the_storage_dtype(
+    tiny_bert, monkeypatch
+):
+    """Each device-to-host copy waits for the GPU's queue: the cache used to make two per row, after the image
+    encoder was queued; under autocast it cached float32 hidden states for an encoder stored in bf16."""
+    from tests.test_speed_features import image, tiny_himix, tokens
+
+    net = tiny_himix(tiny_bert, text_cache_size=4, text_encoder_dtype=torch.bfloat16).eval()
+    ids, mask = tokens(batch=4)
+    copies = []
+    original_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        copies.append(tuple(self.shape))
+        return original_cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(image(batch=4), ids, mask)
+    assert len(copies) == 1, copies
+    assert {entry.dtype for entry in net.text_encoder._cache.values()} == {torch.bfloat16}

@@ -279,8 +279,9 @@ class HiMix(nn.Module):
                 f"image size {height}x{width} is not divisible by {self.size_divisor}; "
                 f"resize or pad the image to a multiple of {self.size_divisor} (e.g. 224x224)."
             )
-        features = self.image_encoder(image)
+        # the text first: its cache looks the report up on the host, before the image encoder is queued on a GPU
         texts = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        features = self.image_encoder(image)
         decoded = features[-1]  # d_{M+1} = f_I
         for index, stage in enumerate(self.stages):
             skip = features[len(features) - 2 - index]
