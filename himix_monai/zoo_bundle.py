@@ -147,7 +147,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_json(path: Path, content: Any) -> None:
-    _write_text(path, json.dumps(content, indent=4, ensure_ascii=False) + "\n")  # the zoo's pretty-format-json
+    _write_text(path, json.dumps(content, indent=4) + "\n")  # as the zoo's pretty-format-json hook writes JSON
 
 
 def export_zoo_bundle(
