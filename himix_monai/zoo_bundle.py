@@ -35,11 +35,11 @@ import importlib.metadata
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ZooBundleError", "export_zoo_bundle", "pinned_requirements", "main"]
+__all__ = ["ZooBundleError", "export_zoo_bundle", "pinned_requirements", "zoo_metadata", "main"]
 
 PROJECT_DISTRIBUTION = "himix-monai"
 WEIGHTS = "models/model.pt"
@@ -134,6 +134,30 @@ def pinned_requirements(distribution: str = PROJECT_DISTRIBUTION) -> dict[str, s
     return pins
 
 
+def zoo_metadata(metadata: Mapping[str, Any], pins: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``metadata`` with its version keys pinned for the zoo.
+
+    Args:
+        metadata: the bundle's ``metadata.json`` content.
+        pins: ``{name: version}``; default :py:func:`pinned_requirements` (the running environment).
+
+    Returns:
+        A new dict: ``monai_version``, ``pytorch_version`` and ``numpy_version`` from the pins, the other pins as
+        ``required_packages_version`` (the project's own distribution is not among them).
+
+    Examples::
+
+        metadata = zoo_metadata(json.loads(Path("bundle/configs/metadata.json").read_text()))
+    """
+    remaining = dict(pinned_requirements() if pins is None else pins)
+    result = dict(metadata)
+    for name, key in SEPARATE_PINS.items():
+        if name in remaining:
+            result[key] = remaining.pop(name)
+    result["required_packages_version"] = remaining
+    return result
+
+
 def _with_scripts_import(config: dict[str, Any]) -> dict[str, Any]:
     imports = config.get("imports")
     if not isinstance(imports, list) or "$import scripts" in imports:
@@ -210,12 +234,7 @@ def export_zoo_bundle(
     large_files = {"large_files": [{"path": WEIGHTS, "url": weights_url, "hash_val": _file_hash(weights), "hash_type": HASH_TYPE}]}
     _write_text(target / "large_files.yml", yaml.safe_dump(large_files, sort_keys=False))
 
-    metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
-    for name, key in SEPARATE_PINS.items():
-        if name in pins:
-            metadata[key] = pins.pop(name)
-    metadata["required_packages_version"] = pins
-    _write_json(target / "configs" / "metadata.json", metadata)
+    _write_json(target / "configs" / "metadata.json", zoo_metadata(json.loads(metadata_file.read_text("utf-8")), pins))
     return target
 
 
