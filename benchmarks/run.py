@@ -251,6 +251,12 @@ def _memory_formats():
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _all_parameters(net) -> list:
+    """The network's parameters and those of its frozen text encoder (kept outside the network's state)."""
+    encoder = getattr(net, "text_encoder", None)
+    return list(net.parameters()) + (list(encoder.model.parameters()) if encoder is not None else [])
+
+
 def _train_setup(settings: Settings, precision: str, **network_kwargs: Any):
     """Network, loss, optimizer, inferer and one batch, as ``train.json`` sets them up."""
     import torch
@@ -309,7 +315,8 @@ def case_train_step(settings: Settings, precision: str, gradient_checkpointing: 
             "image_size": settings.image_size,
             "steps": settings.train_steps,
             "gradient_checkpointing": gradient_checkpointing,
-            "params_mb": round(sum(p.element_size() * p.nelement() for p in net.parameters()) / 2**20, 1),
+            # the frozen text encoder is not a registered submodule (it is not in the state dict): counted here
+            "params_mb": round(sum(p.element_size() * p.nelement() for p in _all_parameters(net)) / 2**20, 1),
             "trainable_params_m": round(sum(p.nelement() for p in net.parameters() if p.requires_grad) / 1e6, 2),
         }
     ]

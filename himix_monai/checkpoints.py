@@ -33,6 +33,8 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.utils import copy_model_state
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder, TextEncoderMismatchError
+
 Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
 BaseSaveHandler, _ = optional_import(
     "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
@@ -177,32 +179,37 @@ def network_signature(network: torch.nn.Module) -> dict[str, Any]:
     return {"class": type(network).__name__, "num_heads": heads}
 
 
-def _frozen_keys(network: torch.nn.Module) -> list[str]:
-    """State-dict keys of the parameters that are not trained (``requires_grad=False``), e.g. the text encoder."""
-    return [name for name, parameter in _unwrap(network).named_parameters() if not parameter.requires_grad]
+def _check_text_encoders(
+    network: torch.nn.Module, state: dict[str, Any], source: str, frozen: Mapping[str, Any] | None = None
+) -> None:
+    """Check the fingerprint of every frozen text encoder in ``state``, in place, before anything is loaded.
 
-
-def _fingerprint(network: torch.nn.Module, keys: Sequence[str]) -> float:
-    """A checksum of the given parameters: the sum of their absolute values, in float64."""
-    parameters = dict(_unwrap(network).named_parameters())
-    with torch.no_grad():
-        return float(sum(float(parameters[k].detach().double().abs().sum()) for k in keys))
-
-
-def _trained_state(
-    network: torch.nn.Module, fingerprints: dict[tuple[str, ...], float] | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The state dict without the frozen parameters, and a record of those (keys and checksum).
-
-    ``fingerprints`` caches the checksum per set of frozen keys (frozen weights do not change during training).
+    The checks are those of :py:meth:`FrozenTextEncoder.check_state` (a state dict that still holds an encoder's
+    weights, as ``model.pt`` files written before the encoder was left out do, is compared and updated). A
+    training-state checkpoint of that time holds neither the encoder nor its fingerprint but a record
+    ``frozen`` (``{"keys": [...], "fingerprint": sum of absolute values}``): the sum is compared with a relative
+    tolerance of 1e-3 (it was taken in the encoder's storage dtype) and the fingerprint is added.
     """
-    frozen = _frozen_keys(network)
-    skip = set(frozen)
-    state = OrderedDict((k, v) for k, v in _unwrap(network).state_dict().items() if k not in skip)
-    cache = {} if fingerprints is None else fingerprints
-    if tuple(frozen) not in cache:
-        cache[tuple(frozen)] = _fingerprint(network, frozen)
-    return state, {"keys": frozen, "fingerprint": cache[tuple(frozen)]}
+    for name, module in _unwrap(network).named_modules():
+        if not isinstance(module, FrozenTextEncoder):
+            continue
+        prefix = f"{name}." if name else ""
+        extra = prefix + "_extra_state"
+        if frozen is not None and extra not in state and not any(k.startswith(prefix + "model.") for k in state):
+            with torch.no_grad():
+                now = float(sum(float(p.detach().double().abs().sum()) for p in module.model.parameters()))
+            saved = float(frozen.get("fingerprint", 0.0))
+            if not math.isclose(saved, now, rel_tol=1e-3):
+                raise CheckpointMismatchError(
+                    f"{source} was trained with another text encoder (checksum of its frozen weights {saved:.6g}, "
+                    f"this network's {module.fingerprint['text_encoder']!r}: {now:.6g}). Use the text encoder it "
+                    "was trained with to resume."
+                )
+            state[extra] = module.get_extra_state()
+        try:
+            module.check_state(state, prefix, source)
+        except TextEncoderMismatchError as err:
+            raise CheckpointMismatchError(str(err)) from err
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -338,12 +345,12 @@ def _check_and_load_network(
     frozen: Mapping[str, Any] | None = None,
     target: str | None = None,
 ) -> None:
-    """Compare, then load. ``frozen`` is the record of frozen parameters left out of ``state``, if any."""
+    """Compare, then load. ``frozen`` is the frozen-weight record of training states written before the text
+    encoder was left out of the state dict (see :py:func:`_check_text_encoders`)."""
     network = _unwrap(network)
+    state = OrderedDict(state)
+    _check_text_encoders(network, state, source, frozen)
     expected = network.state_dict()
-    if frozen is not None:
-        skip = set(frozen.get("keys", []))
-        expected = OrderedDict((k, v) for k, v in expected.items() if k not in skip)
     report = describe_state_mismatch(expected, state, source=source, target=target or type(network).__name__)
     if report is not None:
         raise CheckpointMismatchError(report)
@@ -351,24 +358,7 @@ def _check_and_load_network(
         report = _describe_signature_mismatch(network_signature(network), signature, source)
         if report is not None:
             raise CheckpointMismatchError(report)
-    if frozen is not None:
-        keys = list(frozen.get("keys", []))
-        current = _frozen_keys(network)
-        if sorted(current) != sorted(keys):
-            raise CheckpointMismatchError(
-                f"{source} was saved without its {len(keys)} frozen (untrained) weights, but this network has "
-                f"{len(current)} frozen weights with other names; was it trained with a different text encoder?"
-            )
-        saved, now = float(frozen.get("fingerprint", 0.0)), _fingerprint(network, keys)
-        if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=1e-6):
-            raise CheckpointMismatchError(
-                f"{source} was trained with other frozen weights (checksum {saved:.6g}, this network {now:.6g}): "
-                "was it trained with a different text encoder (text_encoder) or pretrained image encoder? "
-                "Use the same encoders to resume."
-            )
-    result = network.load_state_dict(state, strict=frozen is None)
-    if frozen is not None and (result.unexpected_keys or set(result.missing_keys) - set(frozen.get("keys", []))):
-        raise CheckpointMismatchError(f"{source}: unexpected network keys after comparison: {result}")
+    network.load_state_dict(state, strict=True)
 
 
 def load_network_weights(

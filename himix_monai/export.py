@@ -1,16 +1,22 @@
-"""Export a trained HiMix network to TorchScript by tracing, with a check against the eager output.
+"""Export a trained HiMix network, checked against the eager network: the one place for every export format.
 
-``python -m monai.bundle ckpt_export`` scripts the network (``torch.jit.script``), which cannot compile the
-Hugging Face text encoder, and its tracing mode takes a single input. HiMix is therefore traced with its three
-inputs (image, token ids, attention mask) through MONAI's ``convert_to_torchscript(use_trace=True)``, which also
-verifies that the traced module reproduces the eager one. The traced module accepts any batch size and any
-image size divisible by 32; the number of tokens is fixed to the network's ``text_length``. ONNX export through
-``monai.networks.utils.convert_to_onnx`` does not work yet: the exporter cannot translate the real FFTs of ASRM.
+Formats (``FORMATS``): ``torchscript`` today; a new format is one function ``export_<format>(network, filepath,
+inputs, extra_files, verify, rtol, atol)`` registered in ``_EXPORTERS``.
+
+TorchScript: the network is compiled with ``torch.jit.script``, as ``python -m monai.bundle ckpt_export`` (the
+model zoo's TorchScript check) does by default. ``torch.jit.script`` cannot compile a Hugging Face model, so the
+frozen text encoder is traced (``torch.jit.trace``) inside the scripted network, see
+:py:class:`~himix_monai.networks.blocks.text_encoder.ScriptableTextEncoder`; the rest of HiMix is scripted. The
+exported module takes ``(image, input_ids, attention_mask)`` with any batch size, any image size divisible by 32
+and up to ``text_length`` tokens, the text arguments optional (image-only decoding, as the eager network). It
+is checked against the eager network with MONAI's ``convert_to_torchscript(verify=True)`` on an image and a
+tokenised report with padding. ONNX export through ``monai.networks.utils.convert_to_onnx`` does not work yet:
+the exporter cannot translate the real FFTs of ASRM.
 
 Command line::
 
     python -m himix_monai.export --config_file bundle/configs/inference.json \\
-        --ckpt_file bundle/models/model.pt --filepath bundle/models/model.ts
+        --ckpt_file bundle/models/model.pt --filepath bundle/models/model.ts [--format torchscript]
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import argparse
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from monai.networks.utils import convert_to_torchscript
@@ -27,13 +34,13 @@ from monai.networks.utils import convert_to_torchscript
 from himix_monai.checkpoints import load_network_weights
 from himix_monai.networks.nets.himix import HiMix
 
-__all__ = ["export_torchscript", "example_inputs", "main"]
+__all__ = ["FORMATS", "export_network", "export_torchscript", "example_inputs", "main"]
 
 
 def example_inputs(
     network: HiMix, image_size: Sequence[int] = (224, 224), in_channels: int | None = None, batch_size: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random example inputs for tracing: an image and ``text_length`` tokens of which the last few are padding."""
+    """Random example inputs: an image and ``text_length`` tokens of which the second half is padding."""
     if in_channels is None:
         in_channels = _stem_channels(network)
     generator = torch.Generator().manual_seed(0)
@@ -54,45 +61,76 @@ def _stem_channels(network: HiMix) -> int:
 def export_torchscript(
     network: HiMix,
     filepath: str | os.PathLike,
-    image_size: Sequence[int] = (224, 224),
+    inputs: Sequence[torch.Tensor],
     extra_files: dict[str, str] | None = None,
     verify: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-4,
 ) -> torch.jit.ScriptModule:
-    """Trace ``network`` with (image, input_ids, attention_mask) and save it; verify against the eager output.
+    """Script ``network`` (its text encoder traced) and save it; verify against the eager output on ``inputs``.
 
     Args:
-        network: a HiMix network (its text-encoder cache is disabled for tracing).
+        network: a HiMix network in eval mode; it is not changed.
         filepath: output ``.ts`` file.
-        image_size: spatial size of the example image (any size divisible by 32 works afterwards).
-        extra_files: text files stored inside the TorchScript archive (e.g. the bundle's metadata).
-        verify: compare the traced and eager outputs on the example inputs (MONAI's check).
+        inputs: ``(image, input_ids, attention_mask)`` to verify with.
+        extra_files: text files stored inside the archive (e.g. the bundle's metadata).
+        verify: compare the exported and eager outputs on ``inputs`` (MONAI's check).
         rtol: relative tolerance of the check.
         atol: absolute tolerance of the check.
     """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.13: torch.jit is deprecated; MONAI needs it
+        return convert_to_torchscript(
+            network,
+            filename_or_obj=filepath,
+            extra_files={k: v.encode() for k, v in (extra_files or {}).items()},
+            verify=verify,
+            inputs=list(inputs),
+            use_trace=False,
+            rtol=rtol,
+            atol=atol,
+        )
+
+
+_EXPORTERS: dict[str, Callable[..., Any]] = {"torchscript": export_torchscript}
+FORMATS: tuple[str, ...] = tuple(_EXPORTERS)
+
+
+def export_network(
+    network: HiMix,
+    filepath: str | os.PathLike,
+    format: str = "torchscript",  # noqa: A002 (the option's name)
+    image_size: Sequence[int] = (224, 224),
+    extra_files: dict[str, str] | None = None,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+) -> Any:
+    """Export ``network`` in ``format`` and check it against the eager network on an image and a report.
+
+    Args:
+        network: a HiMix network (put in eval mode).
+        filepath: the output file.
+        format: one of :data:`FORMATS`.
+        image_size: spatial size of the example image (any size divisible by 32 works afterwards).
+        extra_files: text files stored with the export where the format allows (TorchScript: in the archive).
+        verify: compare the exported and eager outputs.
+        rtol: relative tolerance of the check.
+        atol: absolute tolerance of the check.
+
+    Returns:
+        what the format's exporter returns (TorchScript: the ``ScriptModule``).
+
+    Examples::
+
+        net = HiMix(in_channels=1, text_encoder=minilm_path).eval()
+        export_network(net, "model.ts", image_size=(224, 224))
+    """
+    if format not in _EXPORTERS:
+        raise ValueError(f"export format must be one of {list(FORMATS)}, got {format!r}.")
     network = network.eval()
-    cache_size = network.text_encoder.cache_size if network.text_encoder is not None else 0
-    if network.text_encoder is not None:
-        network.text_encoder.cache_size = 0
-    try:
-        inputs = list(example_inputs(network, image_size, _stem_channels(network)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
-            traced = convert_to_torchscript(
-                network,
-                filename_or_obj=filepath,
-                extra_files={k: v.encode() for k, v in (extra_files or {}).items()},
-                verify=verify,
-                inputs=inputs,
-                use_trace=True,
-                rtol=rtol,
-                atol=atol,
-            )
-    finally:
-        if network.text_encoder is not None:
-            network.text_encoder.cache_size = cache_size
-    return traced
+    inputs = example_inputs(network, image_size, _stem_channels(network), batch_size=2)
+    return _EXPORTERS[format](network, filepath, inputs, extra_files, verify, rtol, atol)
 
 
 def _parse_overrides(tokens: Sequence[str]) -> dict:
@@ -114,14 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Build ``network_def`` from a bundle config, load a checkpoint and export it.
 
     The checkpoint is loaded with :py:func:`himix_monai.checkpoints.load_network_weights` (``weights_only=True``;
-    keys, shapes and recorded settings compared first, one readable error when they do not fit).
+    keys, shapes, recorded settings and the text encoder's fingerprint compared first, one readable error when
+    they do not fit).
     """
     from monai.bundle import ConfigParser
 
     parser = argparse.ArgumentParser(prog="python -m himix_monai.export", description=__doc__.split("\n")[0])
     parser.add_argument("--config_file", required=True, help="bundle config defining network_def")
     parser.add_argument("--ckpt_file", required=True, help="checkpoint with the network weights (models/model.pt)")
-    parser.add_argument("--filepath", required=True, help="output TorchScript file")
+    parser.add_argument("--filepath", required=True, help="output file (models/model.ts)")
+    parser.add_argument("--format", default="torchscript", choices=FORMATS, help="export format")
     parser.add_argument("--meta_file", default=None, help="metadata.json to store in the archive")
     parser.add_argument("--image_size", type=int, nargs=2, default=None, help="example image size (default: config)")
     parser.add_argument(
@@ -140,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.meta_file:
         with open(args.meta_file, encoding="utf-8") as handle:
             extra["metadata.json"] = json.dumps(json.load(handle))
-    export_torchscript(network, args.filepath, image_size=image_size, extra_files=extra)
-    print(f"exported {args.ckpt_file} -> {args.filepath} (traced, verified against the eager network)")
+    export_network(network, args.filepath, format=args.format, image_size=image_size, extra_files=extra)
+    print(f"exported {args.ckpt_file} -> {args.filepath} ({args.format}, verified against the eager network)")
     return 0
 
 

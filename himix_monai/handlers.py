@@ -43,7 +43,6 @@ from himix_monai.checkpoints import (
     _META_KEY,
     CheckpointError,
     _check_and_load_network,
-    _trained_state,
     _unwrap,
     load_checkpoint_file,
     network_signature,
@@ -163,7 +162,8 @@ class TrainingStateCheckpoint:
     What is saved per kind of object in ``save_dict``:
 
     - ``torch.nn.Module`` (the first one; one network per checkpoint): its ``state_dict()`` (unwrapped from
-      ``DataParallel``/``DDP``), without the frozen parameters unless ``save_frozen``;
+      ``DataParallel``/``DDP``); HiMix's state dict leaves the frozen text encoder out and records its
+      fingerprint, checked when resuming (see :py:class:`~himix_monai.networks.blocks.FrozenTextEncoder`);
     - the trainer (ignite ``Engine``): ``epoch_length``, ``max_epochs``, ``iteration``;
     - MONAI ``EarlyStopHandler``: ignite ``EarlyStopping``'s ``counter`` and ``best_score``;
     - MONAI ``Evaluator``: ``best_metric`` and ``best_metric_epoch``;
@@ -191,10 +191,6 @@ class TrainingStateCheckpoint:
         every_n_iterations: also save every N iterations within an epoch; 0 saves at epoch ends only.
         resume: load ``save_path`` when the trainer starts, if it exists (text such as ``"false"`` is read as a
             boolean, see :py:func:`~himix_monai.config_utils.as_bool`).
-        save_frozen: also save the network's frozen parameters (``requires_grad=False``: the pretrained text
-            encoder, about 90% of HiMix's weights). By default they are left out, which makes the file several
-            times smaller and faster to write; their names and a checksum are recorded instead, and resuming
-            checks that the rebuilt network has the same frozen weights.
         map_location: passed to ``torch.load`` when resuming.
         name: logger name; None uses the trainer's logger.
 
@@ -216,7 +212,6 @@ class TrainingStateCheckpoint:
         save_dict: Mapping[str, Any],
         every_n_iterations: int = 0,
         resume: bool = False,
-        save_frozen: bool = False,
         map_location: Any = "cpu",
         name: str | None = None,
     ) -> None:
@@ -230,12 +225,10 @@ class TrainingStateCheckpoint:
         self.save_dict = dict(save_dict)
         self.every_n_iterations = int(every_n_iterations)
         self.resume = as_bool(resume, "resume")
-        self.save_frozen = as_bool(save_frozen, "save_frozen")
         self.map_location = map_location
         self._name = name
         self.logger = logging.getLogger(name)
         self.last_saved_iteration: int | None = None
-        self._fingerprints: dict[tuple[str, ...], float] = {}
 
     def attach(self, engine: Engine) -> None:
         """
@@ -281,17 +274,13 @@ class TrainingStateCheckpoint:
             finished: mark the run as finished.
         """
         content: dict[str, Any] = {}
-        signature = frozen = None
+        signature = None
         for key, obj in self.save_dict.items():
             if obj is None:  # e.g. a handler disabled on this rank
                 content[key] = None
-            elif isinstance(obj, torch.nn.Module) and signature is None:
-                signature = network_signature(obj)
-                if self.save_frozen:
-                    content[key] = _state_of(obj)
-                else:
-                    content[key], frozen = _trained_state(obj, self._fingerprints)
             else:
+                if isinstance(obj, torch.nn.Module) and signature is None:
+                    signature = network_signature(obj)
                 content[key] = _state_of(obj)
         loss = _loss_of(engine.state.output)
         content[_META_KEY] = {
@@ -303,7 +292,6 @@ class TrainingStateCheckpoint:
             "finished": bool(finished),
             "loss": None if loss is None else float(loss),
             "network_signature": signature,
-            "frozen_weights": frozen,
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         return content

@@ -39,23 +39,48 @@ def test_verify_net_in_out_passes_with_the_bundle_metadata():
 
 
 def test_torchscript_export_reproduces_the_eager_output(tmp_path, tiny_bert):
-    from himix_monai.export import example_inputs, export_torchscript
+    """Fails if the network cannot be scripted (as ``monai.bundle ckpt_export`` does), scripting changes the eager
+    network, or the saved module differs from the eager one for another batch size, image size, report, fewer
+    tokens than ``text_length`` or no report."""
+    from himix_monai.export import example_inputs, export_network
     from himix_monai.networks import HiMix
+    from himix_monai.networks.blocks import FrozenTextEncoder
 
     torch.manual_seed(0)
     net = HiMix(in_channels=1, text_encoder=tiny_bert, image_encoder="test_convnext", num_heads=4, text_length=24)
     net.eval()
     path = tmp_path / "model.ts"
-    export_torchscript(net, path, image_size=(64, 64), extra_files={"metadata.json": "{}"})
+    export_network(net, path, format="torchscript", image_size=(64, 64), extra_files={"metadata.json": "{}"})
+    assert isinstance(net.text_encoder, FrozenTextEncoder)  # scripting compiled a copy
     loaded = torch.jit.load(str(path))
-    # a batch size, image size and text other than the traced ones
     image, input_ids, attention_mask = example_inputs(net, (96, 64), in_channels=1, batch_size=3)
     input_ids[1, :5] = torch.tensor([7, 8, 9, 10, 11])
     with torch.no_grad():
-        expected = net(image, input_ids, attention_mask)
-        actual = loaded(image, input_ids, attention_mask)
-    assert actual.shape == (3, 1, 96, 64)
-    assert torch.allclose(actual, expected, atol=1e-4)
+        for args in ((image, input_ids, attention_mask), (image, input_ids[:, :10], attention_mask[:, :10]), (image,)):
+            expected, actual = net(*args), loaded(*args)
+            assert actual.shape == (3, 1, 96, 64)
+            torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="export format must be one of"):
+        export_network(net, tmp_path / "model.onnx", format="onnx")
+
+
+def test_monai_ckpt_export_scripts_the_bundle_network(tmp_path):
+    """The model zoo's TorchScript check: ``python -m monai.bundle ckpt_export network_def`` (torch.jit.script,
+    strict loading through ignite) on a model.pt of the inference config, without special code."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.update({"image_encoder": "test_convnext", "network_def#num_heads": 4})
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "model.ts"
+    run_command(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(out),
+         "--ckpt_file", str(tmp_path / "model.pt"), "--meta_file", str(CONFIGS / "metadata.json"),
+         "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(tmp_path),
+         "--image_encoder", "test_convnext", "--network_def#num_heads", "4"]
+    )  # fmt: skip
+    assert torch.jit.load(str(out))(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
 
 
 def test_export_command_builds_from_the_bundle_config(tmp_path):

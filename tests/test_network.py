@@ -100,7 +100,7 @@ def test_text_encoder_is_frozen_and_stays_in_eval_mode(tiny_bert):
     assert net.training and net.stages[0].training
     assert not net.text_encoder.model.training
     assert not any(m.training for m in net.text_encoder.model.modules())
-    assert all(not p.requires_grad for p in net.text_encoder.parameters())
+    assert all(not p.requires_grad for p in net.text_encoder.model.parameters())
     ids, mask = tokens()
     first = net.encode_text(ids, mask)
     second = net.encode_text(ids, mask)  # dropout off: the same report gives the same embedding
@@ -118,7 +118,7 @@ def test_gradients_reach_dlfm_logits_sigmas_and_betas(tiny_bert):
         assert stage.asrm.sigma.grad is not None and stage.asrm.sigma.grad != 0
         for beta in (stage.beta_cross_attention, stage.beta_self_attention, stage.beta_mlp):
             assert beta.grad is not None and beta.grad != 0
-    assert all(p.grad is None for p in net.text_encoder.parameters())
+    assert all(p.grad is None for p in net.text_encoder.model.parameters())
 
 
 def test_text_changes_the_prediction_and_padding_is_ignored(tiny_bert):

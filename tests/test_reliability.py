@@ -144,7 +144,6 @@ def test_resume_without_a_state_starts_fresh_and_finished_runs_are_not_repeated(
     engine.run([0, 1], max_epochs=2)
     state = load_state(tmp_path / "state.pt")
     assert state["meta"]["iteration"] == 4 and not state["meta"]["finished"]
-    assert "frozen_weights" in state["meta"]
 
     # a run that was stopped early (finished before max_epochs) is not resumed
     state["meta"].update(finished=True, epoch=1, max_epochs=2)

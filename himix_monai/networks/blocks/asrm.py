@@ -72,8 +72,13 @@ class AdaptiveSpectrumRefinement(nn.Module):
         Args:
             x: feature map ``(B, C, H, W)``.
         """
-        height, width = x.shape[-2:]
+        if torch.jit.is_scripting():  # TorchScript: no autocast context to leave
+            return x + self._refinement(x).to(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            spectrum = torch.fft.rfft2(x.float(), norm="ortho")
-            filtered = torch.fft.irfft2(spectrum * self.coefficient_map(height, width), s=(height, width), norm="ortho")
+            filtered = self._refinement(x)
         return x + filtered.to(x.dtype)
+
+    def _refinement(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        spectrum = torch.fft.rfft2(x.float(), norm="ortho")
+        return torch.fft.irfft2(spectrum * self.coefficient_map(height, width), s=(height, width), norm="ortho")

@@ -127,7 +127,7 @@ class DynamicLayerFusion(nn.Module):
             return [torch.softmax(alpha, dim=0) for alpha in self.logits]
         return [torch.full((len(g),), 1.0 / len(g)) for g in self.groups]
 
-    def forward(self, hidden_states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
         """
         Args:
             hidden_states: ``N + 1`` tensors ``(B, L, C_P)``: the embedding output followed by each layer, as
@@ -141,11 +141,14 @@ class DynamicLayerFusion(nn.Module):
                 f"expected {self.num_layers + 1} hidden states (embeddings + {self.num_layers} layers), "
                 f"got {len(hidden_states)}."
             )
-        mixed = []
+        logits: list[torch.Tensor] = []
+        for alpha in self.logits:  # iterated, not indexed: TorchScript indexes a ParameterList by constants only
+            logits.append(alpha)
+        mixed: list[torch.Tensor] = []
         for index, layers in enumerate(self.groups):
             stacked = torch.stack([hidden_states[j] for j in layers], dim=0)  # (|J_m|, B, L, C)
-            if len(self.logits) > 0:
-                weights = torch.softmax(self.logits[index], dim=0).to(stacked.dtype)
+            if len(logits) > 0:
+                weights = torch.softmax(logits[index], dim=0).to(stacked.dtype)
                 mixed.append(torch.einsum("g,gblc->blc", weights, stacked))  # Eq. 1
             else:
                 mixed.append(stacked.mean(dim=0))

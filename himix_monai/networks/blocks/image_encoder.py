@@ -23,8 +23,12 @@ class CPUDepthwiseConv2d(nn.Conv2d):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (the name nn.Conv2d uses)
-        if input.device.type != "cpu":
-            return super().forward(input)
+        if torch.jit.is_scripting() or input.device.type != "cpu":  # TorchScript: a plain convolution
+            return self._conv_forward(input, self.weight, self.bias)
+        return self._cpu_forward(input)
+
+    @torch.jit.unused
+    def _cpu_forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
         input = input.contiguous(memory_format=torch.channels_last)
         if not torch.is_autocast_enabled("cpu") or self.weight.dtype != torch.float32:
             return super().forward(input)  # weights stored in bf16 (inference): the layers after expect bf16

@@ -151,7 +151,7 @@ class VisualTextualMixingStage(nn.Module):
         """
         if self.asrm is not None:
             features = self.asrm(features)  # Eq. 3
-        batch, channels, height, width = features.shape
+        batch, channels, height, width = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
         tokens = features.flatten(2).transpose(1, 2)  # (B, HW, C)
         position = (
             sinusoidal_position_embedding_2d(height, width, channels, tokens.device).to(tokens.dtype)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -15,7 +17,7 @@ from himix_monai.networks.blocks.dlfm import DynamicLayerFusion
 from himix_monai.networks.blocks.head import subpixel_segmentation_head
 from himix_monai.networks.blocks.image_encoder import TimmImageEncoder
 from himix_monai.networks.blocks.mixing_stage import VisualTextualMixingStage
-from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder
+from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder, ScriptableTextEncoder
 
 __all__ = ["HiMix", "CXR_BERT"]
 
@@ -135,6 +137,8 @@ class HiMix(nn.Module):
                 self.text_encoder.num_layers, num_stages, layer_grouping, group_order
             )
             text_width: int | None = self.text_encoder.hidden_size
+            # check the text encoder's fingerprint before any weight is loaded, so a refused load changes nothing
+            self.register_load_state_dict_pre_hook(self._check_text_encoder_state)
         else:
             self.text_encoder = None
             self.layer_fusion = None
@@ -168,6 +172,10 @@ class HiMix(nn.Module):
         head_channels = head_channels or max(1, channels[0] // 4)
         self.head_upsample = SubpixelUpsample(2, channels[0], head_channels, scale_factor=reductions[0])  # Eq. 9
         self.head = UnetOutBlock(2, head_channels, out_channels)
+
+    def _check_text_encoder_state(self, module, state_dict, prefix, *args) -> None:
+        if self.text_encoder is not None:
+            self.text_encoder.check_state(state_dict, prefix + "text_encoder.")
 
     def compile_for_inference(self, freeze_weights: bool = True, **compile_kwargs) -> HiMix:
         """Compile the image encoder and the decoder stages with ``torch.compile`` for inference, in place.
@@ -204,7 +212,7 @@ class HiMix(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] > self.text_length:
             raise ValueError(
                 f"input_ids must be (batch, tokens) with at most text_length={self.text_length} tokens, "
-                f"got shape {tuple(input_ids.shape)}; tokenise with max_length={self.text_length}."
+                f"got shape {list(input_ids.shape)}; tokenise with max_length={self.text_length}."
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -217,6 +225,28 @@ class HiMix(nn.Module):
         dtype = self.head_upsample.conv_block.weight.dtype
         keep = attention_mask.unsqueeze(-1).to(dtype)
         return [t.to(dtype) * keep for t in self.layer_fusion(hidden_states)]  # Eq. 1
+
+    @torch.jit.unused
+    def _forward_meta_tensor(
+        self, image: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # run on plain tensors: compiled graphs need them, and eager mode skips MetaTensor's per-operation
+        # metadata dispatch (~5000 calls per forward; 16% of the network time in bundle inference). The logits
+        # get the image's metadata, as MetaTensor propagation would have given them.
+        plain = [t.as_tensor() if isinstance(t, MetaTensor) else t for t in (image, input_ids, attention_mask)]
+        logits = MetaTensor(self.forward(*plain))
+        logits.copy_meta_from(image)
+        return logits
+
+    def __prepare_scriptable__(self) -> HiMix:
+        """What ``torch.jit.script`` compiles: a shallow copy whose text encoder is traced (this network is left as
+        it is; see :py:class:`~himix_monai.networks.blocks.text_encoder.ScriptableTextEncoder`)."""
+        if self.text_encoder is None:
+            return self
+        clone = copy.copy(self)
+        clone._modules = OrderedDict(self._modules)
+        clone._modules["text_encoder"] = ScriptableTextEncoder(self.text_encoder, example_length=self.text_length)
+        return clone
 
     def forward(
         self,
@@ -238,17 +268,12 @@ class HiMix(nn.Module):
         step (Eq. 4) of every stage is skipped and the mask is decoded from the image alone. A network trained
         with text still runs this way (as ``verify_net_in_out`` does) but is less accurate: give it the report.
         """
-        if isinstance(image, MetaTensor):
-            # run on plain tensors: compiled graphs need them, and eager mode skips MetaTensor's per-operation
-            # metadata dispatch (~5000 calls per forward; 16% of the network time in bundle inference). The logits
-            # get the image's metadata, as MetaTensor propagation would have given them.
-            plain = [t.as_tensor() if isinstance(t, MetaTensor) else t for t in (image, input_ids, attention_mask)]
-            logits = MetaTensor(self.forward(*plain))
-            logits.copy_meta_from(image)
-            return logits
+        if not torch.jit.is_scripting():  # a static branch: TorchScript does not compile it
+            if isinstance(image, MetaTensor):
+                return self._forward_meta_tensor(image, input_ids, attention_mask)
         if image.ndim != 4:
-            raise ValueError(f"image must be (batch, channels, height, width), got shape {tuple(image.shape)}.")
-        height, width = image.shape[-2:]
+            raise ValueError(f"image must be (batch, channels, height, width), got shape {list(image.shape)}.")
+        height, width = image.shape[-2], image.shape[-1]
         if height % self.size_divisor or width % self.size_divisor:
             raise ValueError(
                 f"image size {height}x{width} is not divisible by {self.size_divisor}; "
@@ -260,4 +285,6 @@ class HiMix(nn.Module):
         for index, stage in enumerate(self.stages):
             skip = features[len(features) - 2 - index]
             decoded = stage(decoded, skip, None if texts is None else texts[index])
+        if torch.jit.is_scripting():  # the same head, unfolded (the fold inspects modules in Python)
+            return self.head(self.head_upsample(decoded))
         return subpixel_segmentation_head(decoded, self.head_upsample, self.head)  # Eq. 9 without the sigmoid
