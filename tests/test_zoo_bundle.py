@@ -25,6 +25,9 @@ import yaml
 
 from monai.bundle import ConfigWorkflow, create_workflow
 
+from himix_monai.data.inference_items import InferenceInputError
+from himix_monai.zoo_bundle import ZooBundleError, export_zoo_bundle, pinned_requirements
+
 from tests.test_bundle_evaluate_inference import trained  # noqa: F401  (the shared 1-epoch tiny training)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +103,35 @@ def test_repository_configs_derive_bundle_root():
 # the model zoo
 
 
+def test_zoo_export_refuses_to_overwrite_or_to_run_without_weights(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(REPO / "bundle" / "configs", bundle / "configs")
+    with pytest.raises(ZooBundleError, match="models/model.pt not found: train the bundle first"):
+        export_zoo_bundle(bundle, tmp_path / "out", WEIGHTS_URL)
+    assert not (tmp_path / "out").exists()
+    (bundle / "models").mkdir()
+    (bundle / "models" / "model.pt").write_bytes(b"weights")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("a user's file")
+    with pytest.raises(ZooBundleError, match="exists and is not an empty folder"):
+        export_zoo_bundle(bundle, tmp_path / "used", WEIGHTS_URL)
+    assert (tmp_path / "used" / "keep.txt").read_text() == "a user's file"
+    with pytest.raises(ZooBundleError, match="--weights_url is empty"):
+        export_zoo_bundle(bundle, tmp_path / "new", " ")
+
+
+def test_pins_must_satisfy_the_projects_requirements(monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: ["pydicom>=2.4.4,<3", "pytest; extra == 'dev'"])
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.0.2" if name == "pydicom" else real_version(name))
+    with pytest.raises(ZooBundleError, match=r"installed pydicom 3.0.2 does not satisfy .*pydicom<3,>=2.4.4"):
+        pinned_requirements()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.4.5")
+    assert pinned_requirements() == {"pydicom": "2.4.5"}  # extras (dev tools) are not pinned
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, trained) -> Path:  # noqa: F811
     """A scratch zoo layout (``ci/``, ``models/``) holding the exported bundle of the tiny trained model."""
@@ -135,6 +167,7 @@ def zoo(tmp_path_factory, trained) -> Path:  # noqa: F811
     return root
 
 
+@pytest.mark.slow
 def test_zoo_bundle_layout_weights_and_pins(zoo):
     bundle = zoo / "models" / NAME
     large = yaml.safe_load((bundle / "large_files.yml").read_text())["large_files"]
@@ -161,6 +194,7 @@ def test_zoo_bundle_layout_weights_and_pins(zoo):
     assert Path(imported).is_relative_to(bundle / "scripts" / "himix_monai")
 
 
+@pytest.mark.slow
 def test_zoo_ci_checks_pass(zoo):
     _run([sys.executable, "ci/prepare_schema.py", "--l", NAME], cwd=zoo)
     assert "metadata format is verified correctly" in _run(
@@ -172,6 +206,7 @@ def test_zoo_ci_checks_pass(zoo):
         assert "export weights into TorchScript module successfully" in full
 
 
+@pytest.mark.slow
 def test_zoo_bundle_inference_initialises_without_data_and_runs_from_its_folder(zoo, trained):  # noqa: F811
     bundle = zoo / "models" / NAME
     workflow = create_workflow(
@@ -181,6 +216,10 @@ def test_zoo_bundle_inference_initialises_without_data_and_runs_from_its_folder(
     workflow.initialize()  # no data/demo: MONAI Label and the zoo initialise inference bundles without data
     assert workflow.check_properties() == []
     assert Path(workflow.bundle_root) == bundle
+    with pytest.raises(Exception) as info:
+        workflow.run()  # nothing to infer: an error naming the missing default datalist, not an empty run
+    chain = [info.value, info.value.__cause__]
+    assert any(isinstance(e, InferenceInputError) and "datalist.json: datalist file not found" in str(e) for e in chain)
 
     copy = zoo / "run_from_folder"
     shutil.copytree(bundle, copy)
