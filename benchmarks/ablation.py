@@ -71,7 +71,7 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
-from himix_monai.inferers import AutocastInferer
+from himix_monai.inferers import AutocastInferer, compute_dtype
 from himix_monai.networks import HiMix
 from himix_monai.transforms import BinarizeMaskd, EnsureImageChannelsd, TokenizeTextd
 
@@ -293,6 +293,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         optimizer=optimizer,
         loss_function=loss_fn,
         inferer=AutocastInferer(precision=args.precision),
+        amp=compute_dtype(args.precision, device) == torch.float16,  # fp16 trains with MONAI's GradScaler
         prepare_batch=PrepareBatchExtraInput(extra_keys=["input_ids", "attention_mask"]),
         train_handlers=[
             LrScheduleHandler(lr_scheduler=scheduler, print_lr=False),

@@ -16,8 +16,9 @@ Masks are named like their image (MosMedData+, whose masks are 3-channel) or ``m
 work: the prefix is stripped to find the image and added to find the mask.
 
 Validation: ``val.csv`` when it exists (its images are looked up in the val folder, or in the train folder
-when there is none). Otherwise the last ``--val-fraction`` (default 0.2) of the train.csv rows become the
-validation split, as GuideDecoder does; with ``--seed`` the validation rows are drawn at random instead.
+when there is none). Otherwise the last ``--val-fraction`` (default 0.2) of the usable train.csv rows (picked
+after their files are checked, so that bad files never empty the validation split) become the validation
+split, as GuideDecoder does; with ``--seed`` the validation rows are drawn at random instead.
 
 Usage::
 
@@ -255,31 +256,42 @@ def _csv_image_folder(root: Path, split: str, csv_file: Path, report: SkipReport
 
 
 def _split_plan(
-    csv_files: dict[str, Path], args: argparse.Namespace, report: SkipReport
-) -> list[tuple[str, Path, list[SheetRow], list[str]]]:
-    """Read the csv files and assign each row its split, carving validation out of train.csv if needed.
+    csv_files: dict[str, Path], args: argparse.Namespace
+) -> tuple[list[tuple[str, Path, list[SheetRow], list[str]]], float]:
+    """Read the csv files and assign each row its split.
 
     Returns:
-        ``(csv split, csv file, rows, datalist split of each row)`` for each csv file.
+        ``(csv split, csv file, rows, datalist split of each row)`` for each csv file, and the fraction of the
+        usable train.csv items to carve out as validation after the files are checked (0 when there is a val.csv).
     """
     plan = []
     fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
-    if "validation" in csv_files and args.val_fraction is not None:
-        LOGGER.warning("--val-fraction ignored: %s exists", csv_files["validation"])
+    if "validation" in csv_files:
+        if args.val_fraction is not None:
+            LOGGER.warning("--val-fraction ignored: %s exists", csv_files["validation"])
+        fraction = 0.0
     for split, csv_file in csv_files.items():
         rows = read_description_sheet(csv_file)
-        splits = [split] * len(rows)
-        if split == "training" and "validation" not in csv_files and fraction > 0:
-            chosen = validation_rows(len(rows), fraction, args.seed)
-            splits = ["validation" if position in chosen else split for position in range(len(rows))]
-            rule = "the last" if args.seed is None else f"a random (seed {args.seed})"
-            message = (
-                f"no val.csv: took {rule} {fraction:.0%} of {csv_file.name} rows "
-                f"({len(chosen)} of {len(rows)}) as validation"
-            )
-            report.add_note("val fraction", message)
-        plan.append((split, csv_file, rows, splits))
-    return plan
+        plan.append((split, csv_file, rows, [split] * len(rows)))
+    return plan, fraction
+
+
+def _carve_validation(datalist: dict, fraction: float, seed: int | None, csv_name: str, report: SkipReport) -> None:
+    """Move ``fraction`` of the usable training items (checked files) to the validation split, GuideDecoder's rule.
+
+    Picking before the files are checked could choose only rows whose files are missing or corrupt and so write
+    an empty validation split.
+    """
+    training = datalist["training"]
+    chosen = validation_rows(len(training), fraction, seed)
+    datalist["training"] = [item for position, item in enumerate(training) if position not in chosen]
+    datalist["validation"] = [item for position, item in enumerate(training) if position in chosen]
+    rule = "the last" if seed is None else f"a random (seed {seed})"
+    message = (
+        f"no val.csv: took {rule} {fraction:.0%} of the usable {csv_name} rows "
+        f"({len(chosen)} of {len(training)}) as validation"
+    )
+    report.add_note("val fraction", message)
 
 
 def _note_unlisted_images(folders: Sequence[ImageFolder], listed_images: set[Path], report: SkipReport) -> None:
@@ -306,12 +318,16 @@ def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) 
     candidates: list[CandidateItem] = []
     listed_images: set[Path] = set()
     folders = []
-    for csv_split, csv_file, rows, splits in _split_plan(csv_files, args, report):
+    plan, val_fraction = _split_plan(csv_files, args)
+    for csv_split, csv_file, rows, splits in plan:
         folder = _csv_image_folder(root, csv_split, csv_file, report)
         folders.append(folder)
         candidates.extend(csv_candidates(csv_file, rows, splits, folder, report, listed_images))
     _note_unlisted_images(folders, listed_images, report)
-    return check_candidates(candidates, args, report, progress)
+    datalist = check_candidates(candidates, args, report, progress)
+    if val_fraction > 0 and "training" in csv_files:
+        _carve_validation(datalist, val_fraction, args.seed, csv_files["training"].name, report)
+    return datalist
 
 
 def _fraction(text: str) -> float:

@@ -12,6 +12,10 @@ or write an ``Image,Description`` CSV (the LViT/GuideDecoder sheet format) for a
 
 ``--min-size`` is in pixels when >= 1 and a fraction of the image when < 1 (default 0.001). Outputs are
 written atomically; a summary line is printed at the end.
+
+Like the other converters, every image and mask the output lists is checked first (present, readable, same
+size; :py:func:`himix_monai.data.datalist.check_datalist_files`): a bad item is left out with a warning naming
+it and counted in the summary; ``--strict`` stops at the first one and writes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from himix_monai.data.datalist import write_datalist
+from data_prep._cli import LOGGER, configure_logging
+from himix_monai.data.datalist import DatalistError, SkipReason, SkipReport, check_datalist_files, write_datalist
 from himix_monai.data.reports import (
     DEFAULT_MIN_SIZE,
     REPORT_STYLES,
@@ -50,10 +55,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lung-key", help="datalist item key of a lung mask defining the lung field (chest style)")
     parser.add_argument("--noun", default="polyp", help="lesion noun of the generic style (default: polyp)")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with an error at the first bad item (missing, unreadable or corrupt file); --out is then left "
+        "unchanged",
+    )
+    parser.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="read image headers only: faster, but truncated or corrupt pixel data is not detected",
+    )
     return parser
 
 
-def _run_datalist(args: argparse.Namespace, report_kwargs: dict) -> str:
+def _run_datalist(args: argparse.Namespace, report_kwargs: dict, report: SkipReport) -> str:
     source = args.datalist
     try:
         datalist = json.loads(source.read_text(encoding="utf-8"))
@@ -61,19 +78,27 @@ def _run_datalist(args: argparse.Namespace, report_kwargs: dict) -> str:
         raise ValueError(f"{source}: cannot read datalist JSON: {err}") from err
     if not isinstance(datalist, dict):
         raise ValueError(f"{source}: a datalist must be a JSON object")
+    datalist = check_datalist_files(datalist, report, source, base_dir=source.absolute().parent, verify=args.verify)
+    if not any(isinstance(value, list) and value for value in datalist.values()):
+        raise ValueError(f"{source}: no usable item; {report.summary()}")
     result, filled = fill_datalist_reports(
         datalist, style=args.style, min_size=args.min_size, overwrite=args.overwrite_text,
         base_dir=source.absolute().parent, lung_key=args.lung_key, source=str(source), **report_kwargs,
     )
     total = sum(len(value) for value in result.values() if isinstance(value, list))
     path = write_datalist(result, args.out)
-    return f"wrote {path}: {filled} of {total} item texts written from masks ({args.style} style)"
+    return f"wrote {path}: {filled} of {total} item texts written from masks ({args.style} style); {report.summary()}"
 
 
-def _run_masks(args: argparse.Namespace, report_kwargs: dict) -> str:
-    rows = mask_folder_reports(args.masks, style=args.style, min_size=args.min_size, **report_kwargs)
+def _run_masks(args: argparse.Namespace, report_kwargs: dict, report: SkipReport) -> str:
+    def unreadable(path: Path, message: str) -> None:
+        report.skip(path.name, SkipReason.UNREADABLE_MASK, args.masks, detail=message)
+
+    rows = mask_folder_reports(
+        args.masks, style=args.style, min_size=args.min_size, on_unreadable=unreadable, **report_kwargs
+    )
     path = write_reports_csv(rows, args.out)
-    return f"wrote {path}: {len(rows)} reports for the masks of {args.masks} ({args.style} style)"
+    return f"wrote {path}: {len(rows)} reports for the masks of {args.masks} ({args.style} style); {report.summary()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.lung_key and args.style != "chest":
         print("error: --lung-key is only used by the chest style", file=sys.stderr)
         return 2
+    configure_logging()
+    report = SkipReport(strict=args.strict, logger=LOGGER)
     try:
-        summary = _run_datalist(args, report_kwargs) if args.datalist else _run_masks(args, report_kwargs)
+        run = _run_datalist if args.datalist else _run_masks
+        summary = run(args, report_kwargs, report)
+    except DatalistError as err:  # --strict: the first bad item
+        print(f"error: {err}", file=sys.stderr)
+        print(f"error: no output written; {args.out} left unchanged", file=sys.stderr)
+        return 1
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.utils import copy_model_state
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from himix_monai.errors import HiMixError
 from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder, TextEncoderMismatchError
 
 Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
@@ -62,7 +63,7 @@ _CHECKPOINT_FORMAT = 1
 _STATE_DICT_KEYS = ("model", "network", "net", "state_dict")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HiMixError, RuntimeError):
     """A checkpoint file is missing, unreadable, unsafe to load or not of the expected layout."""
 
 
@@ -371,7 +372,9 @@ def load_network_weights(
     ``state_dict`` that holds one, e.g. ``models/checkpoint_latest.pt``). A ``module.`` prefix left by
     ``DataParallel`` is removed. Keys and shapes are compared before loading; a checkpoint that also records
     the network's settings (:py:class:`~himix_monai.handlers.TrainingStateCheckpoint` does) is compared by
-    those as well.
+    those as well. The fingerprint of a frozen text encoder (``text_encoder._extra_state``) must be that of the
+    network's encoder; a ``model.pt`` that still holds the encoder's weights loads after they are compared and
+    dropped (:py:meth:`~himix_monai.networks.blocks.FrozenTextEncoder.check_state`).
 
     Args:
         network: the network to load into (``DataParallel`` wrappers are unwrapped).
@@ -416,7 +419,7 @@ class SafeCheckpointLoader(CheckpointLoader):
         load_dict: the objects to load, e.g. ``{"model": network}``; a single network entry also loads a
             checkpoint that is directly its state dict (``models/model.pt``) or that holds it under ``model``,
             ``network``, ``net`` or ``state_dict`` (``models/checkpoint_latest.pt``, whose recorded settings and
-            frozen-weight checksum are checked too).
+            text-encoder fingerprint are checked too).
         name: logger name; None uses the engine's logger.
         map_location: passed to ``torch.load``.
         strict: require the same keys (see ``CheckpointLoader``).

@@ -2,6 +2,7 @@
 Helpers for the bundle configs: settings that arrive as text, and checks of settings before a run starts.
 
 - :py:func:`as_bool` reads yes/no settings that arrive from the command line as text (``--resume false``);
+- :py:func:`as_image_size` reads the image size setting (one number is a square);
 - :py:func:`check_image_size` checks the configured image size against the network's size divisor;
 - :py:func:`find_bundle_root` gives the bundle folder of the running config (``bundle_root``), so that the bundle
   runs from its own folder and from the repository root.
@@ -18,10 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from himix_monai.errors import SettingError
+
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["as_bool", "check_image_size", "find_bundle_root"]
+__all__ = ["as_bool", "as_image_size", "check_image_size", "find_bundle_root"]
 
 
 _TRUE = ("true", "yes", "on", "1", "y", "t")
@@ -42,7 +45,7 @@ def as_bool(value: Any, name: str = "value") -> bool:
         The boolean.
 
     Raises:
-        ValueError: for anything else, naming the setting.
+        SettingError: (a ``ValueError``) for anything else, naming the setting.
     """
     if value is None:
         return False
@@ -52,31 +55,75 @@ def as_bool(value: Any, name: str = "value") -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
+    raise SettingError(f"{name} must be true or false, got {value!r}.")
 
 
-def check_image_size(image_size: Sequence[int], network: torch.nn.Module | None = None, divisor: int = 32) -> None:
+def as_image_size(image_size: Any, name: str = "image_size") -> list[int]:
+    """Read the ``image_size`` setting as ``[H, W]``; one number means a square.
+
+    ``python -m monai.bundle run ... --image_size 64`` passes the int 64 while the configs need two sizes
+    (MONAI's ``Resized`` refuses one size for a 2-D image); ``--image_size "[64,48]"`` passes a list.
+
+    Args:
+        image_size: an int (square), a sequence of two ints, or their text (``"64"``, ``"[64, 48]"``).
+        name: the setting's name, for the error message.
+
+    Returns:
+        ``[H, W]``.
+
+    Raises:
+        SettingError: for anything else, naming the setting and the accepted forms.
+
+    Examples::
+
+        as_image_size(64)        # [64, 64]
+        as_image_size([64, 48])  # [64, 48]
+    """
+    value = image_size
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        value = [part for part in text.replace(",", " ").split()] if text else []
+        if len(value) == 1:
+            value = value[0]
+    if isinstance(value, bool):
+        value = None  # not a size
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        value = [value, value]
+    try:
+        sizes = [int(s) for s in value] if isinstance(value, (list, tuple)) else None
+        if sizes is not None and any(float(s) != int(s) for s in value):
+            sizes = None
+    except (TypeError, ValueError):
+        sizes = None
+    if sizes is None or len(sizes) != 2 or any(s <= 0 for s in sizes):
+        raise SettingError(
+            f"{name} must be one positive size (a square, e.g. --{name} 64) or two sizes [H, W] "
+            f"(e.g. --{name} \"[64,48]\"), got {image_size!r}."
+        )
+    return sizes
+
+
+def check_image_size(image_size: Any, network: torch.nn.Module | None = None, divisor: int = 32) -> None:
     """Check that the configured image size suits the network before any data is loaded.
 
     Args:
-        image_size: the ``image_size`` setting, ``[H, W]``.
+        image_size: the ``image_size`` setting, ``[H, W]`` or one size for a square
+            (see :py:func:`as_image_size`).
         network: the network; its ``size_divisor`` (HiMix: the image encoder's largest stride) is used when set.
         divisor: the divisor when the network has none.
 
     Raises:
-        ValueError: naming the setting, the divisor and the nearest valid sizes.
+        SettingError: (a ``ValueError``) naming the setting, the divisor and the nearest valid sizes.
     """
     if network is not None:
         from himix_monai.checkpoints import _unwrap  # DataParallel / DDP wrappers
 
         divisor = int(getattr(_unwrap(network), "size_divisor", divisor))
-    sizes = [int(s) for s in image_size]
-    if len(sizes) != 2 or any(s <= 0 for s in sizes):
-        raise ValueError(f"image_size must be two positive sizes [H, W], got {list(image_size)}.")
+    sizes = as_image_size(image_size)
     if any(s % divisor for s in sizes):
         lower = [max(divisor, s // divisor * divisor) for s in sizes]
         upper = [-(-s // divisor) * divisor for s in sizes]
-        raise ValueError(
+        raise SettingError(
             f"image_size {sizes} is not divisible by {divisor} (the image encoder's largest stride); "
             f"use e.g. {lower} or {upper}."
         )

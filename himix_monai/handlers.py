@@ -51,6 +51,7 @@ from himix_monai.checkpoints import (
 from himix_monai.config_utils import as_bool
 from himix_monai.data.ct import slices_to_nifti
 from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY
+from himix_monai.errors import HiMixError
 from himix_monai.transforms.volume import CTVolumeCache
 from himix_monai.transforms.mask import meta_filename
 
@@ -71,7 +72,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HiMixError, RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and the iteration."""
 
 
@@ -483,9 +484,11 @@ class StopOnNonFiniteLoss:
 class LossCSVWriter:
     """Append every iteration's loss to a CSV file: ``epoch,iteration,loss`` (full precision).
 
-    The file is created with a header when missing and appended to otherwise, so a resumed run continues it
-    (iterations repeated after a resume are the ones that were run again). In a ``torch.distributed`` job only
-    rank 0 writes (its own loss, as ``StatsHandler`` shows).
+    The file is created with a header when missing and appended to otherwise, so a resumed run continues it. At
+    its first iteration the run drops the rows of that iteration and later ones (written by a run that was killed
+    after its last checkpoint, or by an earlier run in the folder), so that every iteration is in the file once:
+    a run resumed at iteration N keeps rows 1..N, a fresh run starts a new file. In a ``torch.distributed`` job
+    only rank 0 writes (its own loss, as ``StatsHandler`` shows).
 
     Args:
         filename: the CSV file; missing parent folders are created.
@@ -495,6 +498,7 @@ class LossCSVWriter:
     def __init__(self, filename: str | os.PathLike, output_transform: Callable[[Any], Any] = _default_loss) -> None:
         self.filename = Path(filename)
         self.output_transform = output_transform
+        self._started = False
 
     def attach(self, engine: Engine) -> None:
         """
@@ -509,11 +513,31 @@ class LossCSVWriter:
             return
         value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
         self.filename.parent.mkdir(parents=True, exist_ok=True)
+        if not self._started:
+            self._started = True
+            self._drop_rows_from(int(engine.state.iteration))
         new = not self.filename.is_file()
         with open(self.filename, "a", encoding="utf-8") as stream:
             if new:
                 stream.write("epoch,iteration,loss\n")
             stream.write(f"{engine.state.epoch},{engine.state.iteration},{value!r}\n")
+
+    def _drop_rows_from(self, iteration: int) -> None:
+        """Rewrite the file (atomically) without the rows of ``iteration`` and later ones."""
+        if not self.filename.is_file():
+            return
+        lines = self.filename.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = lines[:1]
+        for line in lines[1:]:
+            fields = line.split(",")
+            if len(fields) >= 3 and fields[1].strip().isdigit() and int(fields[1]) < iteration:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) == len(lines):
+            return
+        temp = self.filename.with_name(f".{self.filename.name}.{os.getpid()}.tmp")
+        temp.write_text("".join(kept), encoding="utf-8")
+        os.replace(temp, self.filename)
+        logger.info(f"{self.filename}: dropped {len(lines) - len(kept)} rows from iteration {iteration} on.")
 
 
 

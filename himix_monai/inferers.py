@@ -21,7 +21,7 @@ from monai.inferers import SimpleInferer
 from himix_monai.precision import as_dtype
 from himix_monai.transforms.text import TokenizeTextd
 
-__all__ = ["AutocastInferer", "TextPromptInferer", "compute_dtype"]
+__all__ = ["AutocastInferer", "TextPromptInferer", "compute_dtype", "has_native_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,10 @@ def compute_dtype(precision: str, device: str | torch.device = "cpu") -> torch.d
     """The dtype the bundle's ``precision`` switch computes in on ``device``.
 
     ``"fp32"`` gives float32, ``"bf16"`` bfloat16 and ``"fp16"`` float16, except on a CPU, where float16 falls
-    back to bfloat16 (as :py:class:`AutocastInferer` does), and on a device type without autocast (float32).
+    back to bfloat16 (as :py:class:`AutocastInferer` does), on a GPU without native bfloat16 (compute
+    capability below 8.0), where bfloat16 falls back to float16, and on a device type without autocast
+    (float32). The bundle's training turns MONAI's loss scaler (``amp``) on exactly when this gives float16,
+    so every accepted spelling of fp16 trains with a ``GradScaler``.
     Use it to store weights that are never trained (the frozen text encoder; the whole network for
     inference) in the precision they are computed in: half the memory and no casts on every call.
 
@@ -39,12 +42,27 @@ def compute_dtype(precision: str, device: str | torch.device = "cpu") -> torch.d
         (torch.bfloat16, torch.float32)
     """
     dtype = as_dtype(precision)
-    device_type = torch.device(device).type
-    if dtype == torch.float32 or not torch.amp.is_autocast_available(device_type):
+    device = torch.device(device)
+    if dtype == torch.float32 or not torch.amp.is_autocast_available(device.type):
         return torch.float32
-    if device_type == "cpu" and dtype == torch.float16:
+    if device.type == "cpu" and dtype == torch.float16:
         return torch.bfloat16
+    if device.type == "cuda" and dtype == torch.bfloat16 and not has_native_bf16(device):
+        return torch.float16
     return dtype
+
+
+def has_native_bf16(device: str | torch.device) -> bool:
+    """Whether a CUDA ``device`` computes bfloat16 natively (compute capability 8.0, Ampere, or newer).
+
+    ``torch.autocast`` accepts bf16 on older GPUs (V100, T4) through emulation, which is slow and lacks some
+    cuDNN kernels; :py:func:`compute_dtype` therefore gives float16 there (trained with a loss scaler).
+    Non-CUDA devices report True: the question does not arise for them.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _to_float32(output: Any) -> Any:
@@ -111,8 +129,13 @@ class AutocastInferer(SimpleInferer):
         if dtype == torch.float32:
             self._report_once(f"autocast is not available on device type {device_type!r}; running in float32.")
             return None
-        if dtype != self.dtype:
+        if dtype != self.dtype and dtype == torch.bfloat16:
             self._report_once("precision 'fp16' on CPU falls back to bf16 autocast (CPU float16 is slow).")
+        elif dtype != self.dtype:
+            self._report_once(
+                f"precision {self.precision!r}: this {device_type} device has no native bfloat16; "
+                "running in float16 (training uses a loss scaler)."
+            )
         return dtype
 
     def __call__(

@@ -333,8 +333,9 @@ class PerImageMetricsWriter:
 
     The numbers come from MONAI metric handlers attached to the same evaluator (nothing is recomputed):
 
-    - per image: ``MeanDice`` and ``MeanIoUHandler`` with ``save_details=True`` (their default), whose
-      per-image scores MONAI keeps in ``engine.state.metric_details``;
+    - per image: MONAI's Dice and IoU metric handlers with ``save_details=True`` (the default; the bundle uses
+      ``IgniteMetricHandler`` with ``DiceMetric``/``MeanIoU(ignore_empty=False)``), whose per-image scores
+      MONAI keeps in ``engine.state.metric_details``;
     - global, over all pixels of the set: ``ConfusionMatrix(metric_name="f1 score", reduction="sum")`` (Dice)
       and ``ConfusionMatrix(metric_name="threat score", reduction="sum")`` (IoU), which sum TP/FP/FN over all
       images before taking the ratio (the official HiMix code's torchmetrics scores).
@@ -342,13 +343,20 @@ class PerImageMetricsWriter:
     At ``EPOCH_COMPLETED`` (after the metrics, which the engine attaches before its handlers) it writes
 
     - ``<output_dir>/<csv_filename>``: columns ``image,dice,iou``, one row per image (multi-channel scores are
-      averaged over channels; images MONAI scores as NaN, e.g. an empty ground truth with
-      ``ignore_empty=True``, are written as ``nan`` and left out of mean and std);
-    - ``<output_dir>/<summary_filename>``: ``n_images``, ``dice_mean``, ``dice_std``, ``iou_mean``, ``iou_std``
-      (population std, ``ddof=0``), ``global_dice``, ``global_iou``;
+      averaged over channels);
+    - ``<output_dir>/<summary_filename>``: ``n_images`` (rows), ``n_scored`` (rows whose Dice, else IoU,
+      entered the mean), ``dice_mean``, ``dice_std``, ``iou_mean``, ``iou_std`` (population std, ``ddof=0``),
+      ``global_dice``, ``global_iou``;
 
-    and logs one line ``Dice mean ± std, IoU mean ± std; global Dice, global IoU``. The summary is also kept
-    in ``self.summary``. Image names come from the image's ``filename_or_obj`` meta data in
+    and logs one line ``Dice mean ± std, IoU mean ± std (over N images); global Dice, global IoU``, where N
+    is the number of rows that entered the mean. The summary is also kept in ``self.summary``.
+
+    Empty masks: the bundle scores them with MONAI's convention (``DiceMetric(ignore_empty=False)`` and
+    ``MeanIoU(ignore_empty=False)``): an empty prediction on an empty mask scores 1, any foreground predicted
+    on an empty mask scores 0, so false positives on lesion-free images lower the mean. The global scores
+    follow the same rule: a 0/0 global Dice or IoU (no lesion pixel in any mask nor prediction) is 1. A
+    metric configured with ``ignore_empty=True`` scores empty masks NaN: such rows are written as ``nan``,
+    left out of mean and std, named in a warning, and not counted in N. Image names come from the image's ``filename_or_obj`` meta data in
     ``engine.state.batch``. In distributed runs the names are gathered from all ranks (MONAI's metric buffers
     are gathered by MONAI) and only ``save_rank`` writes. Any of the four metric names may be None to leave
     that column or number out.
@@ -366,15 +374,18 @@ class PerImageMetricsWriter:
 
     Examples::
 
-        from monai.handlers import ConfusionMatrix, MeanDice, MeanIoUHandler, from_engine
+        from monai.handlers import ConfusionMatrix, IgniteMetricHandler, from_engine
+        from monai.metrics import DiceMetric, MeanIoU
         from himix_monai.visualize import PerImageMetricsWriter
 
         pair = from_engine(["pred", "label"])
+        dice = IgniteMetricHandler(DiceMetric(ignore_empty=False), output_transform=pair)  # empty vs empty = 1
+        iou = IgniteMetricHandler(MeanIoU(ignore_empty=False), output_transform=pair)
         evaluator = SupervisedEvaluator(
             ...,
-            key_val_metric={"val_mean_dice": MeanDice(output_transform=pair)},
+            key_val_metric={"val_mean_dice": dice},
             additional_metrics={
-                "val_mean_iou": MeanIoUHandler(output_transform=pair),
+                "val_mean_iou": iou,
                 "val_global_dice": ConfusionMatrix(metric_name="f1 score", reduction="sum", output_transform=pair),
                 "val_global_iou": ConfusionMatrix(metric_name="threat score", reduction="sum", output_transform=pair),
             },
@@ -472,8 +483,25 @@ class PerImageMetricsWriter:
             names = [str(i) for i in range(n_rows)]
         dice_mean, dice_std = _nan_stats(dice) if dice is not None else (None, None)
         iou_mean, iou_std = _nan_stats(iou) if iou is not None else (None, None)
+        scored = dice if dice is not None else iou
+        n_scored = int(np.sum(~np.isnan(scored))) if scored is not None else n_rows
+        if n_scored < n_rows:
+            unscored = [name for name, value in zip(names, scored) if np.isnan(value)]
+            logger.warning(
+                "PerImageMetricsWriter: %d of %d images have no score (NaN; a metric with ignore_empty=True "
+                "scores empty masks so) and are left out of mean and std: %s%s",
+                len(unscored),
+                n_rows,
+                ", ".join(unscored[:10]),
+                ", ..." if len(unscored) > 10 else "",
+            )
+        if n_rows:
+            # 0/0: no lesion pixel in any mask nor prediction; 1 by MONAI's ignore_empty=False convention
+            global_dice = 1.0 if global_dice is not None and math.isnan(global_dice) else global_dice
+            global_iou = 1.0 if global_iou is not None and math.isnan(global_iou) else global_iou
         self.summary = {
             "n_images": n_rows,
+            "n_scored": n_scored,
             "dice_mean": dice_mean,
             "dice_std": dice_std,
             "iou_mean": iou_mean,
@@ -502,7 +530,7 @@ class PerImageMetricsWriter:
             fmt(dice_std),
             fmt(iou_mean),
             fmt(iou_std),
-            n_rows,
+            n_scored,
             fmt(global_dice),
             fmt(global_iou),
         )

@@ -7,8 +7,7 @@ import torch
 
 from himix_monai.checkpoints import CheckpointMismatchError, SafeCheckpointLoader, load_network_weights
 from himix_monai.networks import HiMix
-from himix_monai.networks.blocks import FrozenTextEncoder
-from himix_monai.networks.blocks.text_encoder import TextEncoderMismatchError, text_encoder_fingerprint
+from himix_monai.networks.blocks import FrozenTextEncoder, TextEncoderMismatchError, text_encoder_fingerprint
 
 TINY = dict(in_channels=1, image_encoder="test_convnext", num_heads=4, text_tokens=(6, 4, 3), text_length=8)
 
@@ -113,7 +112,8 @@ def test_training_states_of_the_previous_format_resume(tmp_path, tiny_text_model
     keys = [f"text_encoder.model.{k}" for k, _ in trained.text_encoder.model.named_parameters()]
     state = {"network": network, "meta": {"frozen_weights": {"keys": keys, "fingerprint": checksum}}}
     torch.save(state, tmp_path / "checkpoint_latest.pt")
-    net = load_network_weights(tiny_himix(tiny_text_model_dir, text_encoder_dtype="bf16"), tmp_path / "checkpoint_latest.pt")
+    net = tiny_himix(tiny_text_model_dir, text_encoder_dtype="bf16")
+    load_network_weights(net, tmp_path / "checkpoint_latest.pt")
     assert torch.equal(net.head.conv.conv.weight, trained.head.conv.conv.weight)
     with pytest.raises(CheckpointMismatchError, match="another text encoder"):
         load_network_weights(tiny_himix(other_text_model_dir), tmp_path / "checkpoint_latest.pt")

@@ -321,7 +321,7 @@ def test_prompt_csv_guidedecoder_mask_names_and_lowercase_folders(tmp_path, caps
     out = tmp_path / "d.json"
     code, stdout, stderr = run(prompt_csv, ["--root", str(root), "--out", str(out)], capsys)
     assert code == 0, stderr
-    assert "note: no val.csv: took the last 20% of train.csv rows (1 of 5) as validation" in stdout
+    assert "note: no val.csv: took the last 20% of the usable train.csv rows (1 of 5) as validation" in stdout
     assert stdout.strip().endswith("training=4 validation=1 test=2; skipped 0")
     assert names(load_datalist(out, "training")) == [f"covid_train{i}.png" for i in range(4)]
     assert names(load_datalist(out, "validation")) == ["covid_train4.png"]
@@ -368,6 +368,20 @@ def test_prompt_csv_val_fraction_with_seed(tmp_path, capsys):
         selections.append(names(load_datalist(out, "validation")))
     assert selections[0] == selections[1]
     assert sorted(selections[0] + names(load_datalist(out, "training"))) == sorted(f"train_{i}.png" for i in range(10))
+
+
+def test_prompt_csv_picks_validation_rows_after_checking_their_files(tmp_path, capsys):
+    """The last train.csv row has a truncated mask: validation is taken from the usable rows, never left empty."""
+    dataset = make_prompt_csv(tmp_path / "data", num_train=5, with_val=False)
+    bad_mask = dataset.masks[-1]
+    bad_mask.write_bytes(bad_mask.read_bytes()[:40])
+    out = tmp_path / "d.json"
+    code, stdout, stderr = convert(dataset, out, capsys)
+    assert code == 0, stderr
+    assert "took the last 20% of the usable train.csv rows (1 of 4) as validation" in stdout
+    assert stdout.strip().endswith("training=3 validation=1 test=1; skipped 1 (unreadable mask: 1)")
+    assert names(load_datalist(out, "validation")) == ["train_3.png"]
+    assert names(load_datalist(out, "training")) == [f"train_{i}.png" for i in range(3)]
 
 
 def test_prompt_csv_val_csv_without_val_folder(tmp_path, capsys):

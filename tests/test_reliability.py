@@ -385,7 +385,7 @@ def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run)
     assert re.search(r"image_encoder\.backbone\.stem_0\.weight: \(\d+, 1, 4, 4\) -> \(96, 1, 4, 4\)", message)
     assert "... (" in message and len(message.splitlines()) < 20
 
-    # the same configuration loads, from the best model and from the training state (frozen weights checked)
+    # the same configuration loads, from the best model and from the training state (text-encoder fingerprint checked)
     network = tiny_himix(text_encoder=minilm())
     load_network_weights(network, best)
     saved = load_state(best)

@@ -176,7 +176,8 @@ def test_cli_masks_folder_csv_and_errors(tmp_path, capsys):
     assert rows[2]["Description"] == "one small polyp located in top left of the image"
     assert "4 reports" in capsys.readouterr().out
     broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps({"training": [{"image": "x.png", "label": "missing_mask.png", "text": ""}]}))
+    broken.write_text(json.dumps({"training": [{"image": "a.png", "label": "missing_mask.png", "text": ""}]}))
     assert reports_main(["--datalist", str(broken), "--out", str(tmp_path / "o.json")]) == 1
     error = capsys.readouterr().err
-    assert "missing_mask.png" in error and "'training' item 1" in error
+    assert f"entry 1 of {broken} ('training: a.png'): missing mask: " in error and "missing_mask.png" in error
+    assert "no usable item" in error and not (tmp_path / "o.json").exists()

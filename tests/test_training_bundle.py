@@ -35,10 +35,12 @@ TINY = {
 }
 
 
-def bundle_argv(bundle_root: Path, **overrides) -> list[str]:
-    """The arguments of ``python -m monai.bundle`` for ``run training`` with the tiny settings and ``overrides``."""
+def bundle_argv(bundle_root: Path, config_files: tuple = (TRAIN_CONFIG,), **overrides) -> list[str]:
+    """The arguments of ``python -m monai.bundle`` for ``run training`` with the tiny settings and ``overrides``;
+    ``config_files`` are merged left to right (default: ``train.json``)."""
     settings = {**TINY, "bundle_root": str(bundle_root), **overrides}
-    argv = ["run", "training", "--config_file", str(TRAIN_CONFIG)]
+    files = [str(f) for f in config_files]
+    argv = ["run", "training", "--config_file", files[0] if len(files) == 1 else str(files)]
     for key, value in settings.items():
         argv += [f"--{key}", str(value)]
     return argv
@@ -189,7 +191,8 @@ def test_training_writes_best_model_latest_state_and_loss_log(fresh_run):
     root, proc = fresh_run
     models = root / "models"
     assert (models / "model.pt").is_file()
-    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_latest.pt", "model.pt"]  # no temp files left
+    # no temp files left; the training lock's file stays (the lock is released: filelock keeps its file)
+    assert sorted(p.name for p in models.iterdir()) == [".training.lock", "checkpoint_latest.pt", "model.pt"]
 
     state = load_state(models / "checkpoint_latest.pt")  # plain state dicts: loads with weights_only=True
     meta = state["meta"]

@@ -39,6 +39,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from himix_monai.errors import HiMixError
+
 __all__ = [
     "WINDOW_PRESETS",
     "DEFAULT_WINDOW",
@@ -81,7 +83,7 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GEOMETRY_TOLERANCE = 1e-4
 
 
-class CTReadError(ValueError):
+class CTReadError(HiMixError, ValueError):
     """A CT file, series or prediction cannot be used; the message names the file."""
 
 

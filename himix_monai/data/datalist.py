@@ -21,7 +21,8 @@ dataset converters in ``data_prep``:
 - :py:class:`DirectoryIndex`, :py:func:`find_image_file` and :py:func:`find_mask_file` resolve the
   file names written in annotation sheets to files on disk (extension mismatches, ``mask_`` prefixes);
 - :py:func:`read_description_sheet` reads ``Image``/``Description`` tables from ``.xlsx``/``.csv``;
-- :py:func:`build_datalist` turns checked candidate items into a datalist;
+- :py:func:`build_datalist` turns checked candidate items into a datalist; :py:func:`check_datalist_files`
+  runs the same check on the items of an existing datalist (``data_prep.reports``);
 - :py:func:`load_checked_datalist` loads a split for training and checks its files up front (missing,
   unreadable, size mismatch, 3-D volume), raising one :py:class:`DatalistError` that lists the bad items, or
   skipping and counting them.
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from himix_monai.config_utils import as_bool
+from himix_monai.errors import HiMixError, NonFiniteImageError
 
 __all__ = [
     "DATALIST_SPLITS",
@@ -70,6 +72,8 @@ __all__ = [
     "read_spatial_size",
     "check_image_label_pair",
     "build_datalist",
+    "check_datalist_files",
+    "drop_unusable_images",
     "load_checked_datalist",
 ]
 
@@ -98,11 +102,11 @@ ProgressFn = Callable[[Iterable[Any], int, str], Iterable[Any]]
 """``progress(iterable, total, description)`` wraps an iterable to show progress (e.g. with tqdm)."""
 
 
-class DatalistError(ValueError):
+class DatalistError(HiMixError, ValueError):
     """A datalist, an annotation file or one of its rows is invalid; the message names the file (and row)."""
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(HiMixError, OSError):
     """An image or mask file cannot be read (corrupt, truncated or of an unsupported format)."""
 
 
@@ -114,6 +118,8 @@ class SkipReason:
     UNREADABLE_IMAGE = "unreadable image"
     UNREADABLE_MASK = "unreadable mask"
     SIZE_MISMATCH = "image/mask size mismatch"
+    NON_FINITE_IMAGE = "NaN or infinite values in image"
+    NON_FINITE_MASK = "NaN or infinite values in mask"
     DUPLICATE_ID = "duplicate id"
     EMPTY_DESCRIPTION = "empty description"
     MISSING_PROMPT = "missing prompt"
@@ -599,7 +605,10 @@ def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path
 
 
 def load_datalist(
-    path: str | os.PathLike, split: str = "training", base_dir: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    split: str = "training",
+    base_dir: str | os.PathLike | None = None,
+    skip_empty_text: bool = False,
 ) -> list[dict]:
     """Load one split of a datalist with :py:func:`monai.data.load_decathlon_datalist`.
 
@@ -612,6 +621,8 @@ def load_datalist(
         path: the datalist JSON file.
         split: the split to load, e.g. ``"training"``, ``"validation"`` or ``"test"``.
         base_dir: the folder relative paths are resolved against.
+        skip_empty_text: leave items whose ``text`` is empty or blank out, with a warning naming each, instead of
+            raising (``skip_bad_items`` of the bundle).
 
     Returns:
         The split's items as dicts with ``image``, ``label`` and ``text``.
@@ -635,10 +646,20 @@ def load_datalist(
     if split not in raw:
         found = ", ".join(map(repr, raw)) or "none"
         raise DatalistError(f"{path}: lacks the key {split!r} (found: {found})")
+    keep = [True] * len(raw[split]) if isinstance(raw[split], list) else []
+    if skip_empty_text and isinstance(raw[split], list):
+        for position, item in enumerate(raw[split], start=1):
+            if isinstance(item, Mapping) and isinstance(item.get("text", ""), str) and not item.get("text", "").strip():
+                keep[position - 1] = False
+                _LOGGER.warning(
+                    "%s: skipped item %d of %r: empty text (image %s)", path, position, split, item.get("image")
+                )
+        raw = {**raw, split: [item for item, kept in zip(raw[split], keep) if kept]}
     _validate_split(raw, split, str(path))
     if not raw[split]:
         return []
     items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=base_dir)
+    items = [item for item, kept in zip(items, keep) if kept]
     for item, raw_item in zip(items, raw[split]):
         item["text"] = raw_item["text"]
     return items
@@ -656,6 +677,10 @@ def _pil_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
             image.load()
             if image.format == "PNG":
                 _check_png_end(path)
+            if image.mode.startswith("F"):  # 32-bit float TIFF: the only PIL mode that holds NaN or inf
+                import numpy as np
+
+                _check_finite(path, np.asarray(image))
     return (height, width)
 
 
@@ -667,6 +692,18 @@ def _check_png_end(path: Path) -> None:
             raise UnreadableImageError(f"{path}: truncated PNG (no IEND chunk at the end of the file)")
 
 
+def _check_finite(path: Path, pixels: Any) -> None:
+    """Raise :py:class:`~himix_monai.errors.NonFiniteImageError` when float pixel data holds NaN or inf."""
+    import numpy as np
+
+    pixels = np.asarray(pixels)
+    if pixels.dtype.kind not in "fc":
+        return
+    nans, infs = int(np.isnan(pixels).sum()), int(np.isinf(pixels).sum())
+    if nans or infs:
+        raise NonFiniteImageError(f"{path}: {nans} NaN and {infs} infinite pixel values (of {pixels.size})")
+
+
 def _tifffile_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
     import tifffile
 
@@ -674,7 +711,7 @@ def _tifffile_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
         page = tiff.pages[0]
         shape = tuple(page.shape)
         if verify:
-            page.asarray()
+            _check_finite(path, page.asarray())
     # (H, W) or (H, W, samples)
     return shape[:2]
 
@@ -686,7 +723,7 @@ def _nifti_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
     image = nibabel.load(str(path))
     shape = tuple(int(s) for s in image.shape)
     if verify:
-        np.asanyarray(image.dataobj)
+        _check_finite(path, np.asanyarray(image.dataobj))
     return shape[:3]
 
 
@@ -697,7 +734,7 @@ def _dicom_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
     if "Rows" not in dataset or "Columns" not in dataset:
         raise UnreadableImageError(f"{path}: DICOM file has no Rows/Columns (not an image?)")
     if verify:
-        dataset.pixel_array  # noqa: B018 - decodes the pixel data, raises on truncated or corrupt data
+        _check_finite(path, dataset.pixel_array)  # decodes the pixel data, raises on truncated or corrupt data
     frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
     size = (int(dataset.Rows), int(dataset.Columns))
     return size if frames == 1 else (frames, *size)
@@ -718,13 +755,15 @@ def read_spatial_size(path: str | os.PathLike, verify: bool = True) -> tuple[int
 
     Args:
         path: the image file.
-        verify: decode the pixel data to detect truncated or corrupt files; False reads the header only.
+        verify: decode the pixel data to detect truncated or corrupt files and NaN or infinite values; False
+            reads the header only.
 
     Returns:
         The spatial size.
 
     Raises:
         UnreadableImageError: when the file cannot be read or decoded.
+        NonFiniteImageError: with ``verify``, when float pixel data (float TIFF, NIfTI, DICOM) holds NaN or inf.
     """
     path = Path(path)
     extension = split_image_extension(path.name)[1].lower()
@@ -740,7 +779,7 @@ def read_spatial_size(path: str | os.PathLike, verify: bool = True) -> tuple[int
                 if extension not in _TIFF_EXTENSIONS:
                     raise
                 shape = _tifffile_spatial_size(path, verify)  # TIFF flavours PIL cannot decode
-    except UnreadableImageError:
+    except (UnreadableImageError, NonFiniteImageError):
         raise
     except Exception as err:  # each reader raises its own types for corrupt input
         raise UnreadableImageError(f"{path}: {type(err).__name__}: {err}") from err
@@ -759,7 +798,8 @@ def check_image_label_pair(
     Args:
         image: the image file.
         label: the mask file.
-        verify: decode the files to detect truncated or corrupt ones; False reads headers only.
+        verify: decode the files to detect truncated or corrupt ones and NaN or infinite values; False reads
+            headers only.
 
     Returns:
         None if the pair is usable, else the problem.
@@ -773,10 +813,14 @@ def check_image_label_pair(
         image_size = read_spatial_size(image, verify)
     except UnreadableImageError as err:
         return PairProblem(SkipReason.UNREADABLE_IMAGE, str(err))
+    except NonFiniteImageError as err:
+        return PairProblem(SkipReason.NON_FINITE_IMAGE, str(err))
     try:
         label_size = read_spatial_size(label, verify)
     except UnreadableImageError as err:
         return PairProblem(SkipReason.UNREADABLE_MASK, str(err))
+    except NonFiniteImageError as err:
+        return PairProblem(SkipReason.NON_FINITE_MASK, str(err))
     if image_size != label_size:
         detail = f"image {image} is {_format_size(image_size)}, mask {label} is {_format_size(label_size)}"
         return PairProblem(SkipReason.SIZE_MISMATCH, detail)
@@ -815,7 +859,7 @@ def build_datalist(
     Args:
         candidates: the items, in order.
         report: collects skipped items; raises in strict mode.
-        verify: decode the files to detect truncated or corrupt ones.
+        verify: decode the files to detect truncated or corrupt ones and NaN or infinite values.
         num_workers: threads used to check files; default ``min(8, cpu count)``.
         progress: wraps the checks to show progress, see :py:data:`ProgressFn`.
 
@@ -840,6 +884,108 @@ def build_datalist(
     finally:
         checks.close()  # stops the worker threads at once when strict mode raises
     return datalist
+
+
+def check_datalist_files(
+    datalist: Mapping[str, Any],
+    report: SkipReport,
+    source: str | os.PathLike,
+    base_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Check the image and mask of every item of an existing datalist; leave out (and report) the bad ones.
+
+    The check is :py:func:`check_image_label_pair`, the one every converter runs (through
+    :py:func:`build_datalist`): both files present and readable (the header always; decoded with ``verify``, so
+    truncated files and NaN or infinite values are found), of the same spatial size. Each bad item goes to
+    ``report`` with its entry number in ``source`` (so ``--strict`` stops at the first one). Items without
+    string ``image`` and ``label`` paths and top-level keys that are not lists are kept unchanged.
+
+    Args:
+        datalist: a parsed datalist.
+        report: collects skipped items; raises :py:class:`DatalistError` in strict mode.
+        source: the datalist file, for the report.
+        base_dir: the folder relative paths are resolved against (default: the folder of ``source``).
+        verify: decode the files; False reads the headers only.
+        num_workers: threads used to check files; default ``min(8, cpu count)``.
+
+    Returns:
+        The datalist without the bad items.
+
+    Raises:
+        DatalistError: from ``report`` in strict mode.
+
+    Examples::
+
+        report = SkipReport(strict=False)
+        checked = check_datalist_files(json.loads(path.read_text()), report, source=path)
+        print(report.summary())  # e.g. "skipped 1 (unreadable image: 1)"
+    """
+    base = Path(base_dir) if base_dir is not None else Path(source).absolute().parent
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+
+    def resolve(path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else base / path
+
+    result: dict[str, Any] = {}
+    for key, items in datalist.items():
+        if not isinstance(items, list):
+            result[key] = items
+            continue
+        checkable = [
+            isinstance(item, Mapping) and isinstance(item.get("image"), str) and isinstance(item.get("label"), str)
+            for item in items
+        ]
+        pairs = [(resolve(item["image"]), resolve(item["label"])) for item, ok in zip(items, checkable) if ok]
+        with ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="datalist-check") as executor:
+            problems = iter(list(executor.map(lambda pair: check_image_label_pair(*pair, verify=verify), pairs)))
+        kept = []
+        for number, (item, ok) in enumerate(zip(items, checkable), start=1):
+            problem = next(problems) if ok else None
+            if problem is None:
+                kept.append(item)
+                continue
+            item_id = f"{key}: {Path(item['image']).name}"
+            report.skip(item_id, problem.reason, source, number, problem.detail, unit="entry")
+        result[key] = kept
+    return result
+
+
+def drop_unusable_images(
+    items: Sequence[Mapping[str, Any]], skip_bad_items: bool | str = False, key: str = "image"
+) -> list[Mapping[str, Any]]:
+    """With ``skip_bad_items``, leave out the items whose image cannot be read or holds NaN or infinite values.
+
+    For inference, which has no label to check: each item's ``key`` file is decoded with
+    :py:func:`read_spatial_size` and a bad one is logged (file and reason) and left out. Without
+    ``skip_bad_items`` the items are returned unchanged and unread; the preprocessing then stops at a bad image,
+    naming it (``EnsureFinited``).
+
+    Args:
+        items: items with a file path under ``key``.
+        skip_bad_items: check and leave bad items out; booleans given as text are read as such.
+        key: the key of the image path.
+
+    Returns:
+        The usable items, in order.
+    """
+    if not as_bool(skip_bad_items, "skip_bad_items"):
+        return list(items)
+    kept = []
+    for item in items:
+        path = item.get(key)
+        if isinstance(path, (str, os.PathLike)):
+            try:
+                read_spatial_size(path, verify=True)
+            except (UnreadableImageError, NonFiniteImageError) as err:
+                _LOGGER.warning("skipped %s (skip_bad_items): %s", path, err)
+                continue
+        kept.append(item)
+    if len(kept) < len(items):
+        _LOGGER.warning("%d of %d images are skipped; %d are used.", len(items) - len(kept), len(items), len(kept))
+    return kept
 
 
 def _item_problem(item: Mapping[str, Any], verify: bool) -> PairProblem | None:
@@ -889,10 +1035,11 @@ def load_checked_datalist(
 
     The datalist is read with :py:func:`himix_monai.data.datalist.load_datalist` (errors name the file, the split
     and the item: invalid JSON, missing keys, empty text). Then every item's image and mask are checked:
-    present, readable (decoded when ``verify``, so truncated or corrupt PNG/JPEG/DICOM files and DICOM files
-    without pixel data are found), of the same spatial size, and 2-D. Bad items either stop the run with one
-    :py:class:`~himix_monai.data.datalist.DatalistError` that counts them by reason and lists the first few
-    (file, item number, file names), or, with ``skip_bad_items``, are logged, counted and left out.
+    present, readable (decoded when ``verify``, so truncated or corrupt PNG/JPEG/DICOM files, DICOM files
+    without pixel data and float images with NaN or infinite values are found), of the same spatial size, and
+    2-D. Bad items either stop the run with one :py:class:`~himix_monai.data.datalist.DatalistError` that
+    counts them by reason and lists the first few (file, item number, file names), or, with
+    ``skip_bad_items``, are logged, counted and left out (items with an empty text too).
 
     Keys that only some items have (e.g. ``image_dicom`` in the demo items but not in items added by hand)
     are dropped, with one log line: batching items with different keys would fail with a bare ``KeyError``.
@@ -902,8 +1049,10 @@ def load_checked_datalist(
         split: ``"training"``, ``"validation"`` or ``"test"``.
         check_files: check the files; False only loads the datalist. Booleans given as text (``"false"``) are
             read as such, see :py:func:`~himix_monai.config_utils.as_bool`.
-        skip_bad_items: leave bad items out (with a warning each and a summary) instead of stopping.
-        verify: decode the files to find truncated or corrupt ones; False reads the headers only.
+        skip_bad_items: leave bad items (also items with an empty text) out, with a warning each and a summary,
+            instead of stopping.
+        verify: decode the files to find truncated or corrupt ones and NaN or infinite values; False reads the
+            headers only.
         num_workers: threads for the checks; default ``min(8, cpu count)``.
         base_dir: the folder relative paths are resolved against (default: the datalist's folder).
 
@@ -914,8 +1063,9 @@ def load_checked_datalist(
         DatalistError: for an invalid datalist, for bad items unless ``skip_bad_items``, and when no item of a
             non-empty split is usable.
     """
-    items = _common_keys(load_datalist(path, split=split, base_dir=base_dir), f"{path} ({split!r})")
     skip_bad_items = as_bool(skip_bad_items, "skip_bad_items")
+    items = load_datalist(path, split=split, base_dir=base_dir, skip_empty_text=skip_bad_items)
+    items = _common_keys(items, f"{path} ({split!r})")
     if not as_bool(check_files, "check_files") or not items:
         return items
     workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
@@ -937,8 +1087,8 @@ def load_checked_datalist(
         raise DatalistError(
             f"{where} cannot be used ({summary}):\n"
             + "\n".join(listed)
-            + "\nFix or remove them (the data_prep converters skip such items), or set skip_bad_items to true to "
-            "train without them."
+            + "\nFix or remove them (the data_prep converters skip such items), or set skip_bad_items to true "
+            "(--skip_bad_items true) to leave them out."
         )
     for number, problem in bad:
         _LOGGER.warning("%s: skipped item %d of %r: %s: %s", path, number, split, problem.reason, problem.detail)

@@ -34,7 +34,7 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -528,7 +528,11 @@ def fill_datalist_reports(
 
 
 def mask_folder_reports(
-    folder: str | os.PathLike, style: str = "chest", min_size: float = DEFAULT_MIN_SIZE, **report_kwargs: Any
+    folder: str | os.PathLike,
+    style: str = "chest",
+    min_size: float = DEFAULT_MIN_SIZE,
+    on_unreadable: Callable[[Path, str], None] | None = None,
+    **report_kwargs: Any,
 ) -> list[tuple[str, str]]:
     """Reports for every mask file of a folder, sorted by file name.
 
@@ -536,10 +540,15 @@ def mask_folder_reports(
         folder: folder of 2-D masks (hidden files and non-image files are skipped).
         style: one of :py:data:`REPORT_STYLES`.
         min_size: minimum lesion size in pixels (>= 1) or as a fraction of the image (< 1).
+        on_unreadable: called with the file and the error message for a mask that cannot be read, which is
+            then left out; None raises the error instead.
         report_kwargs: passed to :py:func:`report_from_mask`.
 
     Returns:
         ``(file name, report)`` pairs.
+
+    Raises:
+        ValueError: naming the file of an unreadable mask, unless ``on_unreadable`` is given.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -549,7 +558,13 @@ def mask_folder_reports(
     rows = []
     for name in names:
         if name.lower().endswith(suffixes):
-            mask = read_mask(folder / name)
+            try:
+                mask = read_mask(folder / name)
+            except ValueError as err:
+                if on_unreadable is None:
+                    raise
+                on_unreadable(folder / name, str(err))
+                continue
             rows.append((name, report_from_mask(mask, style, min_size=min_size, **report_kwargs)))
     return rows
 

@@ -1,6 +1,7 @@
-"""MONAI dictionary transforms for HiMix: text tokenisation and report-style augmentation, masks, CT windows,
-CT volume slices and the picture layout of predictions."""
+"""MONAI dictionary transforms for HiMix: text tokenisation and report-style augmentation, checks of loaded
+images, masks, CT windows, CT volume slices and the picture layout of predictions."""
 
+from .checks import EnsureFinite, EnsureFinited
 from .ct import CTWindow, CTWindowd, EnsureSingleSlice, EnsureSingleSliced
 from .mask import BinarizeMask, BinarizeMaskd, EnsureImageChannels, EnsureImageChannelsd
 from .text import ReportStyleTextd, TokenizeTextd, to_report_style
@@ -12,6 +13,8 @@ __all__ = [
     "CTVolumeCache",
     "CTWindow",
     "CTWindowd",
+    "EnsureFinite",
+    "EnsureFinited",
     "EnsureImageChannels",
     "EnsureImageChannelsd",
     "EnsureSingleSlice",

@@ -53,6 +53,11 @@ class TokenizeTextd(MapTransform):
     Text longer than ``max_length`` tokens is truncated; the first truncation is logged as a warning once per
     transform instance (once per DataLoader worker process), later ones are not reported.
 
+    A text the tokenizer cannot read (e.g. Chinese or emoji for an English vocabulary) becomes mostly the
+    unknown token (``[UNK]``) and gives the network almost no information, silently. When more than
+    ``max_unknown_fraction`` of a text's tokens are unknown, a warning names the item, the counts and what to
+    do, once per item and transform instance.
+
     Args:
         keys: the key of the text in the data dictionary (exactly one key), usually ``"text"``.
         tokenizer: hub name, local tokenizer directory (loaded with ``load_text_tokenizer``, the network's
@@ -62,6 +67,8 @@ class TokenizeTextd(MapTransform):
         attention_mask_key: output key of the attention mask.
         empty_text: ``"error"`` raises ``ValueError`` naming the item's image when the text is empty or only
             whitespace; ``"allow"`` tokenises it (giving only the special tokens).
+        max_unknown_fraction: warn when more than this fraction of a text's tokens are the tokenizer's unknown
+            token; None never warns.
         allow_missing_keys: don't raise an exception if the text key is missing.
 
     Examples::
@@ -82,6 +89,7 @@ class TokenizeTextd(MapTransform):
         input_ids_key: str = "input_ids",
         attention_mask_key: str = "attention_mask",
         empty_text: str = "error",
+        max_unknown_fraction: float | None = 0.5,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -99,7 +107,9 @@ class TokenizeTextd(MapTransform):
         self.attention_mask_key = attention_mask_key
         self.empty_text = empty_text
         self._tokenizer: Any = None if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self.max_unknown_fraction = max_unknown_fraction
         self._truncation_warned = False
+        self._unknown_warned: set[str] = set()
 
     @property
     def tokenizer(self) -> Any:
@@ -135,9 +145,12 @@ class TokenizeTextd(MapTransform):
                 f"empty text for item {source!r}; give every item a text, or use empty_text='allow'."
             )
         tok = self.tokenizer
-        if not self._truncation_warned:
-            n_tokens = len(tok(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
-            if n_tokens > self.max_length:
+        if not self._truncation_warned or self.max_unknown_fraction is not None:
+            ids = tok(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+            self._check_unknown(ids, text, source)
+            specials = tok.num_special_tokens_to_add() if hasattr(tok, "num_special_tokens_to_add") else 2
+            n_tokens = len(ids) + int(specials)
+            if n_tokens > self.max_length and not self._truncation_warned:
                 self._truncation_warned = True
                 logger.warning(
                     "text of item %r has %d tokens and is truncated to max_length=%d "
@@ -157,6 +170,32 @@ class TokenizeTextd(MapTransform):
         input_ids = torch.as_tensor(encoded["input_ids"], dtype=torch.long)
         attention_mask = torch.as_tensor(encoded["attention_mask"], dtype=torch.long)
         return input_ids, attention_mask
+
+    def _check_unknown(self, ids: Sequence[int], text: str, source: Any) -> None:
+        """Warn, once per item, when most of ``ids`` are the tokenizer's unknown token."""
+        unknown_id = getattr(self.tokenizer, "unk_token_id", None)
+        if self.max_unknown_fraction is None or unknown_id is None or not ids:
+            return
+        n_unknown = sum(1 for i in ids if i == unknown_id)
+        if n_unknown <= self.max_unknown_fraction * len(ids):
+            return
+        name = str(source)
+        if name in self._unknown_warned:
+            return
+        if len(self._unknown_warned) < 100_000:
+            self._unknown_warned.add(name)
+        unknown = getattr(self.tokenizer, "unk_token", None) or "unknown"
+        logger.warning(
+            "text of item %r is mostly unreadable for the text encoder's tokenizer: %d of %d tokens are %s, so "
+            "the network gets almost no information from it (text: %r). Write the text in the language and "
+            "characters of the tokenizer's vocabulary (English for the bundle's default MiniLM and CXR-BERT), or "
+            "choose a text_encoder that reads it.",
+            source,
+            n_unknown,
+            len(ids),
+            unknown,
+            text if len(text) <= 80 else text[:77] + "...",
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

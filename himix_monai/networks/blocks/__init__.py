@@ -5,7 +5,15 @@ from .dlfm import LAYER_GROUPINGS, DynamicLayerFusion, interleaved_layer_groups,
 from .head import subpixel_segmentation_head
 from .image_encoder import CPUDepthwiseConv2d, TimmImageEncoder, use_cpu_depthwise_convs
 from .mixing_stage import TextProjection, VisualTextualMixingStage, sinusoidal_position_embedding_2d
-from .text_encoder import FrozenTextEncoder, is_cxr_bert_config, load_text_encoder, load_text_tokenizer
+from .text_encoder import (
+    FrozenTextEncoder,
+    ScriptableTextEncoder,
+    TextEncoderMismatchError,
+    is_cxr_bert_config,
+    load_text_encoder,
+    load_text_tokenizer,
+    text_encoder_fingerprint,
+)
 
 __all__ = [
     "AdaptiveSpectrumRefinement",
@@ -13,6 +21,8 @@ __all__ = [
     "DynamicLayerFusion",
     "FrozenTextEncoder",
     "LAYER_GROUPINGS",
+    "ScriptableTextEncoder",
+    "TextEncoderMismatchError",
     "TextProjection",
     "TimmImageEncoder",
     "VisualTextualMixingStage",
@@ -24,5 +34,6 @@ __all__ = [
     "load_text_tokenizer",
     "sinusoidal_position_embedding_2d",
     "subpixel_segmentation_head",
+    "text_encoder_fingerprint",
     "use_cpu_depthwise_convs",
 ]

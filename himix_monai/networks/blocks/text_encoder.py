@@ -22,6 +22,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTo
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
+from himix_monai.errors import HiMixError
 from himix_monai.precision import as_dtype
 
 __all__ = [
@@ -39,7 +40,7 @@ _FINGERPRINT_BYTES = 256  # fixed size of the fingerprint tensor in the state di
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-class TextEncoderMismatchError(RuntimeError):
+class TextEncoderMismatchError(HiMixError, RuntimeError):
     """Weights trained with one text encoder were loaded into a network built with another."""
 
 
@@ -160,6 +161,13 @@ def text_encoder_fingerprint(model: PreTrainedModel, source: str | os.PathLike |
     bf16- or fp16-stored encoder has lost them; so when ``model`` is not float32 the values are read again, one
     tensor at a time, from ``source``'s weight files (the ``bert.`` prefix of CXR-BERT files is handled). A
     ``source`` whose files cannot be matched key by key is loaded once in its own dtype to be hashed.
+
+    Why values and not the files' bytes: the same weights saved as ``model.safetensors`` or ``pytorch_model.bin``,
+    or given as a ``PreTrainedModel`` instance, get the same fingerprint, and files the encoder does not use
+    (CXR-BERT's MLM and projection heads, the tokenizer) do not count. Why an exact hash and not a sum with a
+    tolerance (the previous checksum): a sum taken in the storage dtype differs between bf16 and fp16, and a
+    tolerance wide enough for that also lets a slightly fine-tuned encoder through. About 0.4 s for a
+    110 M-parameter BERT on one CPU thread, once per network.
 
     Args:
         model: the loaded encoder.
@@ -375,7 +383,9 @@ class FrozenTextEncoder(nn.Module):
             "setting), or train again with this one."
         )
 
-    def check_state(self, state_dict: MutableMapping[str, Any], prefix: str = "", source: str = "the checkpoint") -> None:
+    def check_state(
+        self, state_dict: MutableMapping[str, Any], prefix: str = "", source: str = "the checkpoint"
+    ) -> None:
         """Check a state dict's fingerprint for this encoder and bring an old-format state dict up to date, in place.
 
         A state dict written before the encoder's weights were left out holds them under ``<prefix>model.``: they
