@@ -3,7 +3,9 @@ Helpers for the bundle configs: settings that arrive as text, and checks of sett
 
 - :py:func:`as_bool` reads yes/no settings that arrive from the command line as text (``--resume false``);
 - :py:func:`as_image_size` reads the image size setting (one number is a square);
-- :py:func:`check_image_size` checks the configured image size against the network's size divisor.
+- :py:func:`check_image_size` checks the configured image size against the network's size divisor;
+- :py:func:`find_bundle_root` gives the bundle folder of the running config (``bundle_root``), so that the bundle
+  runs from its own folder and from the repository root.
 
 Nothing heavy is imported at module level (``torch`` only when a network is checked), so the data modules can
 use :py:func:`as_bool` too.
@@ -11,6 +13,10 @@ use :py:func:`as_bool` too.
 
 from __future__ import annotations
 
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from himix_monai.errors import SettingError
@@ -18,7 +24,7 @@ from himix_monai.errors import SettingError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["as_bool", "as_image_size", "check_image_size"]
+__all__ = ["as_bool", "as_image_size", "check_image_size", "find_bundle_root"]
 
 
 _TRUE = ("true", "yes", "on", "1", "y", "t")
@@ -121,3 +127,66 @@ def check_image_size(image_size: Any, network: torch.nn.Module | None = None, di
             f"image_size {sizes} is not divisible by {divisor} (the image encoder's largest stride); "
             f"use e.g. {lower} or {upper}."
         )
+
+
+def _running_workflow_root() -> Path | None:
+    """The bundle folder of the MONAI ``ConfigWorkflow`` on the call stack, or None."""
+    from monai.bundle.workflows import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            workflow = frame.f_locals.get("self")
+            if isinstance(workflow, ConfigWorkflow):
+                root = Path(workflow.config_root_path)
+                return root.parent if root.name == "configs" else root  # as ConfigWorkflow.run puts it on sys.path
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def find_bundle_root(candidates: Sequence[str] = (".", "bundle")) -> str:
+    """The bundle folder of the running config: the default of the configs' ``bundle_root``.
+
+    MONAI 1.6.1 gives a config no way to name its own location: ``ConfigParser`` keeps no file path, ``$``
+    expressions and ``%`` macros resolve paths against the working directory, and the one object that knows
+    where the config file is, the ``ConfigWorkflow`` of ``python -m monai.bundle run`` (``config_root_path``),
+    puts the bundle folder on ``sys.path`` only in ``run``, after ``initialize``. A fixed ``"bundle_root":
+    "bundle"`` therefore works from the repository root only and ``"."`` from the bundle folder only. This
+    returns, in order:
+
+    1. when a MONAI ``ConfigWorkflow`` is evaluating the config (``python -m monai.bundle run``,
+       ``create_workflow``): the folder above its config folder, the same folder ``ConfigWorkflow.run`` adds to
+       ``sys.path`` (``bundle`` for ``--config_file bundle/configs/inference.json``, ``.`` for
+       ``configs/inference.json``, an absolute path for an absolute config path);
+    2. otherwise (a bare ``ConfigParser``): the first of ``candidates``, relative to the working directory, that
+       holds ``configs/metadata.json``.
+
+    Clients that set ``bundle_root`` themselves (MONAI Label, the model zoo's checks, ``ckpt_export
+    --bundle_root``) never call this.
+
+    Args:
+        candidates: folders tried, in order, when no ``ConfigWorkflow`` is running.
+
+    Returns:
+        The bundle folder, as a path string (relative when the config path was relative).
+
+    Raises:
+        FileNotFoundError: when no workflow is running and no candidate holds ``configs/metadata.json``, saying
+            to pass ``--bundle_root``.
+
+    Examples::
+
+        "bundle_root": "$himix_monai.config_utils.find_bundle_root()"
+    """
+    root = _running_workflow_root()
+    if root is not None:
+        return str(root)
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "configs", "metadata.json")):
+            return str(candidate)
+    raise FileNotFoundError(
+        f"cannot tell the bundle folder: none of {list(candidates)} under {os.getcwd()} holds configs/metadata.json; "
+        "pass --bundle_root /path/to/bundle (the folder that holds configs/ and models/)."
+    )
