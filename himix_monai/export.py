@@ -16,7 +16,10 @@ the exporter cannot translate the real FFTs of ASRM.
 Command line::
 
     python -m himix_monai.export --config_file bundle/configs/inference.json \\
-        --ckpt_file bundle/models/model.pt --filepath bundle/models/model.ts [--format torchscript]
+        --ckpt_file bundle/models/model.pt --filepath bundle/models/model.ts [--format torchscript] [--device cuda:0]
+
+Export on the device that will run the file (``--device``): the traced text encoder keeps the device of its
+tracing example as a constant, so a file exported on the CPU runs on the CPU.
 """
 
 from __future__ import annotations
@@ -129,7 +132,8 @@ def export_network(
     if format not in _EXPORTERS:
         raise ValueError(f"export format must be one of {list(FORMATS)}, got {format!r}.")
     network = network.eval()
-    inputs = example_inputs(network, image_size, _stem_channels(network), batch_size=2)
+    device = next(network.parameters()).device  # the exported module runs on the device it was exported on
+    inputs = [t.to(device) for t in example_inputs(network, image_size, _stem_channels(network), batch_size=2)]
     return _EXPORTERS[format](network, filepath, inputs, extra_files, verify, rtol, atol)
 
 
@@ -162,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ckpt_file", required=True, help="checkpoint with the network weights (models/model.pt)")
     parser.add_argument("--filepath", required=True, help="output file (models/model.ts)")
     parser.add_argument("--format", default="torchscript", choices=FORMATS, help="export format")
+    parser.add_argument(
+        "--device", default="cpu", help="device to export on and for (e.g. cuda:0); the text encoder's trace "
+        "fixes device constants, so export on the device type that will run the file"
+    )
     parser.add_argument("--meta_file", default=None, help="metadata.json to store in the archive")
     parser.add_argument("--image_size", type=int, nargs=2, default=None, help="example image size (default: config)")
     parser.add_argument(
@@ -174,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.update(_parse_overrides(overrides))
     network = config.get_parsed_content("network_def")
     # weights_only=True; a checkpoint of another configuration raises one readable CheckpointMismatchError
-    load_network_weights(network, args.ckpt_file, map_location="cpu", key=args.key_in_ckpt or None)
+    network = network.to(torch.device(args.device))
+    load_network_weights(network, args.ckpt_file, map_location=args.device, key=args.key_in_ckpt or None)
     image_size = args.image_size or config.get("image_size", [224, 224])
     extra = {}
     if args.meta_file:

@@ -135,11 +135,12 @@ def _is_finite_number(value: Any) -> bool:
 
 
 def _non_finite_weights(network: torch.nn.Module) -> list[str]:
-    bad = []
-    for name, value in _unwrap(network).state_dict().items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad.append(name)
-    return bad
+    """Names of the floating state-dict tensors that hold NaN or inf; one host sync for the whole network."""
+    floating = [(n, v) for n, v in _unwrap(network).state_dict().items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not floating:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floating]).cpu()  # the one sync
+    return [name for (name, _), ok in zip(floating, finite.tolist()) if not ok]
 
 
 def _loss_of(output: Any) -> Any:

@@ -95,13 +95,32 @@ def test_export_command_builds_from_the_bundle_config(tmp_path):
         [sys.executable, "-m", "himix_monai.export", "--config_file", str(CONFIGS / "train.json"),
          "--ckpt_file", str(tmp_path / "model.pt"), "--filepath", str(out),
          "--meta_file", str(CONFIGS / "metadata.json"), "--image_size", "64", "64",
-         "--image_encoder", "test_convnext", "--network_def#num_heads", "4"]
+         "--image_encoder", "test_convnext", "--network_def#num_heads", "4", "--device", "cpu"]
     )  # fmt: skip
     assert out.is_file() and "verified" in result.stdout
     extra = {"metadata.json": ""}
     torch.jit.load(str(out), _extra_files=extra)
     metadata = extra["metadata.json"]
     assert '"network_data_format"' in (metadata.decode() if isinstance(metadata, bytes) else metadata)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_export_on_cuda_runs_on_cuda(tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"image_encoder": "test_convnext", "network_def#num_heads": 4})
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "model.ts"
+    run_command(
+        [sys.executable, "-m", "himix_monai.export", "--config_file", str(CONFIGS / "train.json"),
+         "--ckpt_file", str(tmp_path / "model.pt"), "--filepath", str(out), "--image_size", "64", "64",
+         "--image_encoder", "test_convnext", "--network_def#num_heads", "4", "--device", "cuda:0"]
+    )  # fmt: skip
+    module = torch.jit.load(str(out), map_location="cuda:0")
+    ids = torch.ones(1, 24, dtype=torch.long, device="cuda:0")
+    assert module(torch.rand(1, 1, 64, 64, device="cuda:0"), ids, torch.ones_like(ids)).is_cuda
 
 
 @pytest.mark.slow
