@@ -305,4 +305,4 @@ def test_monai_label_route_uses_the_text_prompt(trained):
     assert not torch.allclose(outputs[PROMPT_A], outputs[""])  # and an empty prompt means no text
     post = parser.get_parsed_content("postprocessing", instantiate=True)
     pred = post({**data, "pred": outputs[PROMPT_A][0]})["pred"]
-    assert pred.shape == (1, DEMO_SIZE, DEMO_SIZE)  # back at the image's size
+    assert pred.shape == (DEMO_SIZE, DEMO_SIZE) and pred.dtype == torch.uint8  # a label map of the image's size

@@ -26,6 +26,7 @@ from himix_monai.data.ct import (
     volume_to_slices,
     window_from_center_width,
 )
+from himix_monai.data.demo import write_dicom_file
 from himix_monai.transforms.ct import CTWindow, CTWindowd, EnsureSingleSliced
 
 ROW_DIR, COLUMN_DIR = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
@@ -58,7 +59,7 @@ def _write_dicom(
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     if pixel_data:
         ds.PixelData = stored.astype(np.uint16).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    write_dicom_file(ds, path)
     return ds
 
 
@@ -218,7 +219,7 @@ def test_multiframe_and_volume_where_slice_expected(tmp_path):
     ds = _write_dicom(frames, _stored_image())
     ds.NumberOfFrames = 3
     ds.PixelData = np.zeros((3, 6, 5), np.uint16).tobytes()
-    pydicom.dcmwrite(frames, ds, enforce_file_format=True)
+    write_dicom_file(ds, frames)
     with pytest.raises(CTReadError, match="multiframe.dcm: multi-frame DICOM"):
         read_ct_slice(frames)
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)), tmp_path / "vol.nii.gz")

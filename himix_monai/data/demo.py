@@ -50,6 +50,7 @@ __all__ = [
     "SyntheticChestSlice",
     "synthesize_chest_slice",
     "write_ct_dicom",
+    "write_dicom_file",
     "write_nifti_slice",
     "split_counts",
     "generate_demo_dataset",
@@ -330,17 +331,36 @@ def write_ct_dicom(hu: np.ndarray, path: str | os.PathLike, seed: int, name: str
     Returns:
         The written ``pydicom.Dataset``.
     """
-    import pydicom
-
     if int(hu.min()) < RESCALE_INTERCEPT:
         raise ValueError(f"HU values below {RESCALE_INTERCEPT} cannot be stored as uint16 with that intercept")
     ds = _dicom_dataset(hu, seed, name, pixel_spacing)
-    try:
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    except TypeError:  # pydicom < 3
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        pydicom.dcmwrite(path, ds, write_like_original=False)
+    write_dicom_file(ds, path)
     return ds
+
+
+def write_dicom_file(dataset: Any, path: str | os.PathLike) -> None:
+    """Write a ``pydicom`` dataset with file meta information as a DICOM file, with pydicom 2.4 or 3.
+
+    A thin wrapper: pydicom 3 spells this ``dcmwrite(..., enforce_file_format=True)``, pydicom 2 (which the
+    project pins, ``pydicom>=2.4.4,<3``, because MONAI Label's pydicom-seg needs it) ``write_like_original=False``
+    with the dataset's endianness and VR encoding set from its transfer syntax.
+
+    Args:
+        dataset: a ``pydicom.dataset.FileDataset`` (or ``Dataset``) whose ``file_meta`` names the transfer syntax.
+        path: the output file.
+
+    Examples::
+
+        >>> write_dicom_file(ds, "slice.dcm")  # doctest: +SKIP
+    """
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        pydicom.dcmwrite(path, dataset, enforce_file_format=True)
+        return
+    syntax = dataset.file_meta.TransferSyntaxUID
+    dataset.is_little_endian, dataset.is_implicit_VR = syntax.is_little_endian, syntax.is_implicit_VR
+    pydicom.dcmwrite(path, dataset, write_like_original=False)
 
 
 def write_nifti_slice(display: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:

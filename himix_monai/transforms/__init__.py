@@ -1,13 +1,16 @@
 """MONAI dictionary transforms for HiMix: text tokenisation and report-style augmentation, checks of loaded
-images, masks, CT windows, CT volume slices and the picture layout of predictions."""
+images, masks, CT windows, CT volume slices, the picture layout of predictions and the label map of clients
+such as MONAI Label."""
 
 from .checks import EnsureFinite, EnsureFinited
 from .ct import CTWindow, CTWindowd, EnsureSingleSlice, EnsureSingleSliced
+from .label_map import AsLabelMapd
 from .mask import BinarizeMask, BinarizeMaskd, EnsureImageChannels, EnsureImageChannelsd
 from .text import ReportStyleTextd, TokenizeTextd, to_report_style
 from .volume import CTVolumeCache, LoadVolumeSliced, ToPictureLayoutd
 
 __all__ = [
+    "AsLabelMapd",
     "BinarizeMask",
     "BinarizeMaskd",
     "CTVolumeCache",
