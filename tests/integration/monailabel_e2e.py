@@ -20,8 +20,9 @@ Steps (each command is printed to stderr; its output goes to ``WORK/logs``):
    (the two ``--conf`` switches keep the server offline: no zoo list, no SAM2 checkpoint) in its own process
    group, waiting for ``/info/``;
 6. ``POST /infer/NAME?image=ID&output=image`` for each study with two prompts naming different lung zones (the
-   study's own report, and the same report with left and right swapped) and with none; every returned label file must have the image's shape (rows, columns of the displayed image),
-   an integer dtype and labels in {0, 1} (``channel_def``); the two prompts must give different masks;
+   study's own report, and the same report with left and right swapped) and with none; every returned label
+   file must have the image's shape (rows, columns of the displayed image), an integer dtype and labels in
+   {0, 1} (``channel_def``); the two prompts must give different masks on at least one demo study;
 7. the server is stopped by its process group id;
 8. the bundle's own inference (``python -m monai.bundle run --config_file inference.json --input_dir ...
    with the studies' own reports in texts.csv``, PNG masks) must give the same mask as MONAI Label for prompt A.
@@ -90,8 +91,9 @@ for study in req["studies"]:
     if own and "prompt_a" in masks:
         own = load(own) > 0  # the bundle's own PNG mask: rows, columns of the displayed image
         shown = masks["prompt_a"].T if study["image"].endswith((".nii", ".nii.gz")) else masks["prompt_a"]
-        res["bundle_mask_prompt_a"] = {"lesion_pixels": int(own.sum()), "same_shape": list(own.shape) == list(shown.shape),
-                                       "pixels_differing": int((own != (shown == 1)).sum()) if own.shape == shown.shape else None}
+        same = own.shape == shown.shape
+        res["bundle_mask_prompt_a"] = {"lesion_pixels": int(own.sum()), "same_shape": same,
+                                       "pixels_differing": int((own != (shown == 1)).sum()) if same else None}
     out[study["id"]] = res
 print(json.dumps(out))
 """
@@ -145,7 +147,8 @@ def venv_versions(venv: Path, logs: Path) -> dict:
         "names = ['monailabel', 'monai', 'torch', 'numpy', 'pydicom', 'pydicom-seg', 'transformers', 'himix-monai']\n"
         "print(json.dumps({'python': sys.version.split()[0], **{n: m.version(n) for n in names}}))"
     )
-    versions = json.loads(run([str(venv_python(venv)), "-c", code], logs / "versions.log", env=child_env()).strip().splitlines()[-1])
+    out = run([str(venv_python(venv)), "-c", code], logs / "versions.log", env=child_env())
+    versions = json.loads(out.strip().splitlines()[-1])
     where = run([str(venv_python(venv)), "-c", "import himix_monai; print(himix_monai.__file__)"], logs / "where.log",
                 cwd=Path(tempfile.gettempdir()), env=child_env()).strip().splitlines()[-1]  # fmt: skip
     if not versions["monailabel"] == "0.8.5":
@@ -175,7 +178,7 @@ def swap_sides(report: str) -> str:
     return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", report)
 
 
-def make_studies(venv: Path, work: Path, logs: Path, num: int) -> tuple[Path, dict[str, Path], dict[str, tuple[str, str]]]:
+def make_studies(venv: Path, work: Path, logs: Path, num: int) -> tuple[Path, dict[str, Path], dict[str, tuple]]:
     """Demo cases with decoys (NIfTI) and one non-square PNG picture (a windowed, cropped demo slice), and the two
     prompts of each."""
     demo = work / "demo_source"
@@ -185,7 +188,8 @@ def make_studies(venv: Path, work: Path, logs: Path, num: int) -> tuple[Path, di
     studies.mkdir()
     images, prompts = {}, {}
     datalist = json.loads((demo / "datalist.json").read_text())
-    reports = {Path(item["image"]).name: item["text"] for split in ("training", "validation", "test") for item in datalist[split]}
+    items = [item for split in ("training", "validation", "test") for item in datalist[split]]
+    reports = {Path(item["image"]).name: item["text"] for item in items}
     for path in sorted((demo / "images").glob("*.nii.gz")):
         shutil.copy2(path, studies / path.name)
         image_id = path.name[: -len(".nii.gz")]
@@ -211,7 +215,8 @@ def install_app(venv: Path, work: Path, logs: Path, name: str, model: Path) -> P
         logs / "apps.log", cwd=work, env=child_env(venv))  # fmt: skip
     app = apps / "monaibundle"
     target = app / "model" / name
-    shutil.copytree(REPO / "bundle", target, ignore=shutil.ignore_patterns("models", "data", "eval", "logs", "__pycache__"))
+    ignore = shutil.ignore_patterns("models", "data", "eval", "logs", "__pycache__")
+    shutil.copytree(REPO / "bundle", target, ignore=ignore)
     (target / "models").mkdir()
     shutil.copy2(model, target / "models" / "model.pt")
     return app
@@ -229,9 +234,9 @@ def bundle_inference(venv: Path, work: Path, logs: Path, bundle: Path, images: d
             shutil.copy2(path, inputs / path.name)
             writer.writerow([path.name, prompts[image_id][0]])
     out = work / "bundle_eval_prompt_a"
-    run([str(venv_python(venv)), "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
-         "--bundle_root", str(bundle), "--input_dir", str(inputs), "--output_dir", str(out),
-         "--save_overlays", "false"], logs / "bundle_inference.log", cwd=work, env=child_env(venv))  # fmt: skip
+    run([str(venv_python(venv)), "-m", "monai.bundle", "run",
+         "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+         "--input_dir", str(inputs), "--output_dir", str(out), "--save_overlays", "false"], logs / "bundle_inference.log", cwd=work, env=child_env(venv))  # fmt: skip
     masks = {}
     for image_id, path in images.items():
         mask = out / "masks" / f"{image_id}_mask.png"
@@ -256,7 +261,8 @@ def wait_for_info(base: str, proc: subprocess.Popen, server_log: Path, timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); log {server_log}:\n{server_log.read_text()[-4000:]}")
+            tail = server_log.read_text()[-4000:]
+            raise RuntimeError(f"server exited ({proc.returncode}); log {server_log}:\n{tail}")
         try:
             status, body, _ = http("GET", f"{base}/info/", timeout=10)
             if status == 200:
@@ -327,12 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         summary["venv"] = {"path": str(venv), "reused": bool(args.venv), **venv_versions(venv, logs)}
 
         t_train = time.monotonic()
-        model = args.model.absolute() if args.model else train_model(venv, work, logs, args.epochs, args.train_cases, args.train_size)
-        trained = None if args.model else {"epochs": args.epochs, "cases": args.train_cases, "image_size": args.train_size,
-                                           "decoys": True, "seconds": round(time.monotonic() - t_train, 1)}  # fmt: skip
+        if args.model:
+            model, trained = args.model.absolute(), None
+        else:
+            model = train_model(venv, work, logs, args.epochs, args.train_cases, args.train_size)
+            trained = {"epochs": args.epochs, "cases": args.train_cases, "image_size": args.train_size, "decoys": True,
+                       "seconds": round(time.monotonic() - t_train, 1)}  # fmt: skip
         summary["model"] = {"path": str(model), "size_bytes": model.stat().st_size, "trained_here": trained}
         studies, images, prompts = make_studies(venv, work, logs, args.studies)
-        summary["prompts"] = {image_id: {"prompt_a": a, "prompt_b": b, "none": None} for image_id, (a, b) in prompts.items()}
+        summary["prompts"] = {key: {"prompt_a": a, "prompt_b": b, "none": None} for key, (a, b) in prompts.items()}
         app = install_app(venv, work, logs, args.name, model)
 
         port = args.port or free_port()
@@ -344,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         server_log = logs / "server.log"
         log("$ " + shlex.join(cmd))
         with open(server_log, "w") as f:
-            proc = subprocess.Popen(cmd, cwd=work, env=child_env(venv), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=work, env=child_env(venv), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
         summary["server_pid"] = proc.pid
         t0 = time.monotonic()
         info = wait_for_info(base, proc, server_log, args.start_timeout)
@@ -368,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                 status, content, headers = http("POST", f"{base}/infer/{args.name}?{query}", body)
                 study["http"][tag] = {"status": status, "seconds": round(time.monotonic() - t1, 1)}
                 if status != 200:
-                    raise RuntimeError(f"POST /infer/{args.name} image={image_id} {tag}: HTTP {status} {content[:500]!r}")
+                    what = f"POST /infer/{args.name} image={image_id} {tag}"
+                    raise RuntimeError(f"{what}: HTTP {status} {content[:500]!r}")
                 disposition = headers.get("content-disposition", headers.get("Content-Disposition", ""))
                 suffix = ".png" if image_path.suffix == ".png" else ".nii.gz"
                 if "filename=" in disposition:
