@@ -135,7 +135,8 @@ def bundle(tmp_path, tiny_text_model_dir):
     parser.read_config(str(root / "configs" / "inference.json"))
     parser.update(overrides)
     torch.manual_seed(0)
-    torch.save({"model": parser.get_parsed_content("network_def", instantiate=True).state_dict()}, root / "models" / "model.pt")
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    torch.save({"model": network.state_dict()}, root / "models" / "model.pt")
     return root, overrides
 
 

@@ -101,8 +101,8 @@ class AsLabelMapd(MapTransform):
             label_map = (mask > 0).to(self.dtype) * self.label
             if expected is not None and tuple(label_map.shape) != expected:
                 raise ValueError(
-                    f"AsLabelMapd: the label map of {name} has shape {tuple(label_map.shape)}, the image's spatial_shape "
-                    f"is {expected}; invert the preprocessing (Invertd) before this transform"
+                    f"AsLabelMapd: the label map of {name} has shape {tuple(label_map.shape)}, the image's "
+                    f"spatial_shape is {expected}; invert the preprocessing (Invertd) before this transform"
                 )
             d[key] = label_map
         return d

@@ -11,18 +11,21 @@ Steps (each command is printed to stderr; its output goes to ``WORK/logs``):
 1. a virtual environment ``WORK/venv`` (``python3 -m venv``; ``pip install monailabel==0.8.5 -e REPO``, which
    brings the project's pins, among them ``pydicom>=2.4.4,<3``: MONAI Label's pydicom-seg fails with pydicom 3),
    or an existing one given by ``--venv`` (checked to hold monailabel 0.8.5 and pydicom 2);
-2. a model: ``python -m monai.bundle run training`` on the synthetic demo with decoy lesions (``--epochs 2
-   --image_size "[64,64]"``), or ``--model model.pt``;
+2. a model: ``python -m monai.bundle run training`` on the synthetic demo with decoy lesions (96 cases, 12 epochs,
+   128x128 as inference.json; about 8 minutes on 2 CPU cores), or ``--model model.pt``;
 3. studies: a few demo cases with decoys (2-D NIfTI, as the model was trained) and one non-square PNG picture;
 4. ``monailabel apps --download --name monaibundle``, the repository's ``bundle/`` copied to
    ``apps/monaibundle/model/NAME`` with ``models/model.pt``;
 5. ``monailabel start_server ... --conf models NAME --conf zoo_source github --conf sam2 false --host 127.0.0.1``
    (the two ``--conf`` switches keep the server offline: no zoo list, no SAM2 checkpoint) in its own process
    group, waiting for ``/info/``;
-6. ``POST /infer/NAME?image=ID&output=image`` for each study with two prompts naming different lung zones and
-   with none; every returned label file must have the image's shape (rows, columns of the displayed image),
-   an integer dtype and labels in {0, 1} (``channel_def``); the two prompts must give different masks;
-7. the server is stopped by its process group id.
+6. ``POST /infer/NAME?image=ID&output=image`` for each study with two prompts naming different lung zones (the
+   study's own report, and the same report with left and right swapped) and with none; every returned label
+   file must have the image's shape (rows, columns of the displayed image), an integer dtype and labels in
+   {0, 1} (``channel_def``); the two prompts must give different masks on at least one demo study;
+7. the server is stopped by its process group id;
+8. the bundle's own inference (``python -m monai.bundle run --config_file inference.json --input_dir ...
+   with the studies' own reports in texts.csv``, PNG masks) must give the same mask as MONAI Label for prompt A.
 
 The last line on stdout is one JSON object with what was found; the exit status is 0 only if every check passed.
 """
@@ -30,9 +33,11 @@ The last line on stdout is one JSON object with what was found; the exit status 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -50,8 +55,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MONAILABEL = "monailabel==0.8.5"
+# prompt A of a demo study is its own report, prompt B the same report with left and right swapped (other zones,
+# where a decoy lesion may be); the PNG picture gets these two fixed reports
 PROMPT_A = "Unilateral pulmonary infection, one infected area, upper left lung."
-PROMPT_B = "Unilateral pulmonary infection, one infected area, lower right lung."
+PROMPT_B = "Unilateral pulmonary infection, one infected area, upper right lung."
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # Run with the venv's Python by ``inspect``: reads images and returned label files (numpy/nibabel/PIL).
@@ -69,7 +76,7 @@ def load(path):
 req = json.loads(sys.stdin.read())
 out = {}
 for study in req["studies"]:
-    image = load(study["image"])
+    image = load(study["image"])  # NIfTI: MONAI layout (columns, rows); PNG: (rows, columns)
     res = {"image_shape": list(image.shape[:2]), "results": {}}
     masks = {}
     for tag, path in study["results"].items():
@@ -80,6 +87,13 @@ for study in req["studies"]:
                                "lesion_pixels": int((mask == 1).sum())}
     if "prompt_a" in masks and "prompt_b" in masks and masks["prompt_a"].shape == masks["prompt_b"].shape:
         res["pixels_differing_a_b"] = int((masks["prompt_a"] != masks["prompt_b"]).sum())
+    own = study.get("bundle_mask_prompt_a")
+    if own and "prompt_a" in masks:
+        own = load(own) > 0  # the bundle's own PNG mask: rows, columns of the displayed image
+        shown = masks["prompt_a"].T if study["image"].endswith((".nii", ".nii.gz")) else masks["prompt_a"]
+        same = own.shape == shown.shape
+        res["bundle_mask_prompt_a"] = {"lesion_pixels": int(own.sum()), "same_shape": same,
+                                       "pixels_differing": int((own != (shown == 1)).sum()) if same else None}
     out[study["id"]] = res
 print(json.dumps(out))
 """
@@ -133,7 +147,8 @@ def venv_versions(venv: Path, logs: Path) -> dict:
         "names = ['monailabel', 'monai', 'torch', 'numpy', 'pydicom', 'pydicom-seg', 'transformers', 'himix-monai']\n"
         "print(json.dumps({'python': sys.version.split()[0], **{n: m.version(n) for n in names}}))"
     )
-    versions = json.loads(run([str(venv_python(venv)), "-c", code], logs / "versions.log", env=child_env()).strip().splitlines()[-1])
+    out = run([str(venv_python(venv)), "-c", code], logs / "versions.log", env=child_env())
+    versions = json.loads(out.strip().splitlines()[-1])
     where = run([str(venv_python(venv)), "-c", "import himix_monai; print(himix_monai.__file__)"], logs / "where.log",
                 cwd=Path(tempfile.gettempdir()), env=child_env()).strip().splitlines()[-1]  # fmt: skip
     if not versions["monailabel"] == "0.8.5":
@@ -159,17 +174,27 @@ def train_model(venv: Path, work: Path, logs: Path, epochs: int, cases: int, siz
     return model
 
 
-def make_studies(venv: Path, work: Path, logs: Path, num: int) -> tuple[Path, dict[str, Path]]:
-    """Demo cases with decoys (NIfTI) and one non-square PNG picture (a windowed, cropped demo slice)."""
+def swap_sides(report: str) -> str:
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", report)
+
+
+def make_studies(venv: Path, work: Path, logs: Path, num: int) -> tuple[Path, dict[str, Path], dict[str, tuple]]:
+    """Demo cases with decoys (NIfTI) and one non-square PNG picture (a windowed, cropped demo slice), and the two
+    prompts of each."""
     demo = work / "demo_source"
     run([str(venv_python(venv)), "-m", "data_prep.demo", "--out", str(demo), "--num", str(num), "--seed", "7",
          "--size", "128", "--decoys"], logs / "demo.log", cwd=REPO, env=child_env())  # fmt: skip
     studies = work / "studies"
     studies.mkdir()
-    images = {}
+    images, prompts = {}, {}
+    datalist = json.loads((demo / "datalist.json").read_text())
+    items = [item for split in ("training", "validation", "test") for item in datalist[split]]
+    reports = {Path(item["image"]).name: item["text"] for item in items}
     for path in sorted((demo / "images").glob("*.nii.gz")):
         shutil.copy2(path, studies / path.name)
-        images[path.name[: -len(".nii.gz")]] = studies / path.name
+        image_id = path.name[: -len(".nii.gz")]
+        images[image_id] = studies / path.name
+        prompts[image_id] = (reports[path.name], swap_sides(reports[path.name]))
     first = next(iter(images.values()))
     picture = studies / "picture_rect.png"
     code = (
@@ -180,7 +205,8 @@ def make_studies(venv: Path, work: Path, logs: Path, num: int) -> tuple[Path, di
     )
     run([str(venv_python(venv)), "-c", code, str(first), str(picture)], logs / "picture.log", env=child_env())
     images["picture_rect"] = picture
-    return studies, images
+    prompts["picture_rect"] = (PROMPT_A, PROMPT_B)
+    return studies, images, prompts
 
 
 def install_app(venv: Path, work: Path, logs: Path, name: str, model: Path) -> Path:
@@ -189,10 +215,35 @@ def install_app(venv: Path, work: Path, logs: Path, name: str, model: Path) -> P
         logs / "apps.log", cwd=work, env=child_env(venv))  # fmt: skip
     app = apps / "monaibundle"
     target = app / "model" / name
-    shutil.copytree(REPO / "bundle", target, ignore=shutil.ignore_patterns("models", "data", "eval", "logs", "__pycache__"))
+    ignore = shutil.ignore_patterns("models", "data", "eval", "logs", "__pycache__")
+    shutil.copytree(REPO / "bundle", target, ignore=ignore)
     (target / "models").mkdir()
     shutil.copy2(model, target / "models" / "model.pt")
     return app
+
+
+def bundle_inference(venv: Path, work: Path, logs: Path, bundle: Path, images: dict[str, Path], prompts: dict) -> dict:
+    """The bundle's own file-writing inference (PNG masks) on copies of the studies, with their prompt A
+    (``texts.csv``)."""
+    inputs = work / "bundle_inputs"
+    inputs.mkdir()
+    with open(inputs / "texts.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Image", "Description"])
+        for image_id, path in images.items():
+            shutil.copy2(path, inputs / path.name)
+            writer.writerow([path.name, prompts[image_id][0]])
+    out = work / "bundle_eval_prompt_a"
+    run([str(venv_python(venv)), "-m", "monai.bundle", "run",
+         "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+         "--input_dir", str(inputs), "--output_dir", str(out), "--save_overlays", "false"], logs / "bundle_inference.log", cwd=work, env=child_env(venv))  # fmt: skip
+    masks = {}
+    for image_id, path in images.items():
+        mask = out / "masks" / f"{image_id}_mask.png"
+        if not mask.is_file():
+            raise RuntimeError(f"the bundle's inference wrote no {mask}; see {logs / 'bundle_inference.log'}")
+        masks[image_id] = mask
+    return masks
 
 
 def http(method: str, url: str, data: bytes | None = None, timeout: float = 600) -> tuple[int, bytes, dict]:
@@ -210,7 +261,8 @@ def wait_for_info(base: str, proc: subprocess.Popen, server_log: Path, timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}); log {server_log}:\n{server_log.read_text()[-4000:]}")
+            tail = server_log.read_text()[-4000:]
+            raise RuntimeError(f"server exited ({proc.returncode}); log {server_log}:\n{tail}")
         try:
             status, body, _ = http("GET", f"{base}/info/", timeout=10)
             if status == 200:
@@ -246,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="working folder (default: a new temporary folder)")
     parser.add_argument("--venv", type=Path, help="reuse this virtual environment (monailabel 0.8.5 + the project)")
     parser.add_argument("--model", type=Path, help="a trained models/model.pt of this bundle (default: train one)")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
-    parser.add_argument("--train-cases", type=int, default=48, help="demo cases for training (default 48)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    parser.add_argument("--train-cases", type=int, default=96, help="demo cases with decoys for training (default 96)")
     parser.add_argument("--train-size", type=int, default=128,
                         help="training image size (default 128, inference.json's image_size, which MONAI Label uses)")
     parser.add_argument("--studies", type=int, default=3, help="demo cases given to the server (default 3)")
@@ -272,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPU, {platform.platform()}",
         "work": str(work),
         "server_conf": {"models": args.name, "zoo_source": "github", "sam2": "false"},
-        "prompts": {"prompt_a": PROMPT_A, "prompt_b": PROMPT_B, "none": None},
     }
     proc = None
     try:
@@ -282,11 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         summary["venv"] = {"path": str(venv), "reused": bool(args.venv), **venv_versions(venv, logs)}
 
         t_train = time.monotonic()
-        model = args.model.absolute() if args.model else train_model(venv, work, logs, args.epochs, args.train_cases, args.train_size)
-        trained = None if args.model else {"epochs": args.epochs, "cases": args.train_cases, "image_size": args.train_size,
-                                           "decoys": True, "seconds": round(time.monotonic() - t_train, 1)}  # fmt: skip
+        if args.model:
+            model, trained = args.model.absolute(), None
+        else:
+            model = train_model(venv, work, logs, args.epochs, args.train_cases, args.train_size)
+            trained = {"epochs": args.epochs, "cases": args.train_cases, "image_size": args.train_size, "decoys": True,
+                       "seconds": round(time.monotonic() - t_train, 1)}  # fmt: skip
         summary["model"] = {"path": str(model), "size_bytes": model.stat().st_size, "trained_here": trained}
-        studies, images = make_studies(venv, work, logs, args.studies)
+        studies, images, prompts = make_studies(venv, work, logs, args.studies)
+        summary["prompts"] = {key: {"prompt_a": a, "prompt_b": b, "none": None} for key, (a, b) in prompts.items()}
         app = install_app(venv, work, logs, args.name, model)
 
         port = args.port or free_port()
@@ -298,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         server_log = logs / "server.log"
         log("$ " + shlex.join(cmd))
         with open(server_log, "w") as f:
-            proc = subprocess.Popen(cmd, cwd=work, env=child_env(venv), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=work, env=child_env(venv), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
         summary["server_pid"] = proc.pid
         t0 = time.monotonic()
         info = wait_for_info(base, proc, server_log, args.start_timeout)
@@ -314,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         requests = []
         for image_id, image_path in images.items():
             study = {"id": image_id, "image": str(image_path), "results": {}, "http": {}}
-            for tag, prompt in (("prompt_a", PROMPT_A), ("prompt_b", PROMPT_B), ("none", None)):
+            for tag, prompt in (("prompt_a", prompts[image_id][0]), ("prompt_b", prompts[image_id][1]), ("none", None)):
                 params = {} if prompt is None else {"text_prompt": prompt}
                 query = urllib.parse.urlencode({"image": image_id, "output": "image"})
                 body = urllib.parse.urlencode({"params": json.dumps(params)}).encode()
@@ -322,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                 status, content, headers = http("POST", f"{base}/infer/{args.name}?{query}", body)
                 study["http"][tag] = {"status": status, "seconds": round(time.monotonic() - t1, 1)}
                 if status != 200:
-                    raise RuntimeError(f"POST /infer/{args.name} image={image_id} {tag}: HTTP {status} {content[:500]!r}")
+                    what = f"POST /infer/{args.name} image={image_id} {tag}"
+                    raise RuntimeError(f"{what}: HTTP {status} {content[:500]!r}")
                 disposition = headers.get("content-disposition", headers.get("Content-Disposition", ""))
                 suffix = ".png" if image_path.suffix == ".png" else ".nii.gz"
                 if "filename=" in disposition:
@@ -333,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
                 study["results"][tag] = str(out)
             requests.append(study)
 
+        summary["server_stop"] = stop_server(proc)
+        proc = None
+        own = bundle_inference(venv, work, logs, app / "model" / args.name, images, prompts)
+        for study in requests:
+            study["bundle_mask_prompt_a"] = str(own[study["id"]])
         (logs / "inspect_request.json").write_text(json.dumps({"studies": requests}, indent=1))
         inspect = subprocess.run([str(venv_python(venv)), "-c", INSPECT], input=json.dumps({"studies": requests}),
                                  capture_output=True, text=True, env=child_env(), timeout=600)  # fmt: skip
@@ -350,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                 checks["labels_in_channel_def"] &= set(res["values"]) <= {0, 1}
             per_image[study["id"]] = found
         differing = {k: v.get("pixels_differing_a_b", 0) for k, v in per_image.items()}
+        checks["same_as_bundle_own_mask_prompt_a"] = all(
+            v["bundle_mask_prompt_a"]["pixels_differing"] == 0 for v in per_image.values()
+        )
         checks["prompts_change_masks"] = any(n > 0 for k, n in differing.items() if k != "picture_rect")
         checks["listed_with_text_prompt"] = summary["info"]["config_text_prompt"] == ""
         checks["labels_lesion_1"] = summary["info"]["labels"] == {"lesion": 1}
