@@ -83,7 +83,8 @@ def test_monai_ckpt_export_scripts_the_bundle_network(tmp_path):
     assert torch.jit.load(str(out))(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
 
 
-def test_export_command_builds_from_the_bundle_config(tmp_path):
+def export_tiny_bundle_network(tmp_path: Path, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """Save the bundle's network_def (tiny image encoder) and export it with ``python -m himix_monai.export``."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -93,10 +94,16 @@ def test_export_command_builds_from_the_bundle_config(tmp_path):
     out = tmp_path / "model.ts"
     result = run_command(
         [sys.executable, "-m", "himix_monai.export", "--config_file", str(CONFIGS / "train.json"),
-         "--ckpt_file", str(tmp_path / "model.pt"), "--filepath", str(out),
-         "--meta_file", str(CONFIGS / "metadata.json"), "--image_size", "64", "64",
-         "--image_encoder", "test_convnext", "--network_def#num_heads", "4", "--device", "cpu"]
+         "--ckpt_file", str(tmp_path / "model.pt"), "--filepath", str(out), "--image_size", "64", "64",
+         "--image_encoder", "test_convnext", "--network_def#num_heads", "4", *extra]
     )  # fmt: skip
+    return out, result
+
+
+def test_export_command_builds_from_the_bundle_config(tmp_path):
+    out, result = export_tiny_bundle_network(
+        tmp_path, "--meta_file", str(CONFIGS / "metadata.json"), "--device", "cpu"
+    )
     assert out.is_file() and "verified" in result.stdout
     extra = {"metadata.json": ""}
     torch.jit.load(str(out), _extra_files=extra)
@@ -106,18 +113,7 @@ def test_export_command_builds_from_the_bundle_config(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_export_on_cuda_runs_on_cuda(tmp_path):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.json"))
-    parser.update({"image_encoder": "test_convnext", "network_def#num_heads": 4})
-    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
-    out = tmp_path / "model.ts"
-    run_command(
-        [sys.executable, "-m", "himix_monai.export", "--config_file", str(CONFIGS / "train.json"),
-         "--ckpt_file", str(tmp_path / "model.pt"), "--filepath", str(out), "--image_size", "64", "64",
-         "--image_encoder", "test_convnext", "--network_def#num_heads", "4", "--device", "cuda:0"]
-    )  # fmt: skip
+    out, _ = export_tiny_bundle_network(tmp_path, "--device", "cuda:0")
     module = torch.jit.load(str(out), map_location="cuda:0")
     ids = torch.ones(1, 24, dtype=torch.long, device="cuda:0")
     assert module(torch.rand(1, 1, 64, 64, device="cuda:0"), ids, torch.ones_like(ids)).is_cuda
