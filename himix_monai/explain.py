@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from monai.config import PathLike
-from monai.data import MetaTensor
+from monai.data import MetaTensor, decollate_batch
 from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import
 
 from himix_monai.networks.blocks.head import subpixel_segmentation_head
@@ -456,8 +456,8 @@ class WordMapSaver:
     Ignite handler writing word-to-region maps (:py:func:`explain`, :py:func:`save_word_maps`) for every image
     an evaluator processes: ``<output_dir>/<image stem>_words.png`` and ``.npz``.
 
-    It reads the network inputs from ``engine.state.batch`` (``image`` as preprocessed, ``input_ids``,
-    ``attention_mask`` and, when present, ``text``); when the batch has no tokens (a ``text_prompt`` run) the
+    It reads the network inputs from ``engine.state.batch`` (decollated by MONAI's evaluator, or a batch dict:
+    ``image`` as preprocessed, ``input_ids``, ``attention_mask`` and, when present, ``text``); when the batch has no tokens (a ``text_prompt`` run) the
     prompt's tokens come from ``inferer.prompt_tokens()``. The maps are computed at the network's input size.
     Images without text are skipped with a warning. Nothing else of the evaluator's run is changed.
 
@@ -509,37 +509,37 @@ class WordMapSaver:
             engine: Ignite Engine whose ``state.batch`` holds the current batch.
         """
         batch = engine.state.batch
-        if not isinstance(batch, Mapping) or self.image_key not in batch:
+        if isinstance(batch, Mapping):  # decollate=False
+            items = list(decollate_batch(batch, detach=True))
+        elif isinstance(batch, (list, tuple)):  # MONAI decollates the batch after the model by default
+            items = list(batch)
+        else:
             return
         if self._tokenizer is None:
             self._tokenizer = load_text_tokenizer(self.tokenizer_source)
-        images = batch[self.image_key]
-        ids = batch.get(self.input_ids_key)
-        masks = batch.get(self.attention_mask_key)
-        texts = batch.get(self.text_key)
         prompt = getattr(self.inferer, "prompt_tokens", None)
         prompt_tokens = prompt() if callable(prompt) else None
-        if prompt_tokens is not None:  # the inferer replaced the batch's text by the prompt
-            ids, masks, texts = prompt_tokens[0].expand(len(images), -1), prompt_tokens[1].expand(len(images), -1), None
-        for index in range(len(images)):
-            filename = meta_filename({self.image_key: images[index]}, self.image_key)
-            if filename is None and isinstance(batch.get(f"{self.image_key}_meta_dict"), Mapping):
-                names = batch[f"{self.image_key}_meta_dict"].get("filename_or_obj")
-                filename = names[index] if isinstance(names, (list, tuple)) else None
+        for index, item in enumerate(items):
+            if not isinstance(item, Mapping) or self.image_key not in item:
+                continue
+            image = item[self.image_key]
+            filename = meta_filename(item, self.image_key)
             stem = _file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
+            ids, mask, text = item.get(self.input_ids_key), item.get(self.attention_mask_key), item.get(self.text_key)
+            if prompt_tokens is not None:  # the inferer replaced the item's text by the prompt
+                ids, mask, text = prompt_tokens[0][0], prompt_tokens[1][0], None
             if ids is None:
                 logger.warning("WordMapSaver: %s has no report tokens; no word maps.", stem)
                 continue
-            text = texts[index] if isinstance(texts, (list, tuple)) and isinstance(texts[index], str) else None
-            mask = None if masks is None else masks[index]
+            text = text if isinstance(text, str) else None
             try:
-                maps = explain(self.network, images[index], ids[index], mask, self._tokenizer, text)
+                maps = explain(self.network, image, ids, mask, self._tokenizer, text)
             except ValueError:
                 if text is None:
                     raise
-                # the batch's text was changed after tokenisation: take the words from the ids alone
-                maps = explain(self.network, images[index], ids[index], mask, self._tokenizer, None)
-            self.written.extend(save_word_maps(self.output_dir, stem, images[index], maps))
+                # the item's text was changed after tokenisation: take the words from the ids alone
+                maps = explain(self.network, image, ids, mask, self._tokenizer, None)
+            self.written.extend(save_word_maps(self.output_dir, stem, image, maps))
 
 
 def _file_stem(filename: str) -> str:

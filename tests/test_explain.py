@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from himix_monai.explain import WordMapSaver, explain, explain_stage_texts, group_words, save_word_maps
 from himix_monai.networks import HiMix
+from tests.test_bundle_evaluate_inference import CONFIGS, NETWORK_SIZE, demo_split, trained, workflow_run  # noqa: F401
+
+# ``trained``: the tiny model trained once through train.json (shared with test_bundle_evaluate_inference.py)
 
 SIZE = 256  # the coarsest stage runs on an 8x8 grid
 
@@ -130,3 +136,32 @@ def test_explaining_does_not_touch_ordinary_inference(tiny_text_model_dir):
     assert net.training
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
     assert WordMapSaver("unused", net, tiny_text_model_dir)._tokenizer is None  # lazy: free when not run
+
+
+@pytest.mark.slow
+def test_bundle_inference_explain_true_writes_word_maps(trained, tmp_path):
+    """``inference.json --explain true`` on the demo test split of a tiny trained model: one grid + raw maps per
+    image, words from the report; a second run adds new files next to the first ones."""
+    from PIL import Image
+
+    workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path), explain=True)
+    items = demo_split(trained)
+    stems = sorted(Path(item["image"]).name[: -len(".nii.gz")] for item in items)
+    folder = tmp_path / "explanations"
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(f"{s}_words.png" for s in stems)
+    for item in items:
+        stem = Path(item["image"]).name[: -len(".nii.gz")]
+        with np.load(folder / f"{stem}_words.npz") as data:
+            meta = json.loads(str(data["meta"]))
+            assert " ".join(meta["words"]).replace(" ,", ",").replace(" .", ".") in item["text"]
+            assert data["word_maps"].shape == (len(meta["words"]), NETWORK_SIZE, NETWORK_SIZE)
+            assert data["stage_maps"].shape == (3, NETWORK_SIZE, NETWORK_SIZE)
+        grid = np.asarray(Image.open(folder / f"{stem}_words.png"))
+        assert grid.ndim == 3 and grid.shape[1] > 5 * NETWORK_SIZE
+    first = {p.name: p.read_bytes() for p in folder.iterdir()}
+    workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path), explain=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in first} == first  # nothing overwritten
+    assert sorted(p.name for p in folder.glob("*_words_1.png")) == sorted(f"{s}_words_1.png" for s in stems)
+    # explain defaults to false: an ordinary run writes no explanations
+    workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "explanations").exists()
