@@ -198,6 +198,7 @@ def explain_stage_texts(
     token_indices: Sequence[Sequence[int]],
     words: Sequence[str] | None = None,
     chunk_size: int = 8,
+    word_stages: bool = True,
 ) -> WordMaps:
     """
     The occlusion maps (see the module docstring) from given per-stage text embeddings.
@@ -213,6 +214,8 @@ def explain_stage_texts(
         token_indices: for each word, the token rows that make it.
         words: the words (default ``"token <i>"`` names).
         chunk_size: text variants decoded per batch.
+        word_stages: also remove each word from each stage alone (``word_stage_maps``; ``num_words *
+            num_stages`` more decoder passes); False leaves ``word_stage_maps`` empty ``(num_words, 0, H, W)``.
 
     Returns:
         :py:class:`WordMaps`.
@@ -249,8 +252,9 @@ def explain_stage_texts(
         keep = full.clone()
         keep[:, list(positions)] = 0
         variants.append(keep)
+    per_word_stages = num_stages if word_stages else 0
     for positions in token_indices:  # each word from one stage
-        for stage in range(num_stages):
+        for stage in range(per_word_stages):
             keep = full.clone()
             keep[stage, list(positions)] = 0
             variants.append(keep)
@@ -278,8 +282,10 @@ def explain_stage_texts(
     effect = base[None] - logits
     word_maps = effect[1 : 1 + num_words]
     offset = 1 + num_words
-    word_stage_maps = effect[offset : offset + num_words * num_stages].reshape(num_words, num_stages, *base.shape)
-    offset += num_words * num_stages
+    word_stage_maps = effect[offset : offset + num_words * per_word_stages].reshape(
+        num_words, per_word_stages, *base.shape
+    )
+    offset += num_words * per_word_stages
     stage_maps = effect[offset : offset + num_stages]
     return WordMaps(
         words=words,
@@ -301,6 +307,7 @@ def explain(
     tokenizer: Any,
     text: str | None = None,
     chunk_size: int = 8,
+    word_stages: bool = True,
 ) -> WordMaps:
     """
     Word-to-region maps for one image and its tokenised report (occlusion of each word's stage inputs; see the
@@ -314,6 +321,7 @@ def explain(
         tokenizer: the text encoder's tokenizer (instance, local directory or hub name).
         text: the report, for the words' exact spelling (optional).
         chunk_size: text variants decoded per batch.
+        word_stages: also compute each word's map per stage (see :py:func:`explain_stage_texts`).
 
     Returns:
         :py:class:`WordMaps` (maps in logits, at the image's size).
@@ -334,7 +342,7 @@ def explain(
         texts = network.encode_text(ids.to(device), mask.to(device))
     if texts is None:
         raise ValueError("explain needs a HiMix network built with a text encoder (text_encoder=None has no words).")
-    return explain_stage_texts(network, image, texts, token_indices, words, chunk_size=chunk_size)
+    return explain_stage_texts(network, image, texts, token_indices, words, chunk_size=chunk_size, word_stages=word_stages)
 
 
 # --- pictures ---------------------------------------------------------------------------------------------------
