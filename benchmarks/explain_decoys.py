@@ -187,7 +187,8 @@ def main() -> None:
         folder = Path(args.pictures)
         for name, m in (("explain_decoy_report.png", maps), ("explain_decoy_zone_changed.png", swapped)):
             rgb = render_word_maps(image.numpy().transpose(0, 2, 1), _transposed(m), columns=7, include_stages=False)
-            Image.fromarray(rgb).save(folder / name, optimize=True)
+            picture = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=96)  # small for the repository
+            picture.save(folder / name, optimize=True)
         summary["example_case"] = index
         print(f"example pictures: case {index}, in {folder}")
         if args.out:

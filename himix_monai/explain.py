@@ -349,13 +349,15 @@ def explain(
 
 _POSITIVE = np.array([220.0, 30.0, 30.0])  # red: the word pushed towards "lesion"
 _NEGATIVE = np.array([30.0, 90.0, 230.0])  # blue: away from it
+_OUTLINE = np.array([0.0, 255.0, 255.0])  # cyan: the predicted mask's boundary
 
 
-def _heat_tile(grey_rgb: np.ndarray, values: np.ndarray, scale: float) -> np.ndarray:
+def _heat_tile(grey_rgb: np.ndarray, values: np.ndarray, scale: float, outline: np.ndarray) -> np.ndarray:
     strength = np.clip(np.abs(values) / scale, 0.0, 1.0)[..., None] if scale > 0 else np.zeros((*values.shape, 1))
     colour = np.where(values[..., None] >= 0, _POSITIVE, _NEGATIVE)
-    base = 0.6 * grey_rgb
-    return np.clip(np.rint((1 - strength) * base + strength * colour), 0, 255).astype(np.uint8)
+    tile = (1 - strength) * (0.6 * grey_rgb) + strength * colour
+    tile[outline] = _OUTLINE
+    return np.clip(np.rint(tile), 0, 255).astype(np.uint8)
 
 
 def render_word_maps(
@@ -365,7 +367,7 @@ def render_word_maps(
     The PNG grid of an explanation as an ``(h, w, 3)`` uint8 array.
 
     Tile 1: the image with the predicted mask's outline (cyan). Then one tile per word, titled with the word:
-    the grey image darkened, red where the word pushed towards "lesion", blue where away, with opacity
+    the grey image darkened with the mask outline, red where the word pushed towards "lesion", blue where away, with opacity
     proportional to the effect; all word tiles share one scale (the largest absolute effect of any word, given
     in the first tile's title), so words can be compared. With ``include_stages`` one tile per decoder stage
     follows (the whole report at that stage, its own scale, given in the title).
@@ -378,17 +380,19 @@ def render_word_maps(
         include_stages: add the per-stage tiles.
     """
     from PIL import Image, ImageDraw
+    from skimage.segmentation import find_boundaries
 
     image = convert_to_numpy(_plain(image) if isinstance(image, torch.Tensor) else image)
     outline = overlay_prediction(image, maps.mask.astype(np.float32), None, alpha=0.0)
     grey = overlay_prediction(image, np.zeros_like(maps.logits), None, alpha=0.0).astype(np.float64)
+    boundary = find_boundaries(maps.mask, mode="inner")
     scale = float(np.abs(maps.word_maps).max()) if maps.word_maps.size else 0.0
     tiles: list[tuple[str, np.ndarray]] = [(f"mask; words +-{scale:.2g}", outline)]
-    tiles += [(word, _heat_tile(grey, m, scale)) for word, m in zip(maps.words, maps.word_maps)]
+    tiles += [(word, _heat_tile(grey, m, scale, boundary)) for word, m in zip(maps.words, maps.word_maps)]
     if include_stages:
         for index, m in enumerate(maps.stage_maps):
             stage_scale = float(np.abs(m).max())
-            tiles.append((f"stage {index + 1} +-{stage_scale:.2g}", _heat_tile(grey, m, stage_scale)))
+            tiles.append((f"stage {index + 1} +-{stage_scale:.2g}", _heat_tile(grey, m, stage_scale, boundary)))
     height, width = outline.shape[:2]
     zoom = max(1, int(np.ceil(min_tile / max(1, min(height, width)))))
     tile_h, tile_w, title_h, pad = height * zoom, width * zoom, 14, 4
