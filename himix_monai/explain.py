@@ -239,8 +239,8 @@ def explain_stage_texts(
     if len(words) != len(token_indices):
         raise ValueError(f"{len(words)} words but {len(token_indices)} token groups.")
     num_words = len(words)
-    dtype = next(network.parameters()).dtype
-    device = next(network.parameters()).device
+    decoder_weight = next(network.stages.parameters())  # the text encoder may be stored in another dtype
+    dtype, device = decoder_weight.dtype, decoder_weight.device
     image = image.to(device=device, dtype=dtype)
     texts = [t.to(device=device, dtype=dtype) for t in texts]
 
