@@ -11,7 +11,8 @@ neither. For each case:
 - for cases with one reported lesion: the report is rewritten to name one decoy's zone instead (the same
   sentence a report of that decoy would be) and explained again; "the map moved" when the zone map of the new
   report weighs that decoy more than the originally named lesion, and also more than it did under the
-  original report.
+  original report; "shifted" when (new target - old lesion) grew, whatever the sign.
+- control: the same comparison for the sum of the other words' maps (words naming no place).
 - whether the model reads the report at all: the mean predicted probability on named and on decoy pixels
   under the original report, and on the decoy under the rewritten one.
 
@@ -114,8 +115,8 @@ def main() -> None:
         ids, mask = tokenize.tokenize(text, source="text")
         return explain(network, image, ids, mask, tokenizer, text, word_stages=False)
 
-    def zone_map(maps) -> np.ndarray:
-        picked = [m for w, m in zip(maps.words, maps.word_maps) if w.lower() in ZONE_WORDS]
+    def zone_map(maps, zone: bool = True) -> np.ndarray:
+        picked = [m for w, m in zip(maps.words, maps.word_maps) if (w.lower() in ZONE_WORDS) == zone]
         return np.sum(picked, axis=0) if picked else np.zeros_like(maps.logits)
 
     rows, examples = [], []
@@ -140,6 +141,8 @@ def main() -> None:
             "prob_named": float(prob[named].mean()), "prob_decoy_max": max(float(prob[m].mean()) for _, m in decoys),
         }  # fmt: skip
         row["named_weighs_most"] = row["named"] > max(row["decoy_means"])
+        others = zone_map(maps, zone=False)  # control: the words that name no place
+        row["other_words_named_weighs_most"] = float(others[named].mean()) > max(float(others[m].mean()) for _, m in decoys)
         if "one infected area" in item["text"]:
             cell, target = decoys[0]
             swapped_text = format_chest_report(ChestFindings(1, {cell[0]: (cell[1],)}))
@@ -150,13 +153,15 @@ def main() -> None:
                 "swapped_target": float(swapped_zones[target].mean()), "swapped_named": float(swapped_zones[named].mean()),
                 "prob_target_swapped": float((1 / (1 + np.exp(-swapped.logits)))[target].mean()),
             })  # fmt: skip
+            # towards the newly named decoy, relative to the formerly named lesion, compared with before
+            row["shift"] = (row["swapped_target"] - row["swapped_named"]) - (row["decoy_means"][0] - row["named"])
             row["moved"] = (
                 row["swapped_target"] > row["swapped_named"] and row["swapped_target"] > row["decoy_means"][0]
             )
-            if row["named_weighs_most"] and row["moved"]:
-                examples.insert(0, (index, image, maps, swapped))  # a case where both hold, if any
-            elif not examples:
-                examples.append((index, image, maps, swapped))  # else the first rewritten case
+            # the example pictures: the rewritten case with the clearest effect (largest margin + shift)
+            margin = row["named"] - max(row["decoy_means"]) + row["shift"]
+            if not examples or margin > examples[0][0]:
+                examples[:] = [(margin, index, image, maps, swapped)]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("text", "swapped_text")}), flush=True)
 
@@ -169,8 +174,11 @@ def main() -> None:
         "cases": len(rows),
         "named_weighs_most": sum(r["named_weighs_most"] for r in rows),
         "report_map_named_weighs_most": sum(r["report_named"] > r["report_decoy_max"] for r in rows),
+        "other_words_named_weighs_most": sum(r["other_words_named_weighs_most"] for r in rows),
         "swap_cases": len(swap_rows),
         "moved": sum(r["moved"] for r in swap_rows),
+        "shifted_towards_new_zone": sum(r["shift"] > 0 for r in swap_rows),
+        "median_shift": float(np.median([r["shift"] for r in swap_rows])) if swap_rows else None,
         "mean_prob_named": float(np.mean([r["prob_named"] for r in rows])) if rows else None,
         "mean_prob_decoy_max": float(np.mean([r["prob_decoy_max"] for r in rows])) if rows else None,
         "mean_prob_target_after_swap": float(np.mean([r["prob_target_swapped"] for r in swap_rows])) if swap_rows else None,
@@ -183,7 +191,7 @@ def main() -> None:
     if args.pictures and examples:
         from PIL import Image
 
-        index, image, maps, swapped = examples[0]
+        _, index, image, maps, swapped = examples[0]
         folder = Path(args.pictures)
         for name, m in (("explain_decoy_report.png", maps), ("explain_decoy_zone_changed.png", swapped)):
             rgb = render_word_maps(image.numpy().transpose(0, 2, 1), _transposed(m), columns=7, include_stages=False)
