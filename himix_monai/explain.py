@@ -64,7 +64,15 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["WordMaps", "group_words", "explain", "explain_stage_texts", "render_word_maps", "save_word_maps", "WordMapSaver"]
+__all__ = [
+    "WordMaps",
+    "group_words",
+    "explain",
+    "explain_stage_texts",
+    "render_word_maps",
+    "save_word_maps",
+    "WordMapSaver",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +144,9 @@ def group_words(
         candidate = text
         if candidate is None:
             candidate = tokenizer.decode([ids[i] for i in real], skip_special_tokens=True)
-        encoded = tokenizer(candidate, max_length=len(ids), truncation=True, padding="max_length", return_offsets_mapping=True)
+        encoded = tokenizer(
+            candidate, max_length=len(ids), truncation=True, padding="max_length", return_offsets_mapping=True
+        )
         same = [int(i) for i in encoded["input_ids"]] == ids
         if not same and text is not None:
             raise ValueError(
@@ -230,7 +240,8 @@ def explain_stage_texts(
     texts = [_plain(t)[None] if t.ndim == 2 else _plain(t) for t in stage_texts]
     num_stages = len(network.stages)
     if len(texts) != num_stages or any(t.ndim != 3 or t.shape[0] != 1 for t in texts):
-        raise ValueError(f"stage_texts needs {num_stages} tensors of shape (1, L, C); got {[list(t.shape) for t in texts]}.")
+        shapes = [list(t.shape) for t in texts]
+        raise ValueError(f"stage_texts needs {num_stages} tensors of shape (1, L, C); got {shapes}.")
     length = texts[0].shape[1]
     for positions in token_indices:
         if not positions or any(p < 0 or p >= length for p in positions):
@@ -335,14 +346,18 @@ def explain(
         rgb = render_word_maps(item["image"], maps)  # the PNG grid as an (h, w, 3) uint8 array
     """
     ids = _plain(torch.as_tensor(input_ids)).reshape(1, -1).long()
-    mask = torch.ones_like(ids) if attention_mask is None else _plain(torch.as_tensor(attention_mask)).reshape(1, -1).long()
+    mask = torch.ones_like(ids)
+    if attention_mask is not None:
+        mask = _plain(torch.as_tensor(attention_mask)).reshape(1, -1).long()
     words, token_indices = group_words(tokenizer, ids[0], mask[0], text)
     device = next(network.parameters()).device
     with torch.no_grad():
         texts = network.encode_text(ids.to(device), mask.to(device))
     if texts is None:
         raise ValueError("explain needs a HiMix network built with a text encoder (text_encoder=None has no words).")
-    return explain_stage_texts(network, image, texts, token_indices, words, chunk_size=chunk_size, word_stages=word_stages)
+    return explain_stage_texts(
+        network, image, texts, token_indices, words, chunk_size=chunk_size, word_stages=word_stages
+    )
 
 
 # --- pictures ---------------------------------------------------------------------------------------------------
@@ -367,9 +382,9 @@ def render_word_maps(
     The PNG grid of an explanation as an ``(h, w, 3)`` uint8 array.
 
     Tile 1: the image with the predicted mask's outline (cyan). Then one tile per word, titled with the word:
-    the grey image darkened with the mask outline, red where the word pushed towards "lesion", blue where away, with opacity
-    proportional to the effect; all word tiles share one scale (the largest absolute effect of any word, given
-    in the first tile's title), so words can be compared. With ``include_stages`` one tile per decoder stage
+    the grey image darkened with the mask outline, red where the word pushed towards "lesion", blue where away,
+    with opacity proportional to the effect; all word tiles share one scale (the largest absolute effect of any
+    word, given in the first tile's title), so words can be compared. With ``include_stages`` one tile per decoder stage
     follows (the whole report at that stage, its own scale, given in the title).
 
     Args:
@@ -469,8 +484,9 @@ class WordMapSaver:
     an evaluator processes: ``<output_dir>/<image stem>_words.png`` and ``.npz``.
 
     It reads the network inputs from ``engine.state.batch`` (decollated by MONAI's evaluator, or a batch dict:
-    ``image`` as preprocessed, ``input_ids``, ``attention_mask`` and, when present, ``text``); when the batch has no tokens (a ``text_prompt`` run) the
-    prompt's tokens come from ``inferer.prompt_tokens()``. The maps are computed at the network's input size.
+    ``image`` as preprocessed, ``input_ids``, ``attention_mask`` and, when present, ``text``); in a
+    ``text_prompt`` run (the inferer replaces every report by the prompt) the prompt's tokens come from
+    ``inferer.prompt_tokens()``. The maps are computed at the network's input size.
     Images without text are skipped with a warning. Nothing else of the evaluator's run is changed.
 
     Args:

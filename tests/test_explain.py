@@ -165,3 +165,24 @@ def test_bundle_inference_explain_true_writes_word_maps(trained, tmp_path):
     # explain defaults to false: an ordinary run writes no explanations
     workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path / "plain"))
     assert not (tmp_path / "plain" / "explanations").exists()
+
+
+def test_word_map_saver_takes_the_prompt_when_the_inferer_replaces_the_report(tiny_text_model_dir, tmp_path):
+    """A ``text_prompt`` run: the batch items have no tokens; the words come from ``inferer.prompt_tokens()``."""
+    from types import SimpleNamespace
+
+    from monai.data import MetaTensor
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_text_model_dir)
+    encoded = tokenizer("upper left lung", max_length=24, padding="max_length", truncation=True, return_tensors="pt")
+    inferer = SimpleNamespace(prompt_tokens=lambda: (encoded["input_ids"], encoded["attention_mask"]))
+    torch.manual_seed(0)
+    net = HiMix(in_channels=1, image_encoder="test_convnext", text_encoder=tiny_text_model_dir, num_heads=4).eval()
+    image = MetaTensor(torch.rand(1, 64, 64), meta={"filename_or_obj": "/data/case_7.nii.gz"})
+    engine = SimpleNamespace(state=SimpleNamespace(batch=[{"image": image}], iteration=1))
+    saver = WordMapSaver(tmp_path, net, tokenizer, inferer=inferer)
+    saver(engine)
+    assert [p.name for p in saver.written] == ["case_7_words.png", "case_7_words.npz"]
+    with np.load(tmp_path / "case_7_words.npz") as data:
+        assert json.loads(str(data["meta"]))["words"] == ["upper", "left", "lung"]
