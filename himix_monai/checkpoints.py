@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.utils import copy_model_state
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from himix_monai.files import atomic_path
 from himix_monai.errors import HiMixError
 from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder, TextEncoderMismatchError
 
@@ -76,13 +76,6 @@ class CheckpointMismatchError(CheckpointError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _file_mode() -> int:
-    """``0o666`` minus the process umask: the mode a plain ``open(path, "w")`` would give."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_checkpoint_atomically(obj: Any, path: str | os.PathLike) -> Path:
     """Save ``obj`` with ``torch.save`` so that ``path`` is never left half-written.
 
@@ -98,18 +91,8 @@ def save_checkpoint_atomically(obj: Any, path: str | os.PathLike) -> Path:
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, _file_mode())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        torch.save(obj, temp)
     return path
 
 

@@ -111,3 +111,7 @@ def install_command_line_excepthook(force: bool = False) -> bool:
 
 class NonFiniteImageError(HiMixError, ValueError):
     """An image or mask holds NaN or infinite values; the message names the file."""
+
+
+class UnreadableImageError(HiMixError, OSError):
+    """An image or mask file cannot be read (corrupt, truncated or of an unsupported format); the message names it."""

@@ -50,7 +50,7 @@ from himix_monai.checkpoints import (
 )
 from himix_monai.config_utils import as_bool
 from himix_monai.data.ct import slices_to_nifti
-from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY
+from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY, OutputNames
 from himix_monai.errors import HiMixError
 from himix_monai.transforms.volume import CTVolumeCache
 from himix_monai.transforms.mask import meta_filename
@@ -565,14 +565,6 @@ def _as_int(value: Any) -> int:
     return int(np.asarray(convert_to_numpy(value)).reshape(-1)[0])
 
 
-def _volume_stem(path: str) -> str:
-    name = Path(path.rstrip("/\\")).name
-    for ext in (".nii.gz", ".nii", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 class VolumeMaskWriter:
     """
     Ignite handler stacking per-slice predictions into one NIfTI mask per CT volume.
@@ -599,6 +591,8 @@ class VolumeMaskWriter:
         threshold: predictions are foreground where ``> threshold``.
         volume_cache: the cache the slices were loaded through (``LoadVolumeSliced(cache=...)``), so the
             volume's geometry is not read again; None reads it.
+        names: the run's output names (unique per input, relative path kept); None names a mask by its
+            volume's file or folder name.
 
     Examples::
 
@@ -620,6 +614,7 @@ class VolumeMaskWriter:
         num_slices_key: str = NUM_SLICES_KEY,
         threshold: float = 0.5,
         volume_cache: CTVolumeCache | None = None,
+        names: OutputNames | None = None,
     ) -> None:
         if output_ext.lower() not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}.")
@@ -632,6 +627,7 @@ class VolumeMaskWriter:
         self.num_slices_key = num_slices_key
         self.threshold = threshold
         self.volume_cache = volume_cache
+        self.names = names if names is not None else OutputNames()
         self.written: list[Path] = []
         self._pending: dict[str, tuple[int, dict[int, np.ndarray]]] = {}
 
@@ -650,8 +646,7 @@ class VolumeMaskWriter:
 
     def output_path(self, volume: str) -> Path:
         """The mask file of ``volume``."""
-        suffix = f"_{self.output_postfix}" if self.output_postfix else ""
-        return self.output_dir / f"{_volume_stem(volume)}{suffix}{self.output_ext}"
+        return self.names.path(volume, self.output_dir, self.output_postfix, self.output_ext)
 
     def add_slice(self, volume: str, index: int, num_slices: int, pred: Any) -> Path | None:
         """

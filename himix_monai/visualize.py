@@ -28,12 +28,15 @@ from monai.config import NdarrayOrTensor, PathLike
 from monai.data import decollate_batch
 from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import, string_list_all_gather
 
+from himix_monai.files import atomic_path
 from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
     from ignite.engine import Engine
+
+    from himix_monai.data.inference_items import OutputNames
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
@@ -179,7 +182,8 @@ def save_overlay(
     if transpose:
         rgb = np.ascontiguousarray(rgb.transpose(1, 0, 2))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(os.fspath(path))
+    with atomic_path(path, suffix=".png") as temp:
+        Image.fromarray(rgb).save(os.fspath(temp), format="PNG")
     return rgb
 
 
@@ -224,6 +228,8 @@ class OverlaySaver:
         transpose: swap the spatial axes before writing (images loaded with ``PILReader``'s default
             ``reverse_indexing=True``), see :py:func:`save_overlay`.
         output_postfix: appended to the stem: ``<stem>_<output_postfix>.png``.
+        names: the run's output names (unique per input, relative path kept,
+            :py:class:`~himix_monai.data.inference_items.OutputNames`); None names an overlay by its file stem.
 
     Examples::
 
@@ -244,8 +250,10 @@ class OverlaySaver:
         alpha: float = 0.5,
         transpose: bool = False,
         output_postfix: str = "overlay",
+        names: OutputNames | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.names = names
         self.image_key = image_key
         self.pred_key = pred_key
         self.label_key = label_key
@@ -273,7 +281,10 @@ class OverlaySaver:
             filename = meta_filename(item, self.image_key)
             if filename is None and index < len(batch_items):
                 filename = meta_filename(batch_items[index], self.image_key)
-            stem = _file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
+            if filename and self.names is not None:
+                stem = self.names.stem(filename)
+            else:
+                stem = _file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
             pred = item[self.pred_key]
             if not self._logit_warned:
                 values = convert_to_numpy(pred)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from himix_monai.files import atomic_path, full_suffix
 from himix_monai.errors import HiMixError
 
 __all__ = [
@@ -384,6 +384,16 @@ def _sort_slices(datasets: Sequence[tuple[Path, Any]], folder: Path) -> list[tup
     if duplicate.size:
         first, second = ordered[duplicate[0]][0].name, ordered[duplicate[0] + 1][0].name
         raise CTReadError(f"{folder}: mixed DICOM series, {first} and {second} have the same slice position")
+    missing = np.flatnonzero(gaps > 1.5 * gaps.min()) if gaps.size > 1 else np.array([], dtype=int)
+    if missing.size:  # a missing slice: spreading the others evenly would put every later slice in the wrong place
+        k = int(missing[0])
+        (first, before), (second, after) = ordered[k], ordered[k + 1]
+        raise CTReadError(
+            f"{folder}: missing slice in the DICOM series: {first.name} and {second.name} (positions {key(ordered[k])[0]:g} "
+            f"and {key(ordered[k + 1])[0]:g} mm) are {gaps[k]:g} mm apart where the closest slices are {gaps.min():g} mm "
+            f"apart ({missing.size} such gap(s)); put the missing files in the folder or take the series as it is "
+            "stored from the scanner"
+        )
     if gaps.size > 1 and np.ptp(gaps) > 0.01 * float(np.median(gaps)) + _GEOMETRY_TOLERANCE:
         warnings.warn(
             f"{folder}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm), using the mean spacing"
@@ -566,21 +576,6 @@ def _prediction_plane(prediction: Any, expected: tuple[int, ...], index: int, th
     return array if array.dtype == bool else array > threshold
 
 
-def _save_nifti_atomically(image: Any, out_path: Path) -> None:
-    import nibabel as nib
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if out_path.name.lower().endswith(".nii.gz") else out_path.suffix
-    descriptor, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=suffix)
-    os.close(descriptor)
-    try:
-        nib.save(image, temp_name)
-        os.replace(temp_name, out_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def slices_to_nifti(
     pred_slices: Iterable[Any],
     reference: CTVolume | str | os.PathLike,
@@ -630,7 +625,8 @@ def slices_to_nifti(
         image.set_sform(volume.affine, code=1)
     image.header.set_slope_inter(1.0, 0.0)
     out_path = Path(out_path)
-    _save_nifti_atomically(image, out_path)
+    with atomic_path(out_path, suffix=full_suffix(out_path)) as temp:
+        nib.save(image, str(temp))
     return out_path
 
 

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from himix_monai.files import write_text_atomically
 from himix_monai.config_utils import as_bool
-from himix_monai.errors import HiMixError, NonFiniteImageError
+from himix_monai.errors import HiMixError, NonFiniteImageError, UnreadableImageError
 
 __all__ = [
     "DATALIST_SPLITS",
@@ -104,10 +104,6 @@ ProgressFn = Callable[[Iterable[Any], int, str], Iterable[Any]]
 
 class DatalistError(HiMixError, ValueError):
     """A datalist, an annotation file or one of its rows is invalid; the message names the file (and row)."""
-
-
-class UnreadableImageError(HiMixError, OSError):
-    """An image or mask file cannot be read (corrupt, truncated or of an unsupported format)."""
 
 
 class SkipReason:
@@ -554,20 +550,6 @@ def validate_datalist(datalist: Any, source: str = "datalist") -> None:
         _validate_split(datalist, split, source)
 
 
-def _fsync_directory(folder: Path) -> None:
-    """Persist a rename in ``folder``; not supported on every platform, so failures are ignored."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Validate ``datalist`` and write it to ``path`` atomically.
 
@@ -588,19 +570,7 @@ def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path
     path = Path(path).absolute()
     validate_datalist(datalist, source=f"datalist for {path}")
     text = json.dumps(datalist, indent=2, ensure_ascii=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    write_text_atomically(path, text)
     return path
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.data.folder_layout import FolderLayoutBase
 
 from himix_monai.data.datalist import (
     IMAGE_EXTENSIONS,
@@ -47,6 +48,7 @@ __all__ = [
     "list_inference_inputs",
     "volume_num_slices",
     "build_inference_items",
+    "OutputNames",
 ]
 
 logger = logging.getLogger(__name__)
@@ -419,3 +421,97 @@ def build_inference_items(
                 {"image": image, "text": text, SLICE_INDEX_KEY: k, NUM_SLICES_KEY: num_slices} for k in range(num_slices)
             )
     return items
+
+
+# --------------------------------------------------------------------------------------------------------------
+# output names
+
+
+def _plain_stem(path: str | os.PathLike) -> str:
+    """A file name without its image extension (``.nii.gz`` counted as one); a folder keeps its name."""
+    name = Path(os.fspath(path).rstrip("/\\")).name
+    stem, extension = split_image_extension(name)
+    return stem if extension.lower() in IMAGE_EXTENSIONS else os.path.splitext(name)[0] if Path(path).is_file() else name
+
+
+class _NamedLayout(FolderLayoutBase):
+    """A MONAI folder layout that names files by :py:meth:`OutputNames.stem` (for ``SaveImaged(folder_layout=)``)."""
+
+    def __init__(self, names: OutputNames, output_dir: str | os.PathLike, postfix: str, extension: str) -> None:
+        self.names, self.output_dir, self.postfix, self.extension = names, Path(output_dir), postfix, extension
+
+    def filename(self, subject: str | os.PathLike = "subject", idx: Any = None, **kwargs: Any) -> str:
+        return str(self.names.path(subject, self.output_dir, self.postfix, self.extension))
+
+
+class OutputNames:
+    """
+    One output name per input, unique within a run, keeping the inputs' relative paths.
+
+    Writing ``<stem>_mask.png`` for every input, as MONAI's default layout does, makes ``x.png`` and ``x.jpg``,
+    or ``A/img.png`` and ``B/img.png``, overwrite each other's mask. Here the name of an input is its path
+    relative to the folder all inputs share (``A/img``, ``B/img``), without its extension; inputs whose names
+    would still coincide (``x.png`` and ``x.jpg``; compared ignoring case, for case-insensitive file systems)
+    keep their extension in the name (``x_png``, ``x_jpg``). A DICOM series folder is named by its path.
+
+    Args:
+        inputs: the run's inputs: paths, or items with the path under ``key`` (slice items of one volume count
+            once).
+        key: the item key of the path.
+
+    Examples::
+
+        names = OutputNames(["/in/A/img.png", "/in/B/img.png", "/in/x.png", "/in/x.jpg"])
+        names.stem("/in/B/img.png")  # "B/img"
+        names.stem("/in/x.jpg")  # "x_jpg"
+        saver = SaveImaged(keys="pred", folder_layout=names.layout("out", "mask", ".png"))  # out/B/img_mask.png
+    """
+
+    def __init__(self, inputs: Sequence[Any] = (), key: str = "image") -> None:
+        paths: list[str] = []
+        for entry in inputs:
+            value = entry.get(key) if isinstance(entry, Mapping) else entry
+            if isinstance(value, (str, os.PathLike)):
+                real = os.path.realpath(value)
+                if real not in paths:
+                    paths.append(real)
+        self.names: dict[str, str] = {}
+        if not paths:
+            return
+        root = os.path.commonpath([os.path.dirname(path.rstrip(os.sep)) for path in paths])
+        stems = {path: Path(os.path.relpath(os.path.dirname(path), root), _plain_stem(path)).as_posix() for path in paths}
+        stems = {path: stem[2:] if stem.startswith("./") else stem for path, stem in stems.items()}
+        groups: dict[str, list[str]] = {}
+        for path, stem in stems.items():
+            groups.setdefault(stem.casefold(), []).append(path)
+        taken: set[str] = set()
+        for path, stem in stems.items():
+            if len(groups[stem.casefold()]) > 1:
+                extension = os.path.basename(path)[len(_plain_stem(path)) :].lstrip(".").replace(".", "_")
+                stem = f"{stem}_{extension}" if extension else stem
+            unique, number = stem, 2
+            while unique.casefold() in taken:
+                unique, number = f"{stem}_{number}", number + 1
+            taken.add(unique.casefold())
+            self.names[path] = unique
+
+    def stem(self, path: str | os.PathLike) -> str:
+        """The output name of ``path`` (without postfix and extension); an unknown path gets its file stem."""
+        return self.names.get(os.path.realpath(path)) or _plain_stem(path)
+
+    def path(self, source: str | os.PathLike, output_dir: str | os.PathLike, postfix: str = "", extension: str = "") -> Path:
+        """``<output_dir>/<stem>[_<postfix>]<extension>`` for the input ``source`` (parent folders are created)."""
+        suffix = f"_{postfix}" if postfix else ""
+        out = Path(output_dir) / f"{self.stem(source)}{suffix}{extension}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def layout(self, output_dir: str | os.PathLike, postfix: str = "", extension: str = "") -> FolderLayoutBase:
+        """A MONAI folder layout with these names, for ``SaveImaged(folder_layout=...)``.
+
+        Args:
+            output_dir: the output folder.
+            postfix: appended to the name after ``_``.
+            extension: the file extension, e.g. ``".png"``.
+        """
+        return _NamedLayout(self, output_dir, postfix, extension)

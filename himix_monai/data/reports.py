@@ -33,13 +33,14 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from himix_monai.files import write_text_atomically
 
 __all__ = [
     "REPORT_STYLES",
@@ -586,13 +587,5 @@ def write_reports_csv(rows: Sequence[tuple[str, str]], path: str | os.PathLike) 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["Image", "Description"])
     writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as stream:
-            stream.write(buffer.getvalue())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, buffer.getvalue(), newline="")
     return path
