@@ -24,7 +24,20 @@ from himix_monai.errors import SettingError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["as_bool", "as_image_size", "check_image_size", "find_bundle_root"]
+__all__ = ["as_bool", "as_image_size", "check_image_size", "find_bundle_root", "unwrap_network"]
+
+
+def unwrap_network(network: Any) -> Any:
+    """The network inside a ``torch.nn.DataParallel`` or ``DistributedDataParallel`` wrapper, else ``network``.
+
+    Args:
+        network: a network, wrapped or not.
+    """
+    import torch
+
+    if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return network.module
+    return network
 
 
 _TRUE = ("true", "yes", "on", "1", "y", "t")
@@ -116,9 +129,7 @@ def check_image_size(image_size: Any, network: torch.nn.Module | None = None, di
         SettingError: (a ``ValueError``) naming the setting, the divisor and the nearest valid sizes.
     """
     if network is not None:
-        from himix_monai.checkpoints import _unwrap  # DataParallel / DDP wrappers
-
-        divisor = int(getattr(_unwrap(network), "size_divisor", divisor))
+        divisor = int(getattr(unwrap_network(network), "size_divisor", divisor))
     sizes = as_image_size(image_size)
     if any(s % divisor for s in sizes):
         lower = [max(divisor, s // divisor * divisor) for s in sizes]

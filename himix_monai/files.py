@@ -22,7 +22,15 @@ from pathlib import Path
 from monai.data import NibabelWriter, PILWriter
 
 __all__ = [
+    "PICTURE_EXTENSIONS",
+    "JPEG_EXTENSIONS",
+    "TIFF_EXTENSIONS",
     "NIFTI_EXTENSIONS",
+    "DICOM_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "split_image_extension",
+    "is_nifti",
+    "dicom_files",
     "full_suffix",
     "atomic_path",
     "write_text_atomically",
@@ -31,8 +39,64 @@ __all__ = [
     "AtomicNibabelWriter",
 ]
 
+PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+"""Extensions of picture files, read with PIL (MONAI's ``PILReader``)."""
+
+JPEG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg")
+TIFF_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff")
+
 NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 """Extensions of NIfTI files (the two-part one first)."""
+
+DICOM_EXTENSIONS: tuple[str, ...] = (".dcm",)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = PICTURE_EXTENSIONS + NIFTI_EXTENSIONS + DICOM_EXTENSIONS
+"""Every extension read as an image (the one list of the package), in order of preference when a stem matches
+several files."""
+
+
+def split_image_extension(name: str) -> tuple[str, str]:
+    """Split a file name into stem and extension, keeping compound image extensions such as ``.nii.gz``.
+
+    Args:
+        name: a file name.
+
+    Returns:
+        ``(stem, extension)``; the extension keeps its case and may be ``""``.
+    """
+    lower = name.lower()
+    for extension in IMAGE_EXTENSIONS:
+        if lower.endswith(extension) and len(name) > len(extension):
+            return name[: -len(extension)], name[-len(extension) :]
+    return os.path.splitext(name)
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a NIfTI file (``.nii`` or ``.nii.gz``, any case).
+
+    Args:
+        path: a file name or path.
+    """
+    return os.fspath(path).lower().endswith(NIFTI_EXTENSIONS)
+
+
+def dicom_files(folder: str | os.PathLike) -> list[Path]:
+    """The DICOM files of a series folder, sorted by name: ``*.dcm`` files and files with the DICOM preamble.
+
+    Hidden files, sub-folders and ``DICOMDIR`` are left out; a ``.dcm`` file is listed without being read.
+
+    Args:
+        folder: the series folder.
+    """
+    import pydicom
+
+    files = []
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+            continue
+        if path.suffix.lower() in DICOM_EXTENSIONS or pydicom.misc.is_dicom(str(path)):
+            files.append(path)
+    return files
 
 
 def full_suffix(name: str | os.PathLike) -> str:

@@ -57,10 +57,12 @@ def write_datalist(folder: Path, images: list[Path]) -> Path:
 
 
 def test_output_names_are_unique_and_keep_relative_paths():
-    names = OutputNames(["/in/A/img.png", "/in/B/img.png", "/in/x.png", "/in/x.JPG", {"image": "/in/series"}])
+    names = OutputNames(
+        ["/in/A/img.png", "/in/B/img.png", "/in/x.png", "/in/x.JPG", {"image": "/in/series"}, "/in/C/D/y.nii.gz"]
+    )
     assert names.names == {
         "/in/A/img.png": "A/img", "/in/B/img.png": "B/img", "/in/x.png": "x_png", "/in/x.JPG": "x_JPG",
-        "/in/series": "series",
+        "/in/series": "series", "/in/C/D/y.nii.gz": "y",
     }  # fmt: skip
     assert OutputNames(["/in/x.png"]).stem("/in/x.png") == "x"
 

@@ -38,7 +38,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from himix_monai.files import atomic_path, full_suffix
+from himix_monai.files import atomic_path, dicom_files, full_suffix, is_nifti
 from himix_monai.errors import HiMixError
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "dicom_slice_affine",
     "read_dicom_slice",
     "read_dicom_series",
+    "axial_axis",
     "read_nifti_volume",
     "read_ct_volume",
     "read_ct_slice",
@@ -79,7 +80,6 @@ WindowLike = Union[str, Sequence[float], Mapping[str, float]]
 """A preset name, a ``(low, high)`` pair in HU or a ``{"center": c, "width": w}`` mapping."""
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GEOMETRY_TOLERANCE = 1e-4
 
 
@@ -330,19 +330,6 @@ def read_dicom_slice(path: str | os.PathLike) -> CTVolume:
     )
 
 
-def _dicom_candidates(folder: Path) -> list[Path]:
-    """Files of ``folder`` that are DICOM: ``*.dcm`` (checked later) or with the DICOM preamble."""
-    import pydicom
-
-    files = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
-            continue
-        if path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(str(path)):
-            files.append(path)
-    return files
-
-
 def _check_same_series(datasets: Sequence[tuple[Path, Any]], folder: Path) -> None:
     """Raise :py:class:`CTReadError` when the slices do not form one consistent series."""
     by_uid: dict[str, Path] = {}
@@ -420,7 +407,7 @@ def read_dicom_series(folder: str | os.PathLike) -> CTVolume:
     folder = Path(folder)
     if not folder.is_dir():
         raise CTReadError(f"{folder}: DICOM series folder not found")
-    files = _dicom_candidates(folder)
+    files = dicom_files(folder)
     if not files:
         raise CTReadError(f"{folder}: no DICOM files in the folder")
     datasets = [(path, read_dicom_dataset(path)) for path in files]
@@ -443,8 +430,12 @@ def read_dicom_series(folder: str | os.PathLike) -> CTVolume:
     )
 
 
-def _axial_axis(affine: np.ndarray) -> int:
-    """The voxel axis closest to the superior-inferior direction (2 when unclear)."""
+def axial_axis(affine: np.ndarray) -> int:
+    """The voxel axis closest to the superior-inferior direction (2 when unclear): the slice axis of a volume.
+
+    Args:
+        affine: the 4x4 voxel-to-world affine.
+    """
     import nibabel as nib
 
     codes = nib.orientations.aff2axcodes(affine)
@@ -484,15 +475,11 @@ def read_nifti_volume(path: str | os.PathLike) -> CTVolume:
     if hu.ndim != 3:
         raise CTReadError(f"{path}: NIfTI image of shape {image.shape} is not a 2-D slice or a 3-D volume")
     affine = np.asarray(image.affine, dtype=np.float64)
-    slice_axis = 2 if source_ndim == 2 else _axial_axis(affine)
+    slice_axis = 2 if source_ndim == 2 else axial_axis(affine)
     return CTVolume(
         hu=hu, affine=affine, source=str(path), slice_axis=slice_axis, source_ndim=min(source_ndim, 3),
         header=image.header.copy(),
     )
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
 def read_ct_volume(path: str | os.PathLike, allow_single_slice: bool = False) -> CTVolume:
@@ -509,7 +496,7 @@ def read_ct_volume(path: str | os.PathLike, allow_single_slice: bool = False) ->
     path = Path(path)
     if path.is_dir():
         volume = read_dicom_series(path)
-    elif _is_nifti(path):
+    elif is_nifti(path):
         volume = read_nifti_volume(path)
     else:
         volume = read_dicom_slice(path)

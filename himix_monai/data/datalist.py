@@ -41,7 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from himix_monai.files import write_text_atomically
+from himix_monai.files import (
+    IMAGE_EXTENSIONS,
+    JPEG_EXTENSIONS,
+    NIFTI_EXTENSIONS,
+    TIFF_EXTENSIONS,
+    split_image_extension,
+    write_text_atomically,
+)
 from himix_monai.config_utils import as_bool
 from himix_monai.errors import HiMixError, NonFiniteImageError, UnreadableImageError
 
@@ -85,16 +92,9 @@ DATALIST_SPLITS: tuple[str, ...] = ("training", "validation", "test")
 REQUIRED_ITEM_KEYS: tuple[str, ...] = ("image", "label", "text")
 """The keys every datalist item must have."""
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii.gz", ".nii", ".dcm")
-"""File extensions recognised as images, in order of preference when a stem matches several files."""
-
 MASK_PREFIX = "mask_"
 """Prefix of QaTa-COV19 mask file names (``mask_<image name>``)."""
 
-_PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-_TIFF_EXTENSIONS = (".tif", ".tiff")
-_JPEG_EXTENSIONS = (".jpg", ".jpeg")
-_NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 _PNG_END = b"IEND\xaeB`\x82"  # type and CRC of the IEND chunk that ends every complete PNG file
 _MAX_LISTED_ITEMS = 10  # bad datalist items shown in an error message
 
@@ -314,23 +314,6 @@ class CandidateItem:
     def to_datalist_item(self) -> dict[str, str]:
         """The datalist item, with absolute resolved paths."""
         return {"image": str(Path(self.image).resolve()), "label": str(Path(self.label).resolve()), "text": self.text}
-
-
-def split_image_extension(name: str) -> tuple[str, str]:
-    """Split a file name into stem and extension, keeping compound image extensions such as ``.nii.gz``.
-
-    Args:
-        name: a file name.
-
-    Returns:
-        ``(stem, extension)``; the extension keeps its case and may be ``""``.
-    """
-    lower = name.lower()
-    for extension in IMAGE_EXTENSIONS:
-        if lower.endswith(extension) and len(name) > len(extension):
-            return name[: -len(extension)], name[-len(extension) :]
-    stem, extension = os.path.splitext(name)
-    return stem, extension
 
 
 def _is_image_name(name: str) -> bool:
@@ -641,7 +624,7 @@ def _pil_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
     with Image.open(path) as image:
         width, height = image.size
         if verify:
-            if path.suffix.lower() in _JPEG_EXTENSIONS:
+            if path.suffix.lower() in JPEG_EXTENSIONS:
                 # decode at reduced scale: still reads the whole entropy-coded stream, so truncation is detected
                 image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
             image.load()
@@ -738,7 +721,7 @@ def read_spatial_size(path: str | os.PathLike, verify: bool = True) -> tuple[int
     path = Path(path)
     extension = split_image_extension(path.name)[1].lower()
     try:
-        if extension in _NIFTI_EXTENSIONS:
+        if extension in NIFTI_EXTENSIONS:
             shape = _nifti_spatial_size(path, verify)
         elif extension == ".dcm":
             shape = _dicom_spatial_size(path, verify)
@@ -746,7 +729,7 @@ def read_spatial_size(path: str | os.PathLike, verify: bool = True) -> tuple[int
             try:
                 shape = _pil_spatial_size(path, verify)
             except Exception:
-                if extension not in _TIFF_EXTENSIONS:
+                if extension not in TIFF_EXTENSIONS:
                     raise
                 shape = _tifffile_spatial_size(path, verify)  # TIFF flavours PIL cannot decode
     except (UnreadableImageError, NonFiniteImageError):

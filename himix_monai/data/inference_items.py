@@ -28,14 +28,9 @@ from typing import Any
 import numpy as np
 from monai.data.folder_layout import FolderLayoutBase
 
-from himix_monai.data.datalist import (
-    IMAGE_EXTENSIONS,
-    DatalistError,
-    DirectoryIndex,
-    find_image_file,
-    read_description_sheet,
-    split_image_extension,
-)
+from himix_monai.data.ct import axial_axis
+from himix_monai.data.datalist import DatalistError, DirectoryIndex, find_image_file, read_description_sheet
+from himix_monai.files import IMAGE_EXTENSIONS, PICTURE_EXTENSIONS, dicom_files, is_nifti, split_image_extension
 
 __all__ = [
     "TEXT_SIDECARS",
@@ -62,10 +57,6 @@ SLICE_INDEX_KEY = "slice_index"
 NUM_SLICES_KEY = "num_slices"
 """Item key of the number of slices of the volume of a slice item."""
 
-PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-"""Extensions of picture files, loaded by ``PILReader(reverse_indexing=False)`` as (rows, columns)."""
-
-_NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 
 
 class InferenceInputError(DatalistError):
@@ -78,23 +69,6 @@ class InferenceInputError(DatalistError):
 
 def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(_NIFTI_EXTENSIONS)
-
-
-def _dicom_files(folder: Path) -> list[Path]:
-    """DICOM files of a series folder, by the rule of :py:func:`himix_monai.data.ct.read_dicom_series`."""
-    import pydicom
-
-    files = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or _is_hidden(path) or path.name.upper() == "DICOMDIR":
-            continue
-        if path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(str(path)):
-            files.append(path)
-    return files
 
 
 def find_text_sidecar(folder: str | os.PathLike) -> Path | None:
@@ -204,23 +178,13 @@ def list_inference_inputs(folder: str | os.PathLike) -> list[Path]:
         if _is_hidden(path) or path.name in TEXT_SIDECARS:
             continue
         if path.is_dir():
-            if _dicom_files(path):
+            if dicom_files(path):
                 inputs.append(path)
             else:
                 logger.debug("%s: sub-folder without DICOM files, skipped", path)
         elif split_image_extension(path.name)[1].lower() in IMAGE_EXTENSIONS:
             inputs.append(path)
     return inputs
-
-
-def _nifti_slice_axis(affine: np.ndarray) -> int:
-    """The voxel axis closest to superior-inferior (as :py:func:`himix_monai.data.ct.read_nifti_volume`)."""
-    import nibabel as nib
-
-    for axis, code in enumerate(nib.orientations.aff2axcodes(affine)):
-        if code in ("S", "I"):
-            return axis
-    return 2
 
 
 def volume_num_slices(path: str | os.PathLike) -> int | None:
@@ -238,11 +202,11 @@ def volume_num_slices(path: str | os.PathLike) -> int | None:
     """
     path = Path(path)
     if path.is_dir():
-        count = len(_dicom_files(path))
+        count = len(dicom_files(path))
         if count == 0:
             raise InferenceInputError(f"{path}: folder without DICOM files (a DICOM series folder is expected)")
         return count
-    if not _is_nifti(path):
+    if not is_nifti(path):
         return None
     import nibabel as nib
 
@@ -257,7 +221,7 @@ def volume_num_slices(path: str | os.PathLike) -> int | None:
         return None
     if len(shape) > 3:
         raise InferenceInputError(f"{path}: NIfTI image of shape {shape} is not a 2-D image or a 3-D volume")
-    return shape[_nifti_slice_axis(np.asarray(image.affine, dtype=np.float64))]
+    return shape[axial_axis(np.asarray(image.affine, dtype=np.float64))]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,10 +413,11 @@ class OutputNames:
     One output name per input, unique within a run, keeping the inputs' relative paths.
 
     Writing ``<stem>_mask.png`` for every input, as MONAI's default layout does, makes ``x.png`` and ``x.jpg``,
-    or ``A/img.png`` and ``B/img.png``, overwrite each other's mask. Here the name of an input is its path
-    relative to the folder all inputs share (``A/img``, ``B/img``), without its extension; inputs whose names
-    would still coincide (``x.png`` and ``x.jpg``; compared ignoring case, for case-insensitive file systems)
-    keep their extension in the name (``x_png``, ``x_jpg``). A DICOM series folder is named by its path.
+    or ``A/img.png`` and ``B/img.png``, overwrite each other's mask. Here an input is named by its file name
+    without extension (a DICOM series by its folder name) when no other input of the run has that name;
+    inputs that share a name (compared ignoring case, for case-insensitive file systems) keep their path
+    relative to the folder they share (``A/img``, ``B/img``), and those in the same folder also their
+    extension (``x_png``, ``x_jpg``).
 
     Args:
         inputs: the run's inputs: paths, or items with the path under ``key`` (slice items of one volume count
@@ -461,9 +426,10 @@ class OutputNames:
 
     Examples::
 
-        names = OutputNames(["/in/A/img.png", "/in/B/img.png", "/in/x.png", "/in/x.jpg"])
+        names = OutputNames(["/in/A/img.png", "/in/B/img.png", "/in/x.png", "/in/x.jpg", "/in/y.png"])
         names.stem("/in/B/img.png")  # "B/img"
         names.stem("/in/x.jpg")  # "x_jpg"
+        names.stem("/in/y.png")  # "y"
         saver = SaveImaged(keys="pred", folder_layout=names.layout("out", "mask", ".png"))  # out/B/img_mask.png
     """
 
@@ -476,22 +442,28 @@ class OutputNames:
                 if real not in paths:
                     paths.append(real)
         self.names: dict[str, str] = {}
-        if not paths:
-            return
-        root = os.path.commonpath([os.path.dirname(path.rstrip(os.sep)) for path in paths])
-        stems = {path: Path(os.path.relpath(os.path.dirname(path), root), _plain_stem(path)).as_posix() for path in paths}
-        stems = {path: stem[2:] if stem.startswith("./") else stem for path, stem in stems.items()}
         groups: dict[str, list[str]] = {}
-        for path, stem in stems.items():
-            groups.setdefault(stem.casefold(), []).append(path)
-        taken: set[str] = set()
-        for path, stem in stems.items():
-            if len(groups[stem.casefold()]) > 1:
+        for path in paths:
+            groups.setdefault(_plain_stem(path).casefold(), []).append(path)
+        named: dict[str, str] = {}
+        for group in groups.values():
+            if len(group) == 1:
+                named[group[0]] = _plain_stem(group[0])
+                continue
+            root = os.path.commonpath([os.path.dirname(path) for path in group])
+            relative = {path: Path(os.path.relpath(os.path.dirname(path), root), _plain_stem(path)).as_posix() for path in group}
+            relative = {path: name[2:] if name.startswith("./") else name for path, name in relative.items()}
+            counts: dict[str, int] = {}
+            for name in relative.values():
+                counts[name.casefold()] = counts.get(name.casefold(), 0) + 1
+            for path, name in relative.items():
                 extension = os.path.basename(path)[len(_plain_stem(path)) :].lstrip(".").replace(".", "_")
-                stem = f"{stem}_{extension}" if extension else stem
-            unique, number = stem, 2
+                named[path] = f"{name}_{extension}" if counts[name.casefold()] > 1 and extension else name
+        taken: set[str] = set()
+        for path in paths:
+            unique, number = named[path], 2
             while unique.casefold() in taken:
-                unique, number = f"{stem}_{number}", number + 1
+                unique, number = f"{named[path]}_{number}", number + 1
             taken.add(unique.casefold())
             self.names[path] = unique
 
