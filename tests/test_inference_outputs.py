@@ -121,3 +121,40 @@ def test_a_series_with_a_missing_slice_is_refused(tmp_path):
     with pytest.raises(CTReadError, match=r"series_007: .*missing slice.* 4(\.0+)? and 8(\.0+)? mm") as info:
         read_dicom_series(series)
     assert "IM2.dcm" in str(info.value) and "IM3.dcm" in str(info.value)
+
+
+def test_evaluation_scores_at_the_original_resolution_too(tmp_path):
+    """A label that is exactly the network's answer at the image's own size scores 1 at the original
+    resolution; the network-resolution score (labels resized, as the paper reports) is kept beside it."""
+    from tests.test_bad_input import TRAIN, EVALUATE
+
+    from monai.transforms import Resize
+
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(3):
+        pixels = (rng.random((37, 53)) > 0.5).astype(np.uint8) * 255  # fine detail that resizing to 32 loses
+        image = tmp_path / f"case_{k}.png"
+        Image.fromarray(pixels).save(image)
+        small = Resize((32, 32), mode="bilinear")(torch.as_tensor(pixels[None] / 255.0, dtype=torch.float32)) > 0.5
+        answer = Resize((37, 53), mode="nearest")(small.float())[0].numpy() > 0.5  # the prediction, inverted
+        Image.fromarray(answer.astype(np.uint8) * 255).save(tmp_path / f"case_{k}_mask.png")
+        items.append({"image": str(image), "label": str(tmp_path / f"case_{k}_mask.png"), "text": TEXT})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items, "validation": items, "test": items}))
+    parser = ConfigParser()
+    parser.read_config([TRAIN, EVALUATE])
+    parser.update({"bundle_root": str(tmp_path), "datalist": str(tmp_path / "datalist.json"), "use_demo_data": False})
+    parser.update({"image_encoder": "test_convnext", "network_def#num_heads": 4, "image_size": [32, 32]})
+    parser.update({"intensity_range": [0, 255], "save_overlays": False, "output_dir": str(tmp_path / "eval")})
+    parser.update({"network": {"_target_": f"{__name__}.ThresholdNet"}, "num_workers": 0})
+    parser.update({"validate#handlers": "$[@eval_handlers#metrics_writer]"})
+    parser.get_parsed_content("validate#evaluator").run()
+
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["resolution"] == "network" and summary["n_images"] == 3
+    original = summary["original_resolution"]
+    assert original["n_images"] == 3
+    assert original["dice_mean"] == pytest.approx(1.0) and original["global_iou"] == pytest.approx(1.0)
+    assert summary["dice_mean"] < 0.9  # at 32x32 the resized label and the prediction disagree
+    rows = (tmp_path / "eval" / "per_image_metrics_original_resolution.csv").read_text().splitlines()
+    assert rows[0] == "image,dice,iou" and rows[1].startswith(items[0]["image"] + ",1.000000")
