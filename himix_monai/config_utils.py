@@ -24,7 +24,7 @@ from himix_monai.errors import SettingError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["as_bool", "as_image_size", "check_image_size", "find_bundle_root", "unwrap_network"]
+__all__ = ["as_bool", "as_image_size", "check_image_size", "check_replaced_setting", "find_bundle_root", "unwrap_network"]
 
 
 def unwrap_network(network: Any) -> Any:
@@ -114,6 +114,25 @@ def as_image_size(image_size: Any, name: str = "image_size") -> list[int]:
             f"(e.g. --{name} \"[64,48]\"), got {image_size!r}."
         )
     return sizes
+
+
+def check_replaced_setting(name: str, value: Any, replacement: str, reason: str = "") -> None:
+    """Refuse a setting that no longer exists, so that a command line that still gives it is not silently ignored.
+
+    MONAI's config parser keeps any ``--name value`` given on the command line, used or not; a removed setting
+    kept with the value None and checked here turns an old command into a clear error.
+
+    Args:
+        name: the removed setting.
+        value: its value in the config (None when not given).
+        replacement: the setting to use instead.
+        reason: why it was replaced.
+
+    Raises:
+        SettingError: when ``value`` is not None.
+    """
+    if value is not None:
+        raise SettingError(f"--{name} {value!r}: this setting was replaced by --{replacement}{f' ({reason})' if reason else ''}")
 
 
 def check_image_size(image_size: Any, network: torch.nn.Module | None = None, divisor: int = 32) -> None:

@@ -158,3 +158,26 @@ def test_evaluation_scores_at_the_original_resolution_too(tmp_path):
     assert summary["dice_mean"] < 0.9  # at 32x32 the resized label and the prediction disagree
     rows = (tmp_path / "eval" / "per_image_metrics_original_resolution.csv").read_text().splitlines()
     assert rows[0] == "image,dice,iou" and rows[1].startswith(items[0]["image"] + ",1.000000")
+
+
+def test_volumes_are_scaled_with_the_training_intensity_range(tmp_path):
+    """One normalisation setting: CT slices take ``intensity_range`` as pictures and training do (was a separate
+    ``ct_window``); the old setting is refused by name."""
+    import nibabel as nib
+
+    from himix_monai.config_utils import check_replaced_setting
+    from himix_monai.errors import SettingError
+
+    volume = np.zeros((20, 24, 3), np.int16)
+    volume[5:15, 4:20] = 200  # foreground only when 200 maps above 0.5: intensity_range [0, 255], not [-1000, 400]
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "vol.nii.gz"))
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(tmp_path / "vol.nii.gz"), "text": TEXT}]}))
+    for low, expected in ((0, volume > 127), (-1000, np.ones(volume.shape, bool))):
+        out = tmp_path / f"out_{low}"
+        run_inference(tmp_path, input_datalist=str(datalist), output_dir=str(out), intensity_range=[low, 255])
+        mask = np.asarray(nib.load(str(out / "masks" / "vol_mask.nii.gz")).dataobj) > 0
+        assert (mask == expected).mean() > 0.95, low
+    check_replaced_setting("ct_window", None, "intensity_range")
+    with pytest.raises(SettingError, match="--ct_window 'lung': this setting was replaced by --intensity_range"):
+        check_replaced_setting("ct_window", "lung", "intensity_range")
