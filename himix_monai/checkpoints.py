@@ -97,8 +97,8 @@ def save_checkpoint_atomically(obj: Any, path: str | os.PathLike) -> Path:
         The path written.
     """
     path = Path(path)
-    with atomic_path(path) as temp:
-        torch.save(obj, temp)
+    with atomic_path(path) as temp, open(temp, "wb") as stream:
+        torch.save(obj, stream)
     return path
 
 
