@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,8 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.utils import copy_model_state
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from himix_monai.files import atomic_path
+from himix_monai.config_utils import unwrap_network
 from himix_monai.errors import HiMixError
 from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder, TextEncoderMismatchError
 
@@ -46,6 +47,8 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
 __all__ = [
+    "META_KEY",
+    "CHECKPOINT_FORMAT",
     "CheckpointError",
     "CheckpointMismatchError",
     "save_checkpoint_atomically",
@@ -53,13 +56,16 @@ __all__ = [
     "network_signature",
     "describe_state_mismatch",
     "load_network_weights",
+    "check_and_load_network",
     "SafeCheckpointLoader",
     "AtomicCheckpointSaver",
 ]
 
 _MAX_LISTED = 5  # mismatched keys of each kind shown in an error message
-_META_KEY = "meta"
-_CHECKPOINT_FORMAT = 1
+META_KEY = "meta"
+"""Entry of a training-state checkpoint that holds its metadata (format, network signature, frozen weights)."""
+CHECKPOINT_FORMAT = 1
+"""Version of the training-state checkpoint layout written under :py:data:`META_KEY`."""
 _STATE_DICT_KEYS = ("model", "network", "net", "state_dict")
 
 
@@ -74,13 +80,6 @@ class CheckpointMismatchError(CheckpointError):
 # ----------------------------------------------------------------------------------------------------------------
 # writing and reading checkpoint files
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _file_mode() -> int:
-    """``0o666`` minus the process umask: the mode a plain ``open(path, "w")`` would give."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def save_checkpoint_atomically(obj: Any, path: str | os.PathLike) -> Path:
@@ -98,18 +97,8 @@ def save_checkpoint_atomically(obj: Any, path: str | os.PathLike) -> Path:
         The path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, _file_mode())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp, open(temp, "wb") as stream:
+        torch.save(obj, stream)
     return path
 
 
@@ -153,12 +142,6 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        return network.module
-    return network
-
-
 def network_signature(network: torch.nn.Module) -> dict[str, Any]:
     """Settings of a network that change its results but not its weight shapes.
 
@@ -171,7 +154,7 @@ def network_signature(network: torch.nn.Module) -> dict[str, Any]:
     Returns:
         ``{"class": "HiMix", "num_heads": {"stages.0.self_attention": 8, ...}}``.
     """
-    network = _unwrap(network)
+    network = unwrap_network(network)
     heads = {
         name: int(module.num_heads)
         for name, module in network.named_modules()
@@ -191,7 +174,7 @@ def _check_text_encoders(
     ``frozen`` (``{"keys": [...], "fingerprint": sum of absolute values}``): the sum is compared with a relative
     tolerance of 1e-3 (it was taken in the encoder's storage dtype) and the fingerprint is added.
     """
-    for name, module in _unwrap(network).named_modules():
+    for name, module in unwrap_network(network).named_modules():
         if not isinstance(module, FrozenTextEncoder):
             continue
         prefix = f"{name}." if name else ""
@@ -338,7 +321,7 @@ def _network_state_from_checkpoint(checkpoint: Any, key: str | None, source: str
     return _strip_prefix(state)
 
 
-def _check_and_load_network(
+def check_and_load_network(
     network: torch.nn.Module,
     state: Mapping[str, Any],
     source: str,
@@ -346,9 +329,21 @@ def _check_and_load_network(
     frozen: Mapping[str, Any] | None = None,
     target: str | None = None,
 ) -> None:
-    """Compare, then load. ``frozen`` is the frozen-weight record of training states written before the text
-    encoder was left out of the state dict (see :py:func:`_check_text_encoders`)."""
-    network = _unwrap(network)
+    """Compare ``state`` with ``network`` and load it; every mismatch is reported by name before anything loads.
+
+    Args:
+        network: the network (a ``DataParallel``/DDP wrapper is unwrapped).
+        state: its state dict as saved.
+        source: the file the state comes from, for the messages.
+        signature: the saved :py:func:`network_signature`, compared when given.
+        frozen: the frozen-weight record of training states written before the text encoder was left out of
+            the state dict (see :py:func:`_check_text_encoders`).
+        target: the name of the network in the messages (its class name by default).
+
+    Raises:
+        CheckpointMismatchError: listing the missing, unexpected and reshaped entries or signature differences.
+    """
+    network = unwrap_network(network)
     state = OrderedDict(state)
     _check_text_encoders(network, state, source, frozen)
     expected = network.state_dict()
@@ -398,10 +393,10 @@ def load_network_weights(
     checkpoint = load_checkpoint_file(path, map_location=map_location)
     state = _network_state_from_checkpoint(checkpoint, key, str(path))
     signature = frozen = None
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(_META_KEY), Mapping):
-        signature = checkpoint[_META_KEY].get("network_signature")
-        frozen = checkpoint[_META_KEY].get("frozen_weights")
-    _check_and_load_network(network, state, str(path), signature, frozen)
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(META_KEY), Mapping):
+        signature = checkpoint[META_KEY].get("network_signature")
+        frozen = checkpoint[META_KEY].get("frozen_weights")
+    check_and_load_network(network, state, str(path), signature, frozen)
     return network
 
 
@@ -443,7 +438,7 @@ class SafeCheckpointLoader(CheckpointLoader):
         """
         source = str(self.load_path)
         checkpoint = load_checkpoint_file(self.load_path, map_location=self.map_location)
-        meta = checkpoint.get(_META_KEY) if isinstance(checkpoint, Mapping) else None
+        meta = checkpoint.get(META_KEY) if isinstance(checkpoint, Mapping) else None
         meta = meta if isinstance(meta, Mapping) else {}
         first_key, first = next(iter(self.load_dict.items()))
         if len(self.load_dict) == 1 and (not isinstance(checkpoint, Mapping) or first_key not in checkpoint):
@@ -464,10 +459,10 @@ class SafeCheckpointLoader(CheckpointLoader):
                 continue
             state = _strip_prefix(checkpoint[k]) if isinstance(checkpoint[k], Mapping) else checkpoint[k]
             if not self.strict_shape:
-                checkpoint[k] = copy_model_state(_unwrap(obj), state, inplace=False)[0]
+                checkpoint[k] = copy_model_state(unwrap_network(obj), state, inplace=False)[0]
             elif self.strict:  # compare keys, shapes and recorded settings, then load
-                target = f"{k!r} ({type(_unwrap(obj)).__name__})"
-                _check_and_load_network(
+                target = f"{k!r} ({type(unwrap_network(obj)).__name__})"
+                check_and_load_network(
                     obj, state, source, meta.get("network_signature"), meta.get("frozen_weights"), target
                 )
                 del load_dict[k]

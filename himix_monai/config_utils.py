@@ -24,7 +24,20 @@ from himix_monai.errors import SettingError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["as_bool", "as_image_size", "check_image_size", "find_bundle_root"]
+__all__ = ["as_bool", "as_image_size", "check_image_size", "check_replaced_setting", "find_bundle_root", "unwrap_network"]
+
+
+def unwrap_network(network: Any) -> Any:
+    """The network inside a ``torch.nn.DataParallel`` or ``DistributedDataParallel`` wrapper, else ``network``.
+
+    Args:
+        network: a network, wrapped or not.
+    """
+    import torch
+
+    if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return network.module
+    return network
 
 
 _TRUE = ("true", "yes", "on", "1", "y", "t")
@@ -103,6 +116,25 @@ def as_image_size(image_size: Any, name: str = "image_size") -> list[int]:
     return sizes
 
 
+def check_replaced_setting(name: str, value: Any, replacement: str, reason: str = "") -> None:
+    """Refuse a setting that no longer exists, so that a command line that still gives it is not silently ignored.
+
+    MONAI's config parser keeps any ``--name value`` given on the command line, used or not; a removed setting
+    kept with the value None and checked here turns an old command into a clear error.
+
+    Args:
+        name: the removed setting.
+        value: its value in the config (None when not given).
+        replacement: the setting to use instead.
+        reason: why it was replaced.
+
+    Raises:
+        SettingError: when ``value`` is not None.
+    """
+    if value is not None:
+        raise SettingError(f"--{name} {value!r}: this setting was replaced by --{replacement}{f' ({reason})' if reason else ''}")
+
+
 def check_image_size(image_size: Any, network: torch.nn.Module | None = None, divisor: int = 32) -> None:
     """Check that the configured image size suits the network before any data is loaded.
 
@@ -116,9 +148,7 @@ def check_image_size(image_size: Any, network: torch.nn.Module | None = None, di
         SettingError: (a ``ValueError``) naming the setting, the divisor and the nearest valid sizes.
     """
     if network is not None:
-        from himix_monai.checkpoints import _unwrap  # DataParallel / DDP wrappers
-
-        divisor = int(getattr(_unwrap(network), "size_divisor", divisor))
+        divisor = int(getattr(unwrap_network(network), "size_divisor", divisor))
     sizes = as_image_size(image_size)
     if any(s % divisor for s in sizes):
         lower = [max(divisor, s // divisor * divisor) for s in sizes]

@@ -31,6 +31,8 @@ __all__ = [
     "HiMixError",
     "SettingError",
     "NonFiniteImageError",
+    "UnreadableImageError",
+    "DatalistError",
     "find_project_error",
     "is_bundle_command_line",
     "install_command_line_excepthook",
@@ -111,3 +113,11 @@ def install_command_line_excepthook(force: bool = False) -> bool:
 
 class NonFiniteImageError(HiMixError, ValueError):
     """An image or mask holds NaN or infinite values; the message names the file."""
+
+
+class UnreadableImageError(HiMixError, OSError):
+    """An image or mask file cannot be read (corrupt, truncated or of an unsupported format); the message names it."""
+
+
+class DatalistError(HiMixError, ValueError):
+    """A datalist, an annotation file or one of its rows is invalid; the message names the file (and row)."""

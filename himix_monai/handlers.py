@@ -39,18 +39,17 @@ from monai.handlers import CheckpointSaver, EarlyStopHandler
 from monai.utils import CommonKeys, IgniteInfo, convert_to_numpy, min_version, optional_import
 
 from himix_monai.checkpoints import (
-    _CHECKPOINT_FORMAT,
-    _META_KEY,
+    CHECKPOINT_FORMAT,
+    META_KEY,
     CheckpointError,
-    _check_and_load_network,
-    _unwrap,
+    check_and_load_network,
     load_checkpoint_file,
     network_signature,
     save_checkpoint_atomically,
 )
-from himix_monai.config_utils import as_bool
+from himix_monai.config_utils import as_bool, unwrap_network
 from himix_monai.data.ct import slices_to_nifti
-from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY
+from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY, OutputNames
 from himix_monai.errors import HiMixError
 from himix_monai.transforms.volume import CTVolumeCache
 from himix_monai.transforms.mask import meta_filename
@@ -98,7 +97,7 @@ def _is_evaluator(obj: Any) -> bool:
 def _state_of(obj: Any) -> Any:
     """A plain state dict of one training object (None when there is nothing to save yet)."""
     if isinstance(obj, torch.nn.Module):
-        return _unwrap(obj).state_dict()
+        return unwrap_network(obj).state_dict()
     if isinstance(obj, EarlyStopHandler):
         return None if obj._handler is None else obj._handler.state_dict()  # ignite EarlyStopping: counter, best
     if isinstance(obj, CheckpointSaver):
@@ -136,7 +135,7 @@ def _is_finite_number(value: Any) -> bool:
 
 def _non_finite_weights(network: torch.nn.Module) -> list[str]:
     """Names of the floating state-dict tensors that hold NaN or inf; one host sync for the whole network."""
-    floating = [(n, v) for n, v in _unwrap(network).state_dict().items() if torch.is_tensor(v) and v.is_floating_point()]
+    floating = [(n, v) for n, v in unwrap_network(network).state_dict().items() if torch.is_tensor(v) and v.is_floating_point()]
     if not floating:
         return []
     finite = torch.stack([torch.isfinite(v).all() for _, v in floating]).cpu()  # the one sync
@@ -219,8 +218,8 @@ class TrainingStateCheckpoint:
     ) -> None:
         if not save_dict:
             raise ValueError("save_dict must name at least one object to save.")
-        if _META_KEY in save_dict:
-            raise ValueError(f"{_META_KEY!r} is reserved for the checkpoint's metadata; rename that save_dict entry.")
+        if META_KEY in save_dict:
+            raise ValueError(f"{META_KEY!r} is reserved for the checkpoint's metadata; rename that save_dict entry.")
         if int(every_n_iterations) < 0:
             raise ValueError(f"every_n_iterations must be 0 (epoch ends only) or positive, got {every_n_iterations}.")
         self.save_path = Path(save_path)
@@ -285,8 +284,8 @@ class TrainingStateCheckpoint:
                     signature = network_signature(obj)
                 content[key] = _state_of(obj)
         loss = _loss_of(engine.state.output)
-        content[_META_KEY] = {
-            "format": _CHECKPOINT_FORMAT,
+        content[META_KEY] = {
+            "format": CHECKPOINT_FORMAT,
             "epoch": int(engine.state.epoch),
             "iteration": int(engine.state.iteration),
             "epoch_length": int(engine.state.epoch_length or 0),
@@ -346,19 +345,19 @@ class TrainingStateCheckpoint:
             return
         source = str(self.save_path)
         checkpoint = load_checkpoint_file(self.save_path, map_location=self.map_location)
-        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get(_META_KEY), Mapping):
-            raise CheckpointError(f"{source}: not a training-state checkpoint (no {_META_KEY!r} entry).")
-        meta = checkpoint[_META_KEY]
+        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get(META_KEY), Mapping):
+            raise CheckpointError(f"{source}: not a training-state checkpoint (no {META_KEY!r} entry).")
+        meta = checkpoint[META_KEY]
         missing = [k for k in self.save_dict if k not in checkpoint]
         if missing:
             raise CheckpointError(
-                f"{source}: no saved state for {missing} (saved: {[k for k in checkpoint if k != _META_KEY]}); "
+                f"{source}: no saved state for {missing} (saved: {[k for k in checkpoint if k != META_KEY]}); "
                 "delete it, or set resume to false, to start fresh."
             )
         # the network first: a checkpoint of another configuration must fail before anything is changed
         networks = [k for k, obj in self.save_dict.items() if isinstance(obj, torch.nn.Module)][:1]
         for key in networks:
-            _check_and_load_network(
+            check_and_load_network(
                 self.save_dict[key], checkpoint[key], source, meta.get("network_signature"), meta.get("frozen_weights")
             )
         prior_max_epochs = engine.state.max_epochs
@@ -565,14 +564,6 @@ def _as_int(value: Any) -> int:
     return int(np.asarray(convert_to_numpy(value)).reshape(-1)[0])
 
 
-def _volume_stem(path: str) -> str:
-    name = Path(path.rstrip("/\\")).name
-    for ext in (".nii.gz", ".nii", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 class VolumeMaskWriter:
     """
     Ignite handler stacking per-slice predictions into one NIfTI mask per CT volume.
@@ -599,6 +590,8 @@ class VolumeMaskWriter:
         threshold: predictions are foreground where ``> threshold``.
         volume_cache: the cache the slices were loaded through (``LoadVolumeSliced(cache=...)``), so the
             volume's geometry is not read again; None reads it.
+        names: the run's output names (unique per input, relative path kept); None names a mask by its
+            volume's file or folder name.
 
     Examples::
 
@@ -620,6 +613,7 @@ class VolumeMaskWriter:
         num_slices_key: str = NUM_SLICES_KEY,
         threshold: float = 0.5,
         volume_cache: CTVolumeCache | None = None,
+        names: OutputNames | None = None,
     ) -> None:
         if output_ext.lower() not in (".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.nii.gz' or '.nii', got {output_ext!r}.")
@@ -632,6 +626,7 @@ class VolumeMaskWriter:
         self.num_slices_key = num_slices_key
         self.threshold = threshold
         self.volume_cache = volume_cache
+        self.names = names if names is not None else OutputNames()
         self.written: list[Path] = []
         self._pending: dict[str, tuple[int, dict[int, np.ndarray]]] = {}
 
@@ -650,8 +645,7 @@ class VolumeMaskWriter:
 
     def output_path(self, volume: str) -> Path:
         """The mask file of ``volume``."""
-        suffix = f"_{self.output_postfix}" if self.output_postfix else ""
-        return self.output_dir / f"{_volume_stem(volume)}{suffix}{self.output_ext}"
+        return self.names.path(volume, self.output_dir, self.output_postfix, self.output_ext)
 
     def add_slice(self, volume: str, index: int, num_slices: int, pred: Any) -> Path | None:
         """

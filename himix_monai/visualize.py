@@ -13,6 +13,7 @@ Overlays of predictions and per-image metric reports for text-guided lesion segm
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -28,12 +29,15 @@ from monai.config import NdarrayOrTensor, PathLike
 from monai.data import decollate_batch
 from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import, string_list_all_gather
 
+from himix_monai.files import atomic_path, write_text_atomically
 from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
     from ignite.engine import Engine
+
+    from himix_monai.data.inference_items import OutputNames
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
@@ -179,7 +183,8 @@ def save_overlay(
     if transpose:
         rgb = np.ascontiguousarray(rgb.transpose(1, 0, 2))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(os.fspath(path))
+    with atomic_path(path, suffix=".png") as temp:
+        Image.fromarray(rgb).save(os.fspath(temp), format="PNG")
     return rgb
 
 
@@ -224,6 +229,8 @@ class OverlaySaver:
         transpose: swap the spatial axes before writing (images loaded with ``PILReader``'s default
             ``reverse_indexing=True``), see :py:func:`save_overlay`.
         output_postfix: appended to the stem: ``<stem>_<output_postfix>.png``.
+        names: the run's output names (unique per input, relative path kept,
+            :py:class:`~himix_monai.data.inference_items.OutputNames`); None names an overlay by its file stem.
 
     Examples::
 
@@ -244,8 +251,10 @@ class OverlaySaver:
         alpha: float = 0.5,
         transpose: bool = False,
         output_postfix: str = "overlay",
+        names: OutputNames | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.names = names
         self.image_key = image_key
         self.pred_key = pred_key
         self.label_key = label_key
@@ -273,7 +282,10 @@ class OverlaySaver:
             filename = meta_filename(item, self.image_key)
             if filename is None and index < len(batch_items):
                 filename = meta_filename(batch_items[index], self.image_key)
-            stem = _file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
+            if filename and self.names is not None:
+                stem = self.names.stem(filename)
+            else:
+                stem = _file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
             pred = item[self.pred_key]
             if not self._logit_warned:
                 values = convert_to_numpy(pred)
@@ -371,6 +383,13 @@ class PerImageMetricsWriter:
         csv_filename: name of the per-image CSV.
         summary_filename: name of the summary JSON.
         save_rank: rank that writes the files.
+        original_metrics: names of the same metrics computed at the images' original resolution (the prediction
+            inverted to the input's size, ``Invertd``, against the label as loaded), under the keys ``dice``,
+            ``iou``, ``global_dice``, ``global_iou``; when given, ``summary.json`` gets ``"resolution":
+            "network"`` beside the keys above and an ``"original_resolution"`` object with the same keys, and
+            their per-image scores go to ``original_csv_filename``. The keys above stay the network-resolution
+            scores (labels resized to the network's input, as the paper reports them).
+        original_csv_filename: name of the per-image CSV at the original resolution.
 
     Examples::
 
@@ -405,6 +424,8 @@ class PerImageMetricsWriter:
         csv_filename: str = "per_image_metrics.csv",
         summary_filename: str = "summary.json",
         save_rank: int = 0,
+        original_metrics: Mapping[str, str] | None = None,
+        original_csv_filename: str = "per_image_metrics_original_resolution.csv",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.dice_metric = dice_metric
@@ -415,6 +436,11 @@ class PerImageMetricsWriter:
         self.csv_filename = csv_filename
         self.summary_filename = summary_filename
         self.save_rank = save_rank
+        unknown = set(original_metrics or {}) - {"dice", "iou", "global_dice", "global_iou"}
+        if unknown:
+            raise ValueError(f"original_metrics: unknown keys {sorted(unknown)}; use dice, iou, global_dice, global_iou")
+        self.original_metrics = dict(original_metrics or {})
+        self.original_csv_filename = original_csv_filename
         self.summary: dict[str, Any] = {}
         self._filenames: list[str] = []
 
@@ -456,22 +482,15 @@ class PerImageMetricsWriter:
             )
         return _scalar(engine.state.metrics[metric])
 
-    def __call__(self, engine: Engine) -> None:
-        """
-        Args:
-            engine: Ignite Engine at ``EPOCH_COMPLETED``.
-        """
-        world_size = idist.get_world_size()
-        if self.save_rank >= world_size:
-            raise ValueError("save_rank is greater than the distributed group size.")
-        names = string_list_all_gather(strings=self._filenames) if world_size > 1 else list(self._filenames)
-        dice = self._details(engine, self.dice_metric)
-        iou = self._details(engine, self.iou_metric)
-        global_dice = self._global(engine, self.global_dice_metric)
-        global_iou = self._global(engine, self.global_iou_metric)
-        if idist.get_rank() != self.save_rank:
-            return
-
+    def _score(
+        self, engine: Engine, names: list[str], metrics: Sequence[str | None]
+    ) -> tuple[dict[str, Any], list[str], list[tuple[str, np.ndarray]]]:
+        """Summary, row names and per-image columns of one set of (dice, iou, global dice, global iou) metrics."""
+        dice_metric, iou_metric, global_dice_metric, global_iou_metric = metrics
+        dice = self._details(engine, dice_metric)
+        iou = self._details(engine, iou_metric)
+        global_dice = self._global(engine, global_dice_metric)
+        global_iou = self._global(engine, global_iou_metric)
         lengths = [len(values) for values in (dice, iou) if values is not None]
         n_rows = max(lengths) if lengths else len(names)
         if len(names) != n_rows:
@@ -499,7 +518,7 @@ class PerImageMetricsWriter:
             # 0/0: no lesion pixel in any mask nor prediction; 1 by MONAI's ignore_empty=False convention
             global_dice = 1.0 if global_dice is not None and math.isnan(global_dice) else global_dice
             global_iou = 1.0 if global_iou is not None and math.isnan(global_iou) else global_iou
-        self.summary = {
+        summary = {
             "n_images": n_rows,
             "n_scored": n_scored,
             "dice_mean": dice_mean,
@@ -509,28 +528,61 @@ class PerImageMetricsWriter:
             "global_dice": global_dice,
             "global_iou": global_iou,
         }
+        columns = [(title, values) for title, values in (("dice", dice), ("iou", iou)) if values is not None]
+        return summary, names, columns
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        columns = [("dice", dice), ("iou", iou)]
-        columns = [(title, values) for title, values in columns if values is not None]
-        with open(self.output_dir / self.csv_filename, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["image", *(title for title, _ in columns)])
-            for i, name in enumerate(names):
-                writer.writerow([name, *(f"{values[i]:.6f}" for _, values in columns)])
-        with open(self.output_dir / self.summary_filename, "w") as f:
-            json.dump({k: _json_number(v) if isinstance(v, float) else v for k, v in self.summary.items()}, f, indent=2)
+    def _write_csv(self, filename: str, names: list[str], columns: list[tuple[str, np.ndarray]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(["image", *(title for title, _ in columns)])
+        for i, name in enumerate(names):
+            writer.writerow([name, *(f"{values[i]:.6f}" for _, values in columns)])
+        write_text_atomically(self.output_dir / filename, buffer.getvalue(), newline="")
+
+    def __call__(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: Ignite Engine at ``EPOCH_COMPLETED``.
+        """
+        world_size = idist.get_world_size()
+        if self.save_rank >= world_size:
+            raise ValueError("save_rank is greater than the distributed group size.")
+        names = string_list_all_gather(strings=self._filenames) if world_size > 1 else list(self._filenames)
+        metrics = (self.dice_metric, self.iou_metric, self.global_dice_metric, self.global_iou_metric)
+        summary, rows, columns = self._score(engine, names, metrics)
+        original = None
+        if self.original_metrics:
+            keys = ("dice", "iou", "global_dice", "global_iou")
+            original = self._score(engine, names, [self.original_metrics.get(key) for key in keys])
+        if idist.get_rank() != self.save_rank:
+            return
+
+        self.summary = dict(summary)
+        self._write_csv(self.csv_filename, rows, columns)
+        if original is not None:
+            self.summary["resolution"] = "network"
+            self.summary["original_resolution"] = original[0]
+            self._write_csv(self.original_csv_filename, original[1], original[2])
+
+        def number(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {k: number(v) for k, v in value.items()}
+            return _json_number(value) if isinstance(value, float) else value
+
+        write_text_atomically(self.output_dir / self.summary_filename, json.dumps(number(self.summary), indent=2))
 
         def fmt(value: float | None) -> str:
             return "n/a" if value is None else f"{value:.4f}"
 
-        logger.info(
-            "Dice %s ± %s, IoU %s ± %s (mean ± std over %d images); global Dice %s, global IoU %s (all pixels)",
-            fmt(dice_mean),
-            fmt(dice_std),
-            fmt(iou_mean),
-            fmt(iou_std),
-            n_scored,
-            fmt(global_dice),
-            fmt(global_iou),
-        )
+        for label, scores in [("network resolution", summary)] + ([("original resolution", original[0])] if original else []):
+            logger.info(
+                "Dice %s ± %s, IoU %s ± %s (mean ± std over %d images); global Dice %s, global IoU %s (all pixels)%s",
+                fmt(scores["dice_mean"]),
+                fmt(scores["dice_std"]),
+                fmt(scores["iou_mean"]),
+                fmt(scores["iou_std"]),
+                scores["n_scored"],
+                fmt(scores["global_dice"]),
+                fmt(scores["global_iou"]),
+                f" at the {label}" if original else "",
+            )

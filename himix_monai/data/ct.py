@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from himix_monai.files import atomic_path, dicom_files, full_suffix, is_nifti
 from himix_monai.errors import HiMixError
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "dicom_slice_affine",
     "read_dicom_slice",
     "read_dicom_series",
+    "axial_axis",
     "read_nifti_volume",
     "read_ct_volume",
     "read_ct_slice",
@@ -79,7 +80,6 @@ WindowLike = Union[str, Sequence[float], Mapping[str, float]]
 """A preset name, a ``(low, high)`` pair in HU or a ``{"center": c, "width": w}`` mapping."""
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GEOMETRY_TOLERANCE = 1e-4
 
 
@@ -330,19 +330,6 @@ def read_dicom_slice(path: str | os.PathLike) -> CTVolume:
     )
 
 
-def _dicom_candidates(folder: Path) -> list[Path]:
-    """Files of ``folder`` that are DICOM: ``*.dcm`` (checked later) or with the DICOM preamble."""
-    import pydicom
-
-    files = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
-            continue
-        if path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(str(path)):
-            files.append(path)
-    return files
-
-
 def _check_same_series(datasets: Sequence[tuple[Path, Any]], folder: Path) -> None:
     """Raise :py:class:`CTReadError` when the slices do not form one consistent series."""
     by_uid: dict[str, Path] = {}
@@ -384,6 +371,16 @@ def _sort_slices(datasets: Sequence[tuple[Path, Any]], folder: Path) -> list[tup
     if duplicate.size:
         first, second = ordered[duplicate[0]][0].name, ordered[duplicate[0] + 1][0].name
         raise CTReadError(f"{folder}: mixed DICOM series, {first} and {second} have the same slice position")
+    missing = np.flatnonzero(gaps > 1.5 * gaps.min()) if gaps.size > 1 else np.array([], dtype=int)
+    if missing.size:  # a missing slice: spreading the others evenly would put every later slice in the wrong place
+        k = int(missing[0])
+        (first, before), (second, after) = ordered[k], ordered[k + 1]
+        raise CTReadError(
+            f"{folder}: missing slice in the DICOM series: {first.name} and {second.name} (positions {key(ordered[k])[0]:g} "
+            f"and {key(ordered[k + 1])[0]:g} mm) are {gaps[k]:g} mm apart where the closest slices are {gaps.min():g} mm "
+            f"apart ({missing.size} such gap(s)); put the missing files in the folder or take the series as it is "
+            "stored from the scanner"
+        )
     if gaps.size > 1 and np.ptp(gaps) > 0.01 * float(np.median(gaps)) + _GEOMETRY_TOLERANCE:
         warnings.warn(
             f"{folder}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm), using the mean spacing"
@@ -410,7 +407,7 @@ def read_dicom_series(folder: str | os.PathLike) -> CTVolume:
     folder = Path(folder)
     if not folder.is_dir():
         raise CTReadError(f"{folder}: DICOM series folder not found")
-    files = _dicom_candidates(folder)
+    files = dicom_files(folder)
     if not files:
         raise CTReadError(f"{folder}: no DICOM files in the folder")
     datasets = [(path, read_dicom_dataset(path)) for path in files]
@@ -433,8 +430,12 @@ def read_dicom_series(folder: str | os.PathLike) -> CTVolume:
     )
 
 
-def _axial_axis(affine: np.ndarray) -> int:
-    """The voxel axis closest to the superior-inferior direction (2 when unclear)."""
+def axial_axis(affine: np.ndarray) -> int:
+    """The voxel axis closest to the superior-inferior direction (2 when unclear): the slice axis of a volume.
+
+    Args:
+        affine: the 4x4 voxel-to-world affine.
+    """
     import nibabel as nib
 
     codes = nib.orientations.aff2axcodes(affine)
@@ -474,15 +475,11 @@ def read_nifti_volume(path: str | os.PathLike) -> CTVolume:
     if hu.ndim != 3:
         raise CTReadError(f"{path}: NIfTI image of shape {image.shape} is not a 2-D slice or a 3-D volume")
     affine = np.asarray(image.affine, dtype=np.float64)
-    slice_axis = 2 if source_ndim == 2 else _axial_axis(affine)
+    slice_axis = 2 if source_ndim == 2 else axial_axis(affine)
     return CTVolume(
         hu=hu, affine=affine, source=str(path), slice_axis=slice_axis, source_ndim=min(source_ndim, 3),
         header=image.header.copy(),
     )
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
 def read_ct_volume(path: str | os.PathLike, allow_single_slice: bool = False) -> CTVolume:
@@ -499,7 +496,7 @@ def read_ct_volume(path: str | os.PathLike, allow_single_slice: bool = False) ->
     path = Path(path)
     if path.is_dir():
         volume = read_dicom_series(path)
-    elif _is_nifti(path):
+    elif is_nifti(path):
         volume = read_nifti_volume(path)
     else:
         volume = read_dicom_slice(path)
@@ -566,21 +563,6 @@ def _prediction_plane(prediction: Any, expected: tuple[int, ...], index: int, th
     return array if array.dtype == bool else array > threshold
 
 
-def _save_nifti_atomically(image: Any, out_path: Path) -> None:
-    import nibabel as nib
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if out_path.name.lower().endswith(".nii.gz") else out_path.suffix
-    descriptor, temp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=suffix)
-    os.close(descriptor)
-    try:
-        nib.save(image, temp_name)
-        os.replace(temp_name, out_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def slices_to_nifti(
     pred_slices: Iterable[Any],
     reference: CTVolume | str | os.PathLike,
@@ -630,7 +612,8 @@ def slices_to_nifti(
         image.set_sform(volume.affine, code=1)
     image.header.set_slope_inter(1.0, 0.0)
     out_path = Path(out_path)
-    _save_nifti_atomically(image, out_path)
+    with atomic_path(out_path, suffix=full_suffix(out_path)) as temp:
+        nib.save(image, str(temp))
     return out_path
 
 

@@ -8,19 +8,21 @@ A HiMix datalist is a MONAI (Decathlon-style) datalist JSON file::
         "test":       [...]
     }
 
-readable by :py:func:`monai.data.load_decathlon_datalist`. This module holds the code shared by the
-dataset converters in ``data_prep``:
+readable by :py:func:`monai.data.load_decathlon_datalist`. This module holds the datalist itself (schema,
+reading, writing, the checked loading of its files); the names of the helpers it uses are re-exported here, so
+``data_prep`` and the bundle configs import from one place:
 
 - :py:func:`write_datalist` validates a datalist and writes it atomically, so a crash or a failed
   conversion never leaves a half-written file behind;
 - :py:func:`load_datalist` loads one split with clear errors that name the file;
-- :py:class:`SkipReport` collects the items a converter skipped (item id, file, row, reason) and
+- :py:class:`SkipReport` (:py:mod:`~himix_monai.data.skip_report`) collects the items a converter skipped (item id, file, row, reason) and
   raises :py:class:`DatalistError` on the first one in ``strict`` mode;
-- :py:func:`read_spatial_size` and :py:func:`check_image_label_pair` check that an image/mask pair
+- :py:func:`read_spatial_size` and :py:func:`check_image_label_pair` (:py:mod:`~himix_monai.data.image_checks`) check that an image/mask pair
   exists, is readable (truncated files included) and has the same spatial size;
-- :py:class:`DirectoryIndex`, :py:func:`find_image_file` and :py:func:`find_mask_file` resolve the
+- :py:class:`DirectoryIndex`, :py:func:`find_image_file` and :py:func:`find_mask_file`
+  (:py:mod:`~himix_monai.data.file_matching`) resolve the
   file names written in annotation sheets to files on disk (extension mismatches, ``mask_`` prefixes);
-- :py:func:`read_description_sheet` reads ``Image``/``Description`` tables from ``.xlsx``/``.csv``;
+- :py:func:`read_description_sheet` (:py:mod:`~himix_monai.data.sheets`) reads ``Image``/``Description`` tables from ``.xlsx``/``.csv``;
 - :py:func:`build_datalist` turns checked candidate items into a datalist; :py:func:`check_datalist_files`
   runs the same check on the items of an existing datalist (``data_prep.reports``);
 - :py:func:`load_checked_datalist` loads a split for training and checks its files up front (missing,
@@ -32,18 +34,28 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from himix_monai.config_utils import as_bool
-from himix_monai.errors import HiMixError, NonFiniteImageError
+from himix_monai.data.file_matching import (
+    MASK_PREFIX,
+    DirectoryIndex,
+    FileMatch,
+    find_image_file,
+    find_mask_file,
+    mask_name_candidates,
+)
+from himix_monai.data.image_checks import PairProblem, check_image_label_pair, format_size, read_spatial_size
+from himix_monai.data.sheets import SheetRow, read_description_sheet
+from himix_monai.data.skip_report import SkippedItem, SkipReason, SkipReport
+from himix_monai.errors import DatalistError, NonFiniteImageError, UnreadableImageError
+from himix_monai.files import IMAGE_EXTENSIONS, split_image_extension, write_text_atomically
 
 __all__ = [
     "DATALIST_SPLITS",
@@ -85,210 +97,10 @@ DATALIST_SPLITS: tuple[str, ...] = ("training", "validation", "test")
 REQUIRED_ITEM_KEYS: tuple[str, ...] = ("image", "label", "text")
 """The keys every datalist item must have."""
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".nii.gz", ".nii", ".dcm")
-"""File extensions recognised as images, in order of preference when a stem matches several files."""
-
-MASK_PREFIX = "mask_"
-"""Prefix of QaTa-COV19 mask file names (``mask_<image name>``)."""
-
-_PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-_TIFF_EXTENSIONS = (".tif", ".tiff")
-_JPEG_EXTENSIONS = (".jpg", ".jpeg")
-_NIFTI_EXTENSIONS = (".nii", ".nii.gz")
-_PNG_END = b"IEND\xaeB`\x82"  # type and CRC of the IEND chunk that ends every complete PNG file
 _MAX_LISTED_ITEMS = 10  # bad datalist items shown in an error message
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterable[Any]]
 """``progress(iterable, total, description)`` wraps an iterable to show progress (e.g. with tqdm)."""
-
-
-class DatalistError(HiMixError, ValueError):
-    """A datalist, an annotation file or one of its rows is invalid; the message names the file (and row)."""
-
-
-class UnreadableImageError(HiMixError, OSError):
-    """An image or mask file cannot be read (corrupt, truncated or of an unsupported format)."""
-
-
-class SkipReason:
-    """The reasons for skipping an item, as shown in warnings and in the summary counts."""
-
-    MISSING_IMAGE = "missing image"
-    MISSING_MASK = "missing mask"
-    UNREADABLE_IMAGE = "unreadable image"
-    UNREADABLE_MASK = "unreadable mask"
-    SIZE_MISMATCH = "image/mask size mismatch"
-    NON_FINITE_IMAGE = "NaN or infinite values in image"
-    NON_FINITE_MASK = "NaN or infinite values in mask"
-    DUPLICATE_ID = "duplicate id"
-    EMPTY_DESCRIPTION = "empty description"
-    MISSING_PROMPT = "missing prompt"
-    MALFORMED_ENTRY = "malformed entry"
-
-
-@dataclass(frozen=True)
-class SkippedItem:
-    """One skipped item and where it came from.
-
-    Args:
-        item_id: the item's id, usually the image name as written in the annotation file.
-        file: the annotation file (sheet, csv or json) that lists the item.
-        row: the item's row as a human sees it (header is row 1) or its 1-based entry number; None if unknown.
-        reason: one of the :py:class:`SkipReason` values.
-        detail: a free-text explanation, e.g. the path that was looked for.
-        unit: what ``row`` counts: ``"row"`` for sheets and csv files, ``"entry"`` for json lists.
-    """
-
-    item_id: str
-    file: str
-    row: int | None
-    reason: str
-    detail: str = ""
-    unit: str = "row"
-
-    @property
-    def location(self) -> str:
-        """Where the item is listed, e.g. ``row 5 of /data/Train_text.xlsx``."""
-        if self.row is None:
-            return str(self.file)
-        return f"{self.unit} {self.row} of {self.file}"
-
-    def message(self) -> str:
-        """A one-line description: location, item id, reason and detail."""
-        text = f"{self.location} ({self.item_id!r}): {self.reason}"
-        return f"{text}: {self.detail}" if self.detail else text
-
-
-class SkipReport:
-    """Collects the items a converter skipped and the notes it wants to show once in the summary.
-
-    In ``strict`` mode the first skipped item raises :py:class:`DatalistError` with its file, row and reason.
-
-    Args:
-        strict: raise on the first skipped item instead of collecting it.
-        logger: where each skipped item is logged as a warning; defaults to this module's logger.
-    """
-
-    def __init__(self, strict: bool = False, logger: logging.Logger | None = None) -> None:
-        self.strict = strict
-        self.logger = logger if logger is not None else _LOGGER
-        self._items: list[SkippedItem] = []
-        self._notes: dict[str, tuple[str, list[str]]] = {}
-
-    @property
-    def items(self) -> list[SkippedItem]:
-        """The skipped items, in the order they were reported."""
-        return list(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def skip(
-        self,
-        item_id: str,
-        reason: str,
-        file: str | os.PathLike,
-        row: int | None = None,
-        detail: str = "",
-        unit: str = "row",
-    ) -> None:
-        """Record a skipped item and log a warning; raise :py:class:`DatalistError` in strict mode.
-
-        Args:
-            item_id: the item's id, usually the image name as written in the annotation file.
-            reason: one of the :py:class:`SkipReason` values.
-            file: the annotation file that lists the item.
-            row: the item's human row number (header is row 1) or 1-based entry number.
-            detail: a free-text explanation.
-            unit: ``"row"`` or ``"entry"``, what ``row`` counts.
-
-        Raises:
-            DatalistError: in strict mode.
-        """
-        item = SkippedItem(str(item_id), str(file), row, reason, detail, unit)
-        self._items.append(item)
-        if self.strict:
-            raise DatalistError(f"{item.message()} (--strict: stopping at the first bad item)")
-        self.logger.warning("skipped %s", item.message())
-
-    def add_note(self, key: str, summary: str, example: str = "") -> None:
-        """Count an event that is reported once in the summary rather than once per item.
-
-        Args:
-            key: identifies the kind of event; notes with the same key are counted together.
-            summary: the summary text, where ``{count}`` is replaced by the number of events,
-                e.g. ``"resolved {count} extension mismatches"``.
-            example: an example of the event; the first one is shown.
-        """
-        if key not in self._notes:
-            self._notes[key] = (summary, [])
-        self._notes[key][1].append(example)
-
-    def notes(self) -> list[str]:
-        """The summary notes, one line each.
-
-        For example ``resolved 14 extension mismatches, e.g. sheet 'a.png' -> 'a.tif'``.
-        """
-        lines = []
-        for summary, examples in self._notes.values():
-            line = summary.replace("{count}", str(len(examples)))
-            if examples[0]:
-                line += f", e.g. {examples[0]}"
-            lines.append(line)
-        return lines
-
-    def counts_by_reason(self) -> dict[str, int]:
-        """Number of skipped items per reason, most frequent first (ties in order of first occurrence)."""
-        counts = Counter(item.reason for item in self._items)
-        first_seen = {reason: index for index, reason in reversed(list(enumerate(i.reason for i in self._items)))}
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], first_seen[kv[0]])))
-
-    def summary(self) -> str:
-        """E.g. ``skipped 3 (missing mask: 2, empty description: 1)`` or ``skipped 0``."""
-        if not self._items:
-            return "skipped 0"
-        counts = ", ".join(f"{reason}: {count}" for reason, count in self.counts_by_reason().items())
-        return f"skipped {len(self._items)} ({counts})"
-
-
-class SheetRow(NamedTuple):
-    """One data row of an ``Image``/``Description`` table.
-
-    Args:
-        row: the row number as a human sees it in the file (header is row 1, first data row is row 2).
-        image: the ``Image`` cell, stripped; ``""`` when empty.
-        description: the ``Description`` cell, stripped; ``""`` when empty or NaN.
-    """
-
-    row: int
-    image: str
-    description: str
-
-
-class FileMatch(NamedTuple):
-    """A file found for a name written in an annotation file.
-
-    Args:
-        path: the file found.
-        requested: the name as written in the annotation file.
-        by_stem: True when the file was found by its stem because the extension differed.
-    """
-
-    path: Path
-    requested: str
-    by_stem: bool
-
-
-class PairProblem(NamedTuple):
-    """Why an image/mask pair cannot be used.
-
-    Args:
-        reason: one of the :py:class:`SkipReason` values.
-        detail: a free-text explanation naming the file.
-    """
-
-    reason: str
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -318,193 +130,6 @@ class CandidateItem:
     def to_datalist_item(self) -> dict[str, str]:
         """The datalist item, with absolute resolved paths."""
         return {"image": str(Path(self.image).resolve()), "label": str(Path(self.label).resolve()), "text": self.text}
-
-
-def split_image_extension(name: str) -> tuple[str, str]:
-    """Split a file name into stem and extension, keeping compound image extensions such as ``.nii.gz``.
-
-    Args:
-        name: a file name.
-
-    Returns:
-        ``(stem, extension)``; the extension keeps its case and may be ``""``.
-    """
-    lower = name.lower()
-    for extension in IMAGE_EXTENSIONS:
-        if lower.endswith(extension) and len(name) > len(extension):
-            return name[: -len(extension)], name[-len(extension) :]
-    stem, extension = os.path.splitext(name)
-    return stem, extension
-
-
-def _is_image_name(name: str) -> bool:
-    return split_image_extension(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-class DirectoryIndex:
-    """The files of one folder, listed once, for fast name lookups with extension-mismatch resolution.
-
-    Args:
-        folder: the folder to list; a missing folder gives an empty index.
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        self.exists = self.folder.is_dir()
-        names = sorted(entry.name for entry in os.scandir(self.folder) if entry.is_file()) if self.exists else []
-        self.names: frozenset[str] = frozenset(names)
-        self._names_by_stem: dict[str, list[str]] = {}
-        for name in names:
-            stem, extension = split_image_extension(name)
-            if extension.lower() in IMAGE_EXTENSIONS:
-                self._names_by_stem.setdefault(stem, []).append(name)
-        for candidates in self._names_by_stem.values():
-            candidates.sort(key=lambda n: IMAGE_EXTENSIONS.index(split_image_extension(n)[1].lower()))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def image_names(self) -> list[str]:
-        """The names of the image files in the folder, sorted."""
-        return sorted(name for name in self.names if _is_image_name(name))
-
-    def find(self, name: str) -> FileMatch | None:
-        """Find the file for ``name``: the exact name, else an image file with the same stem.
-
-        Args:
-            name: a file name as written in an annotation file.
-
-        Returns:
-            The match, or None if neither the name nor its stem is in the folder.
-        """
-        if name in self.names:
-            return FileMatch(self.folder / name, name, by_stem=False)
-        candidates = self._names_by_stem.get(split_image_extension(name)[0], [])
-        if candidates:
-            return FileMatch(self.folder / candidates[0], name, by_stem=True)
-        return None
-
-
-def _unique(names: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(name for name in names if name))
-
-
-def find_image_file(index: DirectoryIndex, name: str) -> FileMatch | None:
-    """Find the image listed as ``name``: as written, else without a leading ``mask_`` prefix.
-
-    GuideDecoder's QaTa-COV19 csv files list images by their mask name (``mask_covid_1.png``) while the
-    image file is ``covid_1.png``.
-
-    Args:
-        index: the image folder.
-        name: the image name as written in the annotation file.
-
-    Returns:
-        The match (its ``requested`` is ``name``), or None.
-    """
-    candidates = [name]
-    if name.startswith(MASK_PREFIX):
-        candidates.append(name[len(MASK_PREFIX) :])
-    return _first_match(index, name, candidates)
-
-
-def _first_match(index: DirectoryIndex, name: str, candidates: list[str]) -> FileMatch | None:
-    """The first candidate file name found in ``index``: exact names first, then by stem."""
-    for candidate in candidates:
-        if candidate in index:
-            return FileMatch(index.folder / candidate, name, by_stem=False)
-    for candidate in candidates:
-        match = index.find(candidate)
-        if match is not None:
-            return FileMatch(match.path, name, match.by_stem)
-    return None
-
-
-def mask_name_candidates(name: str, image_name: str) -> list[str]:
-    """The mask file names to try for an item, in order: as written, the image name, ``mask_`` + image name.
-
-    Args:
-        name: the item's name as written in the annotation file.
-        image_name: the name of the image file found for the item.
-    """
-    return _unique([name, image_name, MASK_PREFIX + image_name, MASK_PREFIX + name])
-
-
-def find_mask_file(index: DirectoryIndex, name: str, image_name: str) -> FileMatch | None:
-    """Find the mask for an item, trying :py:func:`mask_name_candidates` exactly, then by stem.
-
-    Args:
-        index: the mask folder.
-        name: the item's name as written in the annotation file.
-        image_name: the name of the image file found for the item.
-
-    Returns:
-        The match (its ``requested`` is ``name``), or None.
-    """
-    candidates = mask_name_candidates(name, image_name)
-    return _first_match(index, name, candidates)
-
-
-def _cell_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    return str(value).strip()
-
-
-def _find_column(columns: Sequence[Any], wanted: str) -> Any | None:
-    for column in columns:
-        if str(column).strip().lower() == wanted.lower():
-            return column
-    return None
-
-
-def read_description_sheet(
-    path: str | os.PathLike, image_column: str = "Image", text_column: str = "Description"
-) -> list[SheetRow]:
-    """Read an ``Image``/``Description`` table from an ``.xlsx``/``.xls`` or ``.csv`` file.
-
-    Column names are matched ignoring case and surrounding spaces. Cells are read as text; empty and NaN
-    cells become ``""``.
-
-    Args:
-        path: the sheet.
-        image_column: the column holding image names.
-        text_column: the column holding the descriptions.
-
-    Returns:
-        The data rows with their human row numbers (header is row 1).
-
-    Raises:
-        DatalistError: when the file cannot be read or lacks one of the columns.
-    """
-    import pandas as pd
-
-    path = Path(path)
-    try:
-        if path.suffix.lower() in (".xlsx", ".xls", ".xlsm"):
-            table = pd.read_excel(path, dtype=str)
-        else:
-            table = pd.read_csv(path, dtype=str, skip_blank_lines=False, encoding="utf-8-sig")
-    except Exception as err:  # pandas/openpyxl raise many types for corrupt files
-        raise DatalistError(f"{path}: cannot read the sheet: {type(err).__name__}: {err}") from err
-    columns = list(table.columns)
-    image_key, text_key = _find_column(columns, image_column), _find_column(columns, text_column)
-    missing = [name for name, key in ((image_column, image_key), (text_column, text_key)) if key is None]
-    if missing:
-        found = ", ".join(repr(str(c)) for c in columns) or "none"
-        raise DatalistError(f"{path}: lacks the column(s) {', '.join(map(repr, missing))} (found: {found})")
-    rows = []
-    for offset, (image, text) in enumerate(zip(table[image_key].tolist(), table[text_key].tolist())):
-        image, text = _cell_text(image), _cell_text(text)
-        if not image and not text:
-            continue  # blank line
-        rows.append(SheetRow(row=offset + 2, image=image, description=text))
-    return rows
 
 
 def _validate_item(item: Any, split: str, position: int, source: str) -> None:
@@ -554,20 +179,6 @@ def validate_datalist(datalist: Any, source: str = "datalist") -> None:
         _validate_split(datalist, split, source)
 
 
-def _fsync_directory(folder: Path) -> None:
-    """Persist a rename in ``folder``; not supported on every platform, so failures are ignored."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Validate ``datalist`` and write it to ``path`` atomically.
 
@@ -588,19 +199,7 @@ def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path
     path = Path(path).absolute()
     validate_datalist(datalist, source=f"datalist for {path}")
     text = json.dumps(datalist, indent=2, ensure_ascii=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    write_text_atomically(path, text)
     return path
 
 
@@ -663,168 +262,6 @@ def load_datalist(
     for item, raw_item in zip(items, raw[split]):
         item["text"] = raw_item["text"]
     return items
-
-
-def _pil_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-        if verify:
-            if path.suffix.lower() in _JPEG_EXTENSIONS:
-                # decode at reduced scale: still reads the whole entropy-coded stream, so truncation is detected
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-            if image.format == "PNG":
-                _check_png_end(path)
-            if image.mode.startswith("F"):  # 32-bit float TIFF: the only PIL mode that holds NaN or inf
-                import numpy as np
-
-                _check_finite(path, np.asarray(image))
-    return (height, width)
-
-
-def _check_png_end(path: Path) -> None:
-    """A PNG cut inside its last chunk still decodes; a complete file ends with the IEND chunk."""
-    with open(path, "rb") as stream:
-        stream.seek(max(0, path.stat().st_size - len(_PNG_END)))
-        if stream.read() != _PNG_END:
-            raise UnreadableImageError(f"{path}: truncated PNG (no IEND chunk at the end of the file)")
-
-
-def _check_finite(path: Path, pixels: Any) -> None:
-    """Raise :py:class:`~himix_monai.errors.NonFiniteImageError` when float pixel data holds NaN or inf."""
-    import numpy as np
-
-    pixels = np.asarray(pixels)
-    if pixels.dtype.kind not in "fc":
-        return
-    nans, infs = int(np.isnan(pixels).sum()), int(np.isinf(pixels).sum())
-    if nans or infs:
-        raise NonFiniteImageError(f"{path}: {nans} NaN and {infs} infinite pixel values (of {pixels.size})")
-
-
-def _tifffile_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
-    import tifffile
-
-    with tifffile.TiffFile(path) as tiff:
-        page = tiff.pages[0]
-        shape = tuple(page.shape)
-        if verify:
-            _check_finite(path, page.asarray())
-    # (H, W) or (H, W, samples)
-    return shape[:2]
-
-
-def _nifti_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
-    import nibabel
-    import numpy as np
-
-    image = nibabel.load(str(path))
-    shape = tuple(int(s) for s in image.shape)
-    if verify:
-        _check_finite(path, np.asanyarray(image.dataobj))
-    return shape[:3]
-
-
-def _dicom_spatial_size(path: Path, verify: bool) -> tuple[int, ...]:
-    import pydicom
-
-    dataset = pydicom.dcmread(str(path), stop_before_pixels=not verify)
-    if "Rows" not in dataset or "Columns" not in dataset:
-        raise UnreadableImageError(f"{path}: DICOM file has no Rows/Columns (not an image?)")
-    if verify:
-        _check_finite(path, dataset.pixel_array)  # decodes the pixel data, raises on truncated or corrupt data
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
-    size = (int(dataset.Rows), int(dataset.Columns))
-    return size if frames == 1 else (frames, *size)
-
-
-def _drop_trailing_singletons(shape: tuple[int, ...]) -> tuple[int, ...]:
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
-def read_spatial_size(path: str | os.PathLike, verify: bool = True) -> tuple[int, ...]:
-    """Read the spatial size of an image file, checking that it is readable.
-
-    2D formats (png, jpg, tif, bmp) give ``(H, W)`` whatever the number of channels, so a 3-channel mask
-    has the same size as its 1-channel image. NIfTI gives its (up to 3) spatial dimensions, DICOM
-    ``(rows, columns)`` or ``(frames, rows, columns)``; trailing singleton dimensions are dropped.
-
-    Args:
-        path: the image file.
-        verify: decode the pixel data to detect truncated or corrupt files and NaN or infinite values; False
-            reads the header only.
-
-    Returns:
-        The spatial size.
-
-    Raises:
-        UnreadableImageError: when the file cannot be read or decoded.
-        NonFiniteImageError: with ``verify``, when float pixel data (float TIFF, NIfTI, DICOM) holds NaN or inf.
-    """
-    path = Path(path)
-    extension = split_image_extension(path.name)[1].lower()
-    try:
-        if extension in _NIFTI_EXTENSIONS:
-            shape = _nifti_spatial_size(path, verify)
-        elif extension == ".dcm":
-            shape = _dicom_spatial_size(path, verify)
-        else:
-            try:
-                shape = _pil_spatial_size(path, verify)
-            except Exception:
-                if extension not in _TIFF_EXTENSIONS:
-                    raise
-                shape = _tifffile_spatial_size(path, verify)  # TIFF flavours PIL cannot decode
-    except (UnreadableImageError, NonFiniteImageError):
-        raise
-    except Exception as err:  # each reader raises its own types for corrupt input
-        raise UnreadableImageError(f"{path}: {type(err).__name__}: {err}") from err
-    return _drop_trailing_singletons(shape)
-
-
-def _format_size(size: tuple[int, ...]) -> str:
-    return "x".join(str(s) for s in size)
-
-
-def check_image_label_pair(
-    image: str | os.PathLike, label: str | os.PathLike, verify: bool = True
-) -> PairProblem | None:
-    """Check that an image and its mask exist, are readable and have the same spatial size.
-
-    Args:
-        image: the image file.
-        label: the mask file.
-        verify: decode the files to detect truncated or corrupt ones and NaN or infinite values; False reads
-            headers only.
-
-    Returns:
-        None if the pair is usable, else the problem.
-    """
-    image, label = Path(image), Path(label)
-    if not image.is_file():
-        return PairProblem(SkipReason.MISSING_IMAGE, f"{image} not found")
-    if not label.is_file():
-        return PairProblem(SkipReason.MISSING_MASK, f"{label} not found")
-    try:
-        image_size = read_spatial_size(image, verify)
-    except UnreadableImageError as err:
-        return PairProblem(SkipReason.UNREADABLE_IMAGE, str(err))
-    except NonFiniteImageError as err:
-        return PairProblem(SkipReason.NON_FINITE_IMAGE, str(err))
-    try:
-        label_size = read_spatial_size(label, verify)
-    except UnreadableImageError as err:
-        return PairProblem(SkipReason.UNREADABLE_MASK, str(err))
-    except NonFiniteImageError as err:
-        return PairProblem(SkipReason.NON_FINITE_MASK, str(err))
-    if image_size != label_size:
-        detail = f"image {image} is {_format_size(image_size)}, mask {label} is {_format_size(label_size)}"
-        return PairProblem(SkipReason.SIZE_MISMATCH, detail)
-    return None
 
 
 def _no_progress(iterable: Iterable[Any], total: int, description: str) -> Iterable[Any]:
@@ -1004,7 +441,7 @@ def _item_problem(item: Mapping[str, Any], verify: bool) -> PairProblem | None:
     if len(size) > 2:
         return PairProblem(
             "3-D volume",
-            f"{image} is a volume of size {_format_size(size)}; a 2-D image is expected (slice volumes first)",
+            f"{image} is a volume of size {format_size(size)}; a 2-D image is expected (slice volumes first)",
         )
     return None
 

@@ -28,15 +28,15 @@ deterministic for a seed: same arrays, same texts, same file bytes (DICOM UIDs a
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from himix_monai.data.ct import dicom_slice_affine
 from himix_monai.data.datalist import write_datalist
@@ -471,41 +471,13 @@ def generate_demo_dataset(
     return write_datalist(datalist, out_dir / DATALIST_NAME)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_path`` (released when the process exits, even on a crash)."""
-    with open(lock_path, "a+b") as stream:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            import msvcrt
-
-            while True:
-                try:
-                    msvcrt.locking(stream.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    continue
-            try:
-                yield
-            finally:
-                stream.seek(0)
-                msvcrt.locking(stream.fileno(), msvcrt.LK_UNLCK, 1)
-            return
-        fcntl.flock(stream.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_demo_dataset(
     dataset_dir: str | os.PathLike, num: int = 100, seed: int = 0, size: int = 128, decoys: bool = False
 ) -> Path:
     """Return the demo datalist in ``dataset_dir``, generating the dataset first if there is no datalist yet.
 
     Safe when several processes call it at once (e.g. the ranks of a ``torchrun`` job): generation runs under
-    an exclusive file lock (``dataset_dir/.himix_demo.lock``) and the others wait, then find the datalist.
+    an exclusive file lock (``dataset_dir/.himix_demo.lock``, ``filelock``) and the others wait, then find the datalist.
     An existing datalist is returned as is, whatever parameters it was generated with.
 
     Args:
@@ -523,7 +495,7 @@ def ensure_demo_dataset(
     if datalist.is_file():
         return datalist
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(dataset_dir / ".himix_demo.lock"):
+    with FileLock(dataset_dir / ".himix_demo.lock"):
         if datalist.is_file():
             return datalist
         return generate_demo_dataset(dataset_dir, num=num, seed=seed, size=size, decoys=decoys)

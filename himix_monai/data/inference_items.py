@@ -21,20 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.data.folder_layout import FolderLayoutBase
 
-from himix_monai.data.datalist import (
-    IMAGE_EXTENSIONS,
-    DatalistError,
-    DirectoryIndex,
-    find_image_file,
-    read_description_sheet,
-    split_image_extension,
-)
+from himix_monai.data.ct import axial_axis
+from himix_monai.data.datalist import DatalistError, DirectoryIndex, find_image_file, read_description_sheet
+from himix_monai.files import IMAGE_EXTENSIONS, PICTURE_EXTENSIONS, dicom_files, is_nifti, split_image_extension
 
 __all__ = [
     "TEXT_SIDECARS",
@@ -47,6 +43,7 @@ __all__ = [
     "list_inference_inputs",
     "volume_num_slices",
     "build_inference_items",
+    "OutputNames",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,10 +57,6 @@ SLICE_INDEX_KEY = "slice_index"
 NUM_SLICES_KEY = "num_slices"
 """Item key of the number of slices of the volume of a slice item."""
 
-PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-"""Extensions of picture files, loaded by ``PILReader(reverse_indexing=False)`` as (rows, columns)."""
-
-_NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 
 
 class InferenceInputError(DatalistError):
@@ -76,23 +69,6 @@ class InferenceInputError(DatalistError):
 
 def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(_NIFTI_EXTENSIONS)
-
-
-def _dicom_files(folder: Path) -> list[Path]:
-    """DICOM files of a series folder, by the rule of :py:func:`himix_monai.data.ct.read_dicom_series`."""
-    import pydicom
-
-    files = []
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or _is_hidden(path) or path.name.upper() == "DICOMDIR":
-            continue
-        if path.suffix.lower() == ".dcm" or pydicom.misc.is_dicom(str(path)):
-            files.append(path)
-    return files
 
 
 def find_text_sidecar(folder: str | os.PathLike) -> Path | None:
@@ -202,23 +178,13 @@ def list_inference_inputs(folder: str | os.PathLike) -> list[Path]:
         if _is_hidden(path) or path.name in TEXT_SIDECARS:
             continue
         if path.is_dir():
-            if _dicom_files(path):
+            if dicom_files(path):
                 inputs.append(path)
             else:
                 logger.debug("%s: sub-folder without DICOM files, skipped", path)
         elif split_image_extension(path.name)[1].lower() in IMAGE_EXTENSIONS:
             inputs.append(path)
     return inputs
-
-
-def _nifti_slice_axis(affine: np.ndarray) -> int:
-    """The voxel axis closest to superior-inferior (as :py:func:`himix_monai.data.ct.read_nifti_volume`)."""
-    import nibabel as nib
-
-    for axis, code in enumerate(nib.orientations.aff2axcodes(affine)):
-        if code in ("S", "I"):
-            return axis
-    return 2
 
 
 def volume_num_slices(path: str | os.PathLike) -> int | None:
@@ -236,11 +202,11 @@ def volume_num_slices(path: str | os.PathLike) -> int | None:
     """
     path = Path(path)
     if path.is_dir():
-        count = len(_dicom_files(path))
+        count = len(dicom_files(path))
         if count == 0:
             raise InferenceInputError(f"{path}: folder without DICOM files (a DICOM series folder is expected)")
         return count
-    if not _is_nifti(path):
+    if not is_nifti(path):
         return None
     import nibabel as nib
 
@@ -255,7 +221,7 @@ def volume_num_slices(path: str | os.PathLike) -> int | None:
         return None
     if len(shape) > 3:
         raise InferenceInputError(f"{path}: NIfTI image of shape {shape} is not a 2-D image or a 3-D volume")
-    return shape[_nifti_slice_axis(np.asarray(image.affine, dtype=np.float64))]
+    return shape[axial_axis(np.asarray(image.affine, dtype=np.float64))]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -419,3 +385,105 @@ def build_inference_items(
                 {"image": image, "text": text, SLICE_INDEX_KEY: k, NUM_SLICES_KEY: num_slices} for k in range(num_slices)
             )
     return items
+
+
+# --------------------------------------------------------------------------------------------------------------
+# output names
+
+
+def _plain_stem(path: str | os.PathLike) -> str:
+    """A file name without its image extension (``.nii.gz`` counted as one); a folder keeps its name."""
+    name = Path(os.fspath(path).rstrip("/\\")).name
+    stem, extension = split_image_extension(name)
+    return stem if extension.lower() in IMAGE_EXTENSIONS else os.path.splitext(name)[0] if Path(path).is_file() else name
+
+
+class _NamedLayout(FolderLayoutBase):
+    """A MONAI folder layout that names files by :py:meth:`OutputNames.stem` (for ``SaveImaged(folder_layout=)``)."""
+
+    def __init__(self, names: OutputNames, output_dir: str | os.PathLike, postfix: str, extension: str) -> None:
+        self.names, self.output_dir, self.postfix, self.extension = names, Path(output_dir), postfix, extension
+
+    def filename(self, subject: str | os.PathLike = "subject", idx: Any = None, **kwargs: Any) -> str:
+        return str(self.names.path(subject, self.output_dir, self.postfix, self.extension))
+
+
+class OutputNames:
+    """
+    One output name per input, unique within a run, keeping the inputs' relative paths.
+
+    Writing ``<stem>_mask.png`` for every input, as MONAI's default layout does, makes ``x.png`` and ``x.jpg``,
+    or ``A/img.png`` and ``B/img.png``, overwrite each other's mask. Here an input is named by its file name
+    without extension (a DICOM series by its folder name) when no other input of the run has that name;
+    inputs that share a name (compared ignoring case, for case-insensitive file systems) keep their path
+    relative to the folder they share (``A/img``, ``B/img``), and those in the same folder also their
+    extension (``x_png``, ``x_jpg``).
+
+    Args:
+        inputs: the run's inputs: paths, or items with the path under ``key`` (slice items of one volume count
+            once).
+        key: the item key of the path.
+
+    Examples::
+
+        names = OutputNames(["/in/A/img.png", "/in/B/img.png", "/in/x.png", "/in/x.jpg", "/in/y.png"])
+        names.stem("/in/B/img.png")  # "B/img"
+        names.stem("/in/x.jpg")  # "x_jpg"
+        names.stem("/in/y.png")  # "y"
+        saver = SaveImaged(keys="pred", folder_layout=names.layout("out", "mask", ".png"))  # out/B/img_mask.png
+    """
+
+    def __init__(self, inputs: Sequence[Any] = (), key: str = "image") -> None:
+        paths: list[str] = []
+        for entry in inputs:
+            value = entry.get(key) if isinstance(entry, Mapping) else entry
+            if isinstance(value, (str, os.PathLike)):
+                real = os.path.realpath(value)
+                if real not in paths:
+                    paths.append(real)
+        self.names: dict[str, str] = {}
+        groups: dict[str, list[str]] = {}
+        for path in paths:
+            groups.setdefault(_plain_stem(path).casefold(), []).append(path)
+        named: dict[str, str] = {}
+        for group in groups.values():
+            if len(group) == 1:
+                named[group[0]] = _plain_stem(group[0])
+                continue
+            root = os.path.commonpath([os.path.dirname(path) for path in group])
+            relative = {path: Path(os.path.relpath(os.path.dirname(path), root), _plain_stem(path)).as_posix() for path in group}
+            relative = {path: name[2:] if name.startswith("./") else name for path, name in relative.items()}
+            counts: dict[str, int] = {}
+            for name in relative.values():
+                counts[name.casefold()] = counts.get(name.casefold(), 0) + 1
+            for path, name in relative.items():
+                extension = os.path.basename(path)[len(_plain_stem(path)) :].lstrip(".").replace(".", "_")
+                named[path] = f"{name}_{extension}" if counts[name.casefold()] > 1 and extension else name
+        taken: set[str] = set()
+        for path in paths:
+            unique, number = named[path], 2
+            while unique.casefold() in taken:
+                unique, number = f"{named[path]}_{number}", number + 1
+            taken.add(unique.casefold())
+            self.names[path] = unique
+
+    def stem(self, path: str | os.PathLike) -> str:
+        """The output name of ``path`` (without postfix and extension); an unknown path gets its file stem."""
+        return self.names.get(os.path.realpath(path)) or _plain_stem(path)
+
+    def path(self, source: str | os.PathLike, output_dir: str | os.PathLike, postfix: str = "", extension: str = "") -> Path:
+        """``<output_dir>/<stem>[_<postfix>]<extension>`` for the input ``source`` (parent folders are created)."""
+        suffix = f"_{postfix}" if postfix else ""
+        out = Path(output_dir) / f"{self.stem(source)}{suffix}{extension}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def layout(self, output_dir: str | os.PathLike, postfix: str = "", extension: str = "") -> FolderLayoutBase:
+        """A MONAI folder layout with these names, for ``SaveImaged(folder_layout=...)``.
+
+        Args:
+            output_dir: the output folder.
+            postfix: appended to the name after ``_``.
+            extension: the file extension, e.g. ``".png"``.
+        """
+        return _NamedLayout(self, output_dir, postfix, extension)

@@ -33,13 +33,15 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from himix_monai.files import DICOM_EXTENSIONS, NIFTI_EXTENSIONS, PICTURE_EXTENSIONS, write_text_atomically
 
 __all__ = [
     "REPORT_STYLES",
@@ -90,8 +92,6 @@ NO_CHEST_FINDING = "No pulmonary infection."
 """The chest report of a mask without lesions."""
 
 _COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,9 @@ def count_word(count: int) -> str:
 def binarize_mask(mask: Any) -> np.ndarray:
     """Foreground of a mask as a boolean array.
 
-    8-bit style masks (maximum above 127, e.g. 0/255 PNGs) are foreground above 127; other masks
-    (0/1 labels, probabilities) above 0.5. Boolean masks are returned as they are.
+    The threshold of :py:class:`himix_monai.transforms.BinarizeMask` (``"auto"``): 8-bit style masks (maximum
+    above 127, e.g. 0/255 PNGs) are foreground above 127; other masks (0/1 labels, probabilities) above 0.5.
+    Boolean masks are returned as they are; the shape is kept.
 
     Args:
         mask: array-like mask (NumPy array, torch tensor, nested lists).
@@ -159,8 +160,9 @@ def binarize_mask(mask: Any) -> np.ndarray:
         return array.copy()
     if array.size == 0:
         return np.zeros(array.shape, dtype=bool)
-    threshold = 127 if float(array.max()) > 127 else 0.5
-    return array > threshold
+    from himix_monai.transforms.mask import BinarizeMask  # the one threshold rule (import here: transforms import data)
+
+    return array > BinarizeMask().resolve_threshold(torch.as_tensor(array.max()))
 
 
 def resolve_min_size(min_size: float, num_pixels: int) -> int:
@@ -452,9 +454,9 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: mask file not found")
     name = path.name.lower()
     try:
-        if name.endswith(_PIL_SUFFIXES):
+        if name.endswith(PICTURE_EXTENSIONS):
             array = _read_pil(path)
-        elif name.endswith(_NIFTI_SUFFIXES):
+        elif name.endswith(NIFTI_EXTENSIONS):
             array = _read_nifti(path)
         elif name.endswith(".npy"):
             array = np.load(path, allow_pickle=False)
@@ -553,7 +555,7 @@ def mask_folder_reports(
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: mask folder not found")
-    suffixes = _PIL_SUFFIXES + _NIFTI_SUFFIXES + (".dcm", ".npy")
+    suffixes = PICTURE_EXTENSIONS + NIFTI_EXTENSIONS + DICOM_EXTENSIONS + (".npy",)
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     rows = []
     for name in names:
@@ -586,13 +588,5 @@ def write_reports_csv(rows: Sequence[tuple[str, str]], path: str | os.PathLike) 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["Image", "Description"])
     writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as stream:
-            stream.write(buffer.getvalue())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, buffer.getvalue(), newline="")
     return path

@@ -2,7 +2,7 @@
 images, masks, CT windows, CT volume slices, the picture layout of predictions and the label map of clients
 such as MONAI Label."""
 
-from .checks import EnsureFinite, EnsureFinited
+from .checks import EnsureFinite, EnsureFinited, NamedLoadImaged
 from .ct import CTWindow, CTWindowd, EnsureSingleSlice, EnsureSingleSliced
 from .label_map import AsLabelMapd
 from .mask import BinarizeMask, BinarizeMaskd, EnsureImageChannels, EnsureImageChannelsd
@@ -23,6 +23,7 @@ __all__ = [
     "EnsureSingleSlice",
     "EnsureSingleSliced",
     "LoadVolumeSliced",
+    "NamedLoadImaged",
     "ReportStyleTextd",
     "ToPictureLayoutd",
     "TokenizeTextd",

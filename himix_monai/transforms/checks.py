@@ -4,7 +4,9 @@ Checks of loaded images that turn silent failures into errors naming the file.
 A NaN or infinite pixel survives MONAI's intensity transforms (``ScaleIntensityRanged(clip=True)`` keeps NaN)
 and then makes the training loss NaN (stopping the run without naming the image) or the prediction an empty
 mask with a Dice of 0 and exit status 0 (evaluation, inference). :py:class:`EnsureFinited` stops at the
-image instead, naming its file.
+image instead, naming its file. :py:class:`NamedLoadImaged` does the same for a file that cannot be decoded
+(MONAI's readers decode lazily, so a truncated picture fails inside ``get_data`` with PIL's "image file is
+truncated", naming no file).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from typing import Any
 import torch
 
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-from himix_monai.errors import NonFiniteImageError
+from himix_monai.errors import NonFiniteImageError, UnreadableImageError
 from himix_monai.transforms.mask import source_name
 
-__all__ = ["non_finite_counts", "EnsureFinite", "EnsureFinited"]
+__all__ = ["non_finite_counts", "EnsureFinite", "EnsureFinited", "NamedLoadImaged"]
 
 _DEFAULT_ADVICE = (
     "fix or remove the file; training and evaluation check the datalist's files at start "
@@ -100,3 +102,33 @@ class EnsureFinited(MapTransform):
             what = "mask" if key == "label" else str(key)
             EnsureFinite(what, self.advice)(d[key], source=source_name(d[key], d, key))
         return d
+
+
+class NamedLoadImaged(LoadImaged):
+    """
+    MONAI's ``LoadImaged`` whose read errors name the file.
+
+    ``LoadImage`` names the file only when no reader accepts it; a reader that accepts the file and then fails
+    to decode it (a truncated PNG or JPEG, a cut ``.nii.gz``) raises an error without the file name, and the run
+    stops without saying which of its inputs is bad. This class raises
+    :py:class:`~himix_monai.errors.UnreadableImageError` naming the file, with the reader's message, from the
+    original error. Arguments as ``LoadImaged``.
+
+    Examples::
+
+        load = NamedLoadImaged(keys="image", image_only=True, reader=PILReader(reverse_indexing=False))
+        load({"image": "cut.png"})  # UnreadableImageError: cut.png: cannot read the image (OSError: image file is truncated) ...
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        """Load the images of ``data``; a file that cannot be read raises :py:class:`UnreadableImageError`."""
+        try:
+            return super().__call__(data, reader)
+        except UnreadableImageError:
+            raise
+        except Exception as err:
+            files = ", ".join(str(data[key]) for key in self.key_iterator(dict(data)))
+            raise UnreadableImageError(
+                f"{files}: cannot read the image ({type(err).__name__}: {err}); replace or remove the file "
+                "(inference: or leave such items out with skip_bad_items true)"
+            ) from err

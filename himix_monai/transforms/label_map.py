@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import get_equivalent_dtype
 
-from himix_monai.data.inference_items import PICTURE_EXTENSIONS
+from himix_monai.files import PICTURE_EXTENSIONS
 from himix_monai.transforms.mask import meta_filename
 
 __all__ = ["AsLabelMapd"]

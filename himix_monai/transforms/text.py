@@ -7,7 +7,7 @@ Text transforms for text-guided segmentation.
   MosMedData+ prompts into free-text radiology-report form ("FINDINGS: ... IMPRESSION: ..."), the text
   augmentation of the HiMix paper (Fig. 8, supplement Figs. 9-10).
 
-Tokenizers are loaded with :py:func:`himix_monai.networks.blocks.text_encoder.load_text_tokenizer`, the loader
+Tokenizers are loaded with :py:func:`himix_monai.tokenizers.load_text_tokenizer`, the loader
 of the network's text encoder, so data and network read the same vocabulary (CXR-BERT without remote code).
 """
 
@@ -116,7 +116,7 @@ class TokenizeTextd(MapTransform):
         """The Hugging Face tokenizer, loaded on first access."""
         if self._tokenizer is None:
             # imported here: the transform is unpickled in DataLoader workers before any tokenizer is needed
-            from himix_monai.networks.blocks.text_encoder import load_text_tokenizer
+            from himix_monai.tokenizers import load_text_tokenizer
 
             self._tokenizer = load_text_tokenizer(self.tokenizer_source)
         return self._tokenizer

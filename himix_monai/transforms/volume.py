@@ -25,7 +25,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from himix_monai.data.ct import DEFAULT_WINDOW, CTReadError, CTVolume, WindowLike, hu_window, read_ct_volume, resolve_window
-from himix_monai.data.inference_items import NUM_SLICES_KEY, PICTURE_EXTENSIONS, SLICE_INDEX_KEY, InferenceInputError
+from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY, InferenceInputError
+from himix_monai.files import PICTURE_EXTENSIONS
 from himix_monai.transforms.mask import meta_filename
 
 __all__ = ["CTVolumeCache", "LoadVolumeSliced", "ToPictureLayoutd"]

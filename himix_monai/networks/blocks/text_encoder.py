@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers import AutoModel, BertConfig, BertModel, PreTrainedModel
 from transformers.utils import cached_file
 
 from himix_monai.errors import HiMixError
 from himix_monai.precision import as_dtype
+from himix_monai.tokenizers import is_cxr_bert_config, load_text_tokenizer, read_model_json
 
 __all__ = [
     "FrozenTextEncoder",
@@ -35,30 +35,12 @@ __all__ = [
     "is_cxr_bert_config",
 ]
 
-_CXR_BERT_MODEL_TYPES = ("cxr-bert", "cxrbert")
 _FINGERPRINT_BYTES = 256  # fixed size of the fingerprint tensor in the state dict (see FrozenTextEncoder)
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 class TextEncoderMismatchError(HiMixError, RuntimeError):
     """Weights trained with one text encoder were loaded into a network built with another."""
-
-
-def _read_json(source: str | os.PathLike, filename: str) -> dict:
-    """Read ``filename`` of a local model directory or a hub repository (from the cache when offline)."""
-    path = os.path.join(source, filename)
-    if not os.path.isdir(source):
-        path = cached_file(os.fspath(source), filename, _raise_exceptions_for_missing_entries=False)
-    if path is None or not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def is_cxr_bert_config(config: dict) -> bool:
-    """Whether a ``config.json`` describes CXR-BERT (which needs remote code to load through the Auto classes)."""
-    architectures = config.get("architectures") or []
-    return config.get("model_type") in _CXR_BERT_MODEL_TYPES or any("CXRBert" in a for a in architectures)
 
 
 def load_text_encoder(
@@ -77,29 +59,13 @@ def load_text_encoder(
         return source if dtype is None else source.to(dtype)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"text encoder must be a name, a directory or a PreTrainedModel, got {type(source)}.")
-    config = _read_json(source, "config.json")
+    config = read_model_json(source, "config.json")
     if is_cxr_bert_config(config):
         bert_keys = BertConfig().to_dict().keys()
         bert_config = BertConfig(**{k: v for k, v in config.items() if k in bert_keys and k != "model_type"})
         bert_config.architectures = ["BertModel"]
         return BertModel.from_pretrained(source, config=bert_config, add_pooling_layer=False, dtype=dtype)
     return AutoModel.from_pretrained(source, trust_remote_code=False, dtype=dtype)
-
-
-def load_text_tokenizer(source: str | os.PathLike | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Load the tokenizer that belongs to a text encoder (hub name, local directory, or instance).
-
-    CXR-BERT's ``CXRBertTokenizer`` is a plain lower-case BERT WordPiece tokenizer and is loaded as
-    ``BertTokenizerFast`` from its ``vocab.txt``.
-    """
-    if isinstance(source, PreTrainedTokenizerBase):
-        return source
-    tokenizer_config = _read_json(source, "tokenizer_config.json")
-    if tokenizer_config.get("tokenizer_class") == "CXRBertTokenizer" or is_cxr_bert_config(
-        _read_json(source, "config.json")
-    ):
-        return BertTokenizerFast.from_pretrained(source, do_lower_case=True)
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
 def _resolve(source: str | os.PathLike, filename: str) -> str | None:

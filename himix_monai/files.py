@@ -1,0 +1,211 @@
+"""
+Files: the one atomic-write helper of the package, and MONAI image writers that use it.
+
+Every file the package writes (datalists, report sheets, checkpoints, NIfTI and PNG masks) goes through
+:py:func:`atomic_path`: the data is written to a temporary file in the target's folder, flushed to disk, given
+the permissions a plain ``open(path, "w")`` would give, then moved over the target with :py:func:`os.replace`.
+Readers see the old file or the complete new one, never half of one; and a target that is a symbolic link is
+replaced by the new file, never written through (``os.replace`` renames over the link itself), so a link left in
+an output folder cannot make a run overwrite a file elsewhere.
+
+This module imports nothing else from the package: every layer may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from monai.data import NibabelWriter, PILWriter
+
+__all__ = [
+    "PICTURE_EXTENSIONS",
+    "JPEG_EXTENSIONS",
+    "TIFF_EXTENSIONS",
+    "NIFTI_EXTENSIONS",
+    "DICOM_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "split_image_extension",
+    "is_nifti",
+    "dicom_files",
+    "full_suffix",
+    "atomic_path",
+    "write_text_atomically",
+    "fsync_directory",
+    "AtomicPILWriter",
+    "AtomicNibabelWriter",
+]
+
+PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+"""Extensions of picture files, read with PIL (MONAI's ``PILReader``)."""
+
+JPEG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg")
+TIFF_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff")
+
+NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
+"""Extensions of NIfTI files (the two-part one first)."""
+
+DICOM_EXTENSIONS: tuple[str, ...] = (".dcm",)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = PICTURE_EXTENSIONS + NIFTI_EXTENSIONS + DICOM_EXTENSIONS
+"""Every extension read as an image (the one list of the package), in order of preference when a stem matches
+several files."""
+
+
+def split_image_extension(name: str) -> tuple[str, str]:
+    """Split a file name into stem and extension, keeping compound image extensions such as ``.nii.gz``.
+
+    Args:
+        name: a file name.
+
+    Returns:
+        ``(stem, extension)``; the extension keeps its case and may be ``""``.
+    """
+    lower = name.lower()
+    for extension in IMAGE_EXTENSIONS:
+        if lower.endswith(extension) and len(name) > len(extension):
+            return name[: -len(extension)], name[-len(extension) :]
+    return os.path.splitext(name)
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a NIfTI file (``.nii`` or ``.nii.gz``, any case).
+
+    Args:
+        path: a file name or path.
+    """
+    return os.fspath(path).lower().endswith(NIFTI_EXTENSIONS)
+
+
+def dicom_files(folder: str | os.PathLike) -> list[Path]:
+    """The DICOM files of a series folder, sorted by name: ``*.dcm`` files and files with the DICOM preamble.
+
+    Hidden files, sub-folders and ``DICOMDIR`` are left out; a ``.dcm`` file is listed without being read.
+
+    Args:
+        folder: the series folder.
+    """
+    import pydicom
+
+    files = []
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+            continue
+        if path.suffix.lower() in DICOM_EXTENSIONS or pydicom.misc.is_dicom(str(path)):
+            files.append(path)
+    return files
+
+
+def full_suffix(name: str | os.PathLike) -> str:
+    """The extension of a file name, ``.nii.gz`` counted as one (``"a.nii.gz"`` -> ``".nii.gz"``).
+
+    Args:
+        name: a file name or path.
+    """
+    name = os.fspath(name)
+    if name.lower().endswith(".nii.gz"):
+        return name[-7:]
+    return os.path.splitext(name)[1]
+
+
+def _file_mode() -> int:
+    """``0o666`` minus the process umask: the mode a plain ``open(path, "w")`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_directory(folder: str | os.PathLike) -> None:
+    """Persist a rename in ``folder``; not supported on every platform, so failures are ignored.
+
+    Args:
+        folder: the folder that holds the renamed file.
+    """
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to; moved over ``path`` when the block ends without error.
+
+    The temporary file is in ``path``'s folder (created when missing) and is named ``.<name>.<random><suffix>``:
+    ``.tmp`` by default, which :py:func:`himix_monai.run_guard.remove_stale_temp_files` finds after a crash;
+    writers that choose the format by extension pass the target's (:py:func:`full_suffix`). It is removed when
+    the block raises. On success it is fsynced, given the usual file permissions, and renamed over ``path``;
+    when ``path`` is a symbolic link, the link is replaced and its target is left untouched.
+
+    Args:
+        path: the file to write.
+        suffix: the end of the temporary file's name.
+
+    Examples::
+
+        with atomic_path("out/mask.nii.gz", suffix=".nii.gz") as temp:
+            nib.save(image, temp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(descriptor)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        with open(temp, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.chmod(temp, _file_mode())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, newline: str | None = None) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` with :py:func:`atomic_path`.
+
+    Args:
+        path: the file to write.
+        text: its content.
+        newline: passed to :py:func:`open` (``""`` keeps ``\\r\\n`` written by :py:mod:`csv`).
+
+    Returns:
+        ``path`` as a :py:class:`~pathlib.Path`.
+    """
+    with atomic_path(path) as temp:
+        with open(temp, "w", encoding="utf-8", newline=newline) as stream:
+            stream.write(text)
+    return Path(path)
+
+
+class AtomicPILWriter(PILWriter):
+    """MONAI's ``PILWriter`` writing through :py:func:`atomic_path`.
+
+    MONAI's writers open the output path directly: a crash leaves half a file and a symbolic link in the output
+    folder is written through. Give this class as ``SaveImaged(writer=...)``.
+    """
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs) -> None:
+        """Write the data to ``filename`` atomically; arguments as ``PILWriter.write``."""
+        with atomic_path(filename, suffix=full_suffix(filename)) as temp:
+            super().write(str(temp), verbose=verbose, **kwargs)
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` writing through :py:func:`atomic_path` (reason as :py:class:`AtomicPILWriter`)."""
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs) -> None:
+        """Write the data to ``filename`` atomically; arguments as ``NibabelWriter.write``."""
+        with atomic_path(filename, suffix=full_suffix(filename)) as temp:
+            super().write(str(temp), verbose=verbose, **obj_kwargs)

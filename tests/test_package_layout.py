@@ -1,0 +1,43 @@
+"""Import rules of the package (issue 14): no module imports another module's private names, and the
+bottom-level helpers import nothing above them."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "himix_monai"
+
+
+def _imports(path: Path) -> list[tuple[str, str]]:
+    """``(module, name)`` of every ``from himix_monai... import name`` in ``path`` (also inside functions)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("himix_monai"):
+            found.extend((node.module, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            found.extend((f"{'.' * node.level}{node.module or ''}", alias.name) for alias in node.names)
+    return found
+
+
+def test_no_private_names_imported_across_modules():
+    private = [
+        f"{path.relative_to(PACKAGE.parent)}: from {module} import {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for module, name in _imports(path)
+        if name.startswith("_")
+    ]
+    assert private == []
+
+
+def test_bottom_level_modules_import_nothing_above_them():
+    bottom = {"errors.py": set(), "files.py": set(), "config_utils.py": {"himix_monai.errors"}}
+    wrong = [
+        f"{name}: imports {module}"
+        for name, allowed in bottom.items()
+        for module, _ in _imports(PACKAGE / name)
+        if module not in allowed
+    ]
+    assert wrong == []
+    text_transforms = {module for module, _ in _imports(PACKAGE / "transforms" / "text.py")}
+    assert not any(module.startswith("himix_monai.networks") for module in text_transforms)
