@@ -4,7 +4,12 @@ from .asrm import AdaptiveSpectrumRefinement, gaussian_spectrum_filter
 from .dlfm import LAYER_GROUPINGS, DynamicLayerFusion, interleaved_layer_groups, layer_groups
 from .head import subpixel_segmentation_head
 from .image_encoder import CPUDepthwiseConv2d, TimmImageEncoder, use_cpu_depthwise_convs
-from .mixing_stage import TextProjection, VisualTextualMixingStage, sinusoidal_position_embedding_2d
+from .mixing_stage import (
+    TEXT_PROJECTION_ORDERS,
+    TextProjection,
+    VisualTextualMixingStage,
+    sinusoidal_position_embedding_2d,
+)
 from .text_encoder import (
     FrozenTextEncoder,
     ScriptableTextEncoder,
@@ -23,6 +28,7 @@ __all__ = [
     "LAYER_GROUPINGS",
     "ScriptableTextEncoder",
     "TextEncoderMismatchError",
+    "TEXT_PROJECTION_ORDERS",
     "TextProjection",
     "TimmImageEncoder",
     "VisualTextualMixingStage",

@@ -10,7 +10,9 @@ from monai.networks.blocks import CrossAttentionBlock, MLPBlock, SABlock, UnetrU
 
 from himix_monai.networks.blocks.asrm import AdaptiveSpectrumRefinement
 
-__all__ = ["TextProjection", "VisualTextualMixingStage", "sinusoidal_position_embedding_2d"]
+__all__ = ["TEXT_PROJECTION_ORDERS", "TextProjection", "VisualTextualMixingStage", "sinusoidal_position_embedding_2d"]
+
+TEXT_PROJECTION_ORDERS = ("paper", "official")
 
 
 def sinusoidal_position_embedding_2d(
@@ -18,8 +20,12 @@ def sinusoidal_position_embedding_2d(
 ) -> torch.Tensor:
     """Fixed 2-D sine/cosine position embedding ``(H * W, C)``: half the channels encode rows, half columns.
 
-    The official HiMix code adds such encodings to the attention inputs; without them, self-attention over
-    image tokens could not tell "upper left" from "lower right" except through padding artefacts.
+    Without position codes, self-attention over image tokens could not tell "upper left" from "lower right"
+    except through padding artefacts. This is a departure from the official HiMix code, which adds 1-D
+    sinusoidal codes of the flattened token index (``PositionalEncoding``) to the queries and keys only (also to
+    the text keys of the cross-attention); the paper does not mention position codes. The project's 2-D codes
+    keep rows and columns apart at any resolution, whereas a 1-D index code places the first pixel of a row
+    next to the last pixel of the previous one. Which trains better is not measured.
     """
     quarter = channels // 4
     if quarter == 0:
@@ -41,21 +47,43 @@ class TextProjection(nn.Module):
     ``W_t`` maps the text width ``C_P`` to the stage width ``C_i``; the 1x1 convolution runs over the token
     axis (tokens as channels) and maps the ``L`` input tokens to ``L'`` tokens.
 
+    ``order="paper"`` (default) follows Eq. 2: Linear, token Conv, ReLU. ``order="official"`` reproduces the
+    official code's ``text_project``: token Conv, GELU, Linear, LeakyReLU. Both orders use the same two
+    parameterised layers, so a state dict loads into either. The paper's order is the default because the
+    project follows the paper where paper and official code differ; the effect on accuracy is not measured.
+
     Args:
         text_width: ``C_P``, hidden width of the text encoder.
         stage_width: ``C_i``, channel width of the decoder stage.
         text_length: ``L``, number of input tokens (the tokenizer's ``max_length``).
         num_tokens: ``L'``, number of tokens after projection.
+        order: ``"paper"`` or ``"official"``, see above.
+
+    Examples::
+
+        >>> TextProjection(384, 96, 24, 12)(torch.randn(2, 24, 384)).shape
+        torch.Size([2, 12, 96])
     """
 
-    def __init__(self, text_width: int, stage_width: int, text_length: int, num_tokens: int) -> None:
+    def __init__(
+        self, text_width: int, stage_width: int, text_length: int, num_tokens: int, order: str = "paper"
+    ) -> None:
         super().__init__()
+        if order not in TEXT_PROJECTION_ORDERS:
+            raise ValueError(f"order must be one of {TEXT_PROJECTION_ORDERS}, got {order!r}.")
+        self.order = order
         self.width_projection = nn.Linear(text_width, stage_width)  # W_t
         self.token_projection = nn.Conv1d(text_length, num_tokens, kernel_size=1)  # Conv, over tokens
         self.activation = nn.ReLU()
+        # official order only: GELU between the token Conv and the Linear, LeakyReLU at the end
+        self.inner_activation = nn.GELU() if order == "official" else nn.Identity()
+        if order == "official":
+            self.activation = nn.LeakyReLU()
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         """``(B, L, C_P) -> (B, L', C_i)``."""
+        if self.order == "official":
+            return self.activation(self.width_projection(self.inner_activation(self.token_projection(text))))
         return self.activation(self.token_projection(self.width_projection(text)))
 
 
@@ -68,12 +96,31 @@ class VisualTextualMixingStage(nn.Module):
     - ``d_hat = ASRM(d)`` (Eq. 3, optional);
     - ``d_ca = d_hat + beta_ca * LN(MHCA(d_hat, t_hat))`` with ``t_hat`` from :class:`TextProjection` (Eqs. 2, 4);
     - ``d_sa = d_ca + beta_sa * LN(MHSA(d_ca))`` (Eq. 5);
-    - ``d = d_sa + beta_mlp * MLP(LN(d_sa))`` (Eq. 6);
-    - ``d_o = conv-norm-act([Upsample(d), f_skip])`` (Eqs. 7-8), MONAI's ``UnetrUpBlock``.
+    - ``d = d_sa + beta_mlp * MLP(LN(d_sa))`` (Eq. 6 with an extra LayerNorm, see ``mlp_norm``);
+    - ``d_o = conv-norm-act([Upsample(d), f_skip])`` (Eqs. 7-8), MONAI's ``UnetrUpBlock`` (two conv-norm-LeakyReLU
+      layers, as in the official code; the paper writes one ``ReLU(Conv(.))``).
 
-    The attention inputs are layer-normalised first and carry a fixed 2-D sinusoidal position embedding, as in
-    the official code; the paper's post-attention LayerNorms (Eqs. 4-5) are kept. Each residual scale ``beta``
-    is a learnable scalar.
+    Where this differs from the paper and from the official code (``DecoderLayer`` of JaeyoonSSim/HiMix):
+
+    - The attention inputs are layer-normalised first, as in the official code (the paper writes
+      ``MHCA(d_hat, t_hat)`` without it); the paper's post-attention LayerNorms (Eqs. 4-5) are kept, as in both.
+    - Position codes (``position_embedding``): the project adds fixed 2-D sinusoidal codes to the normalised
+      image tokens, so in self-attention they enter queries, keys AND values, and the text keys get none. The
+      official code adds 1-D codes of the flattened index to queries and keys only, and 1-D codes to the text
+      keys; the paper has none. Not an option (it would need an own attention instead of MONAI's ``SABlock``);
+      ``position_embedding=False`` removes the codes. Not measured.
+    - ``mlp_norm=True`` (default) puts a LayerNorm before the MLP of Eq. 6; neither the paper nor the official
+      code has it. It is kept as the default because every other residual branch of the stage is
+      pre-normalised and the residual scales start at 1.421, so an un-normalised MLP input grows with depth;
+      whether it helps is not measured. ``mlp_norm=False`` gives Eq. 6 as written (and as in the official code).
+    - ``mlp_output_dropout=True`` (default) keeps MONAI ``MLPBlock``'s second dropout after the output layer
+      (its "vit" mode); the official MLP has one dropout, after the activation (``mlp_output_dropout=False``).
+      Default kept for continuity with trained checkpoints (dropout has no weights, so both load the same
+      state dict); not measured.
+    - ``text_projection_order`` selects Eq. 2 as in the paper (default) or the official order, see
+      :class:`TextProjection`.
+
+    Each residual scale ``beta`` is a learnable scalar.
 
     Args:
         in_channels: channels of the stage input ``d`` (also the attention width).
@@ -88,9 +135,19 @@ class VisualTextualMixingStage(nn.Module):
         residual_scale_init: initial value of every ``beta`` (the official code uses 1.421).
         use_asrm: apply the spectrum refinement (switch off for the ablation).
         sigma_init: initial ASRM bandwidth.
-        position_embedding: add 2-D sinusoidal position embeddings to the attention inputs.
+        position_embedding: add 2-D sinusoidal position embeddings to the attention inputs (see above).
         norm_name: normalisation of the up block (``"batch"`` as in the official code, ``"instance"`` for tiny
             batches).
+        mlp_norm: LayerNorm before the MLP (project default); ``False`` for Eq. 6 and the official code.
+        mlp_output_dropout: second dropout after the MLP's output layer (project default); ``False`` for the
+            official code's single dropout after the activation.
+        text_projection_order: ``"paper"`` (Eq. 2, default) or ``"official"``, see :class:`TextProjection`.
+
+    Examples::
+
+        >>> stage = VisualTextualMixingStage(32, 16, 16, text_width=24, text_length=8, num_text_tokens=4, num_heads=4)
+        >>> stage(torch.randn(2, 32, 4, 4), torch.randn(2, 16, 8, 8), torch.randn(2, 8, 24)).shape
+        torch.Size([2, 16, 8, 8])
     """
 
     def __init__(
@@ -109,6 +166,9 @@ class VisualTextualMixingStage(nn.Module):
         sigma_init: float = 5.0,
         position_embedding: bool = True,
         norm_name: str | tuple = "batch",
+        mlp_norm: bool = True,
+        mlp_output_dropout: bool = True,
+        text_projection_order: str = "paper",
     ) -> None:
         super().__init__()
         if in_channels % num_heads != 0:
@@ -116,7 +176,9 @@ class VisualTextualMixingStage(nn.Module):
         self.asrm = AdaptiveSpectrumRefinement(sigma_init) if use_asrm else None
         self.position_embedding = position_embedding
         if text_width is not None:
-            self.text_projection = TextProjection(text_width, in_channels, text_length, num_text_tokens)
+            self.text_projection = TextProjection(
+                text_width, in_channels, text_length, num_text_tokens, order=text_projection_order
+            )
             self.cross_attention_norm = nn.LayerNorm(in_channels)
             self.cross_attention = CrossAttentionBlock(in_channels, num_heads, qkv_bias=True, use_flash_attention=True)
             self.cross_attention_out_norm = nn.LayerNorm(in_channels)
@@ -127,8 +189,10 @@ class VisualTextualMixingStage(nn.Module):
         self.self_attention = SABlock(in_channels, num_heads, qkv_bias=True, use_flash_attention=True)
         self.self_attention_out_norm = nn.LayerNorm(in_channels)
         self.beta_self_attention = nn.Parameter(torch.tensor(float(residual_scale_init)))
-        self.mlp_norm = nn.LayerNorm(in_channels)
+        self.mlp_norm: nn.Module = nn.LayerNorm(in_channels) if mlp_norm else nn.Identity()
         self.mlp = MLPBlock(in_channels, max(1, int(in_channels * mlp_ratio)), dropout_rate=dropout_rate, act="RELU")
+        if not mlp_output_dropout:
+            self.mlp.drop2 = nn.Identity()  # the official MLP: Linear, ReLU, Dropout, Linear
         self.beta_mlp = nn.Parameter(torch.tensor(float(residual_scale_init)))
         self.up = UnetrUpBlock(
             spatial_dims=2,
@@ -169,6 +233,6 @@ class VisualTextualMixingStage(nn.Module):
         if position is not None:
             normed = normed + position
         tokens = tokens + self.beta_self_attention * self.self_attention_out_norm(self.self_attention(normed))  # Eq. 5
-        tokens = tokens + self.beta_mlp * self.mlp(self.mlp_norm(tokens))  # Eq. 6
+        tokens = tokens + self.beta_mlp * self.mlp(self.mlp_norm(tokens))  # Eq. 6 (+ LN when mlp_norm)
         features = tokens.transpose(1, 2).reshape(batch, channels, height, width)
         return self.up(features, skip)  # Eqs. 7-8
