@@ -19,6 +19,14 @@ def gaussian_spectrum_filter(height: int, width: int, sigma: torch.Tensor) -> to
     stage for global context, small sigma at the fine stage for lesion margins) and the official code's
     ``1 - G`` with ``G`` centred on the highest frequencies.
 
+    Even sizes (56, 28, 14 at a 224 input): equal to the official filter. Odd sizes (the 7x7 stage at 224): the
+    official code centres ``G`` on the index ``(H // 2, W // 2)`` of the unshifted spectrum, i.e. on the
+    frequency ``+(H-1)/2`` only; that filter is not symmetric under ``k -> -k``, its inverse FFT is complex and
+    the code keeps the real part, which amounts to filtering with the average of the filter and its mirror
+    image. This function instead measures the distance from the real-valued centre ``(H/2, W/2)`` (3.5 for 7),
+    which is symmetric, so the inverse transform is real and the real FFT can be used. A deliberate fix, not
+    an option; the two filters differ at odd sizes only (``tests/test_equations.py`` asserts both facts).
+
     Args:
         height: spatial height of the feature map.
         width: spatial width of the feature map (the half spectrum has ``width // 2 + 1`` columns).

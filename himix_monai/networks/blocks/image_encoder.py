@@ -59,7 +59,13 @@ class TimmImageEncoder(nn.Module):
         name: timm model name (any model that supports ``features_only=True``).
         in_channels: image channels; 1 for CT or X-ray, 3 for RGB. With pretrained weights timm adapts the stem
             (summing the RGB filters for one channel).
-        pretrained: load timm's pretrained weights (from the hub or timm's local cache).
+        pretrained: load timm's pretrained weights (from the hub or timm's local cache). A bare name loads timm's
+            default tag: for ``convnext_tiny`` (timm 1.0) that is ``convnext_tiny.in12k_ft_in1k`` (ImageNet-12k
+            pre-training, ImageNet-1k fine-tuning), NOT the official HiMix code's ``facebook/convnext-tiny-224``,
+            which is timm's ``convnext_tiny.fb_in1k``: pass ``name="convnext_tiny.fb_in1k"`` for the official
+            weights. The bare name is kept (the project's default) because the architecture and the state dict
+            are the same and the choice of weights is the user's; which pre-training fine-tunes better here is
+            not measured.
         checkpoint_path: a local weights file (``.pth``/``.bin``/``.safetensors``) for the backbone, loaded
             through timm's own checkpoint filter, so an ImageNet ConvNeXt checkpoint works offline.
         fast_depthwise_convs: run the backbone's depthwise convolutions as :class:`CPUDepthwiseConv2d` (same
