@@ -1,6 +1,6 @@
 """Export a trained HiMix network, checked against the eager network: the one place for every export format.
 
-Formats (``FORMATS``): ``torch_export`` (recommended for PyTorch), ``onnx`` (ONNX Runtime, TensorRT, Triton) and
+Formats (``FORMATS``): ``torch_export`` (recommended for PyTorch), ``onnx`` (checked with ONNX Runtime) and
 ``torchscript`` (for MONAI's tooling). A format is one function ``export_<format>(network, filepath, inputs,
 extra_files, verify, rtol, atol)`` registered in ``_EXPORTERS`` and one loader in ``_LOADERS``
 (:py:func:`load_exported`); :py:func:`check_export` compares any exported file with the eager network.
