@@ -111,3 +111,30 @@ def test_onnx_export_reproduces_the_eager_network_in_onnx_runtime(tmp_path, tiny
         assert check_export(net, module, inputs, **TOLERANCE) < 1e-4
     with pytest.raises(ValueError, match="takes 3 inputs"):
         module(inputs[0])
+
+
+def test_export_command_chooses_the_format_by_suffix_and_reports_the_difference(tmp_path, tiny_text_model_dir, capsys):
+    """``python -m himix_monai.export --filepath model.pt2`` writes a torch.export program (no ``--format``), checked
+    against the eager network, and prints the largest difference."""
+    import json
+
+    from himix_monai.export import main
+
+    network_def = {
+        "_target_": "himix_monai.networks.HiMix", "in_channels": 1, "image_encoder": "test_convnext",
+        "text_encoder": tiny_text_model_dir, "num_heads": 4, "text_length": 8, "text_tokens": [6, 4, 3],
+        "text_cache_size": 4,
+    }  # fmt: skip
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"network_def": network_def, "image_size": [64, 64]}))
+    torch.manual_seed(0)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "model.pt2"
+    assert main(["--config_file", str(config), "--ckpt_file", str(tmp_path / "model.pt"), "--filepath", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(torch_export, verified" in printed and "max abs difference" in printed
+    assert isinstance(torch.export.load(str(out)), torch.export.ExportedProgram)
