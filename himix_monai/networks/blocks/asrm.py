@@ -92,8 +92,8 @@ class AdaptiveSpectrumRefinement(nn.Module):
     The same filter has a second, export form (``spectral_form="matrix"``): ``d - A_H d A_W^T`` with the real
     matrices of :func:`gaussian_spectrum_operator`, built in the graph from the feature size. ONNX has no real FFT
     (the dynamo exporter's ``DFT`` translation of ``rfft2``/``irfft2`` fails in ONNX Runtime 1.32 with a buffer
-    shape mismatch), TensorRT and most runtimes have none, but all have ``MatMul`` and ``Cos``: the export form
-    keeps batch and image size dynamic. It equals the FFT form up to float32 rounding, in value and gradient.
+    shape mismatch), and other runtimes may lack FFTs too, while every one has ``MatMul`` and ``Cos``: the export
+    form keeps batch and image size dynamic. It equals the FFT form up to float32 rounding, in value and gradient.
     ``"auto"`` (the default) uses the FFT in eager mode, ``torch.compile`` and TorchScript, and the matrix form
     while ``torch.export`` traces the module (``torch.compiler.is_exporting()``, which the ONNX exporter uses too).
 
