@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -213,11 +214,18 @@ def export_onnx(
         _import_onnxruntime()  # fail before the (long) export when the check cannot run
     program = _export_program(network, inputs)
     names = ["image", "input_ids", "attention_mask"][: len(_network_inputs(network, inputs))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "axis name batch will not be used": shared by the inputs
-        onnx_program = torch.onnx.export(
-            program, input_names=names, output_names=["pred"], dynamo=True, external_data=False, verbose=False
-        )
+    # the optimizer's constant folding logs a warning for every reshape whose shape is only known at run time
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "axis name batch will not be used": shared by the inputs
+            onnx_program = torch.onnx.export(
+                program, input_names=names, output_names=["pred"], dynamo=True, external_data=False, verbose=False
+            )
+    finally:
+        folding_log.setLevel(level)
     for name, text in (extra_files or {}).items():
         onnx_program.model.metadata_props[name] = text
     onnx_program.save(os.fspath(filepath), external_data=False)
