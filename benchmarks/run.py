@@ -29,7 +29,8 @@ usable. See ``benchmarks/README.md`` for results and their analysis.
 
 Usage (from the repository root)::
 
-    python benchmarks/run.py                  # all cases, full settings (about 12 minutes on an idle 2-core CPU)
+    python benchmarks/run.py                  # all cases, full settings (about 12 minutes on an idle 2-core CPU,
+                                              # plus two ONNX exports of a few minutes each)
     python benchmarks/run.py --quick          # fewer steps and repeats (about 6 minutes)
     python benchmarks/run.py --cases train_step,infer_b1 --precisions bf16 --output results.jsonl
     python benchmarks/run.py --tiny --quick --threads 1 --one-process   # smoke test: test_convnext, tiny BERT
