@@ -11,6 +11,8 @@ one JSON line per result, then a readable table. Cases:
   the loss) / backward / optimizer;
 - ``infer_b1``: inference latency at batch 1 (contiguous and channels-last, the faster is reported);
 - ``infer_b16``: inference throughput at batch 16;
+- ``infer_b1_onnx``, ``infer_b16_onnx``: the same with the network exported to ONNX (``himix_monai.export
+  --format onnx``) and run by ONNX Runtime in float32 (skipped without ``onnxruntime``);
 - ``text_cache``: a stream of batches with few distinct reports (as QaTa-COV19), with and without the text
   encoder's output cache;
 - ``data_pipeline``: images/s of the bundle's ``base_transforms`` (``bundle/configs/train.json``) on the demo
@@ -27,7 +29,8 @@ usable. See ``benchmarks/README.md`` for results and their analysis.
 
 Usage (from the repository root)::
 
-    python benchmarks/run.py                  # all cases, full settings (about 12 minutes on an idle 2-core CPU)
+    python benchmarks/run.py                  # all cases, full settings (about 12 minutes on an idle 2-core CPU,
+                                              # plus two ONNX exports of a few minutes each)
     python benchmarks/run.py --quick          # fewer steps and repeats (about 6 minutes)
     python benchmarks/run.py --cases train_step,infer_b1 --precisions bf16 --output results.jsonl
     python benchmarks/run.py --tiny --quick --threads 1 --one-process   # smoke test: test_convnext, tiny BERT
@@ -459,6 +462,68 @@ def case_infer_b16(settings: Settings, precision: str) -> list[dict]:
     return [_inference_case(settings, precision, settings.b16_batch, settings.b16_warmup, settings.b16_repeats)]
 
 
+def _onnx_runtime_case(settings: Settings, precision: str, batch: int, warmup: int, repeats: int) -> list[dict]:
+    """The network exported with ``python -m himix_monai.export --format onnx`` and run by ONNX Runtime (CPU).
+
+    The export is float32 (ONNX Runtime's CPU kernels are float32; there is no bf16 variant): compare it with the
+    eager ``bf16`` and ``fp32`` lines of ``infer_b1``/``infer_b16``. The export (batch 2, dynamic axes) is checked
+    against the eager network; ``max_abs_difference`` is the largest difference of the logits on the timed batch.
+    """
+    import torch
+
+    from himix_monai.export import OnnxRuntimeModule, check_export, export_network
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return [{"status": "skipped", "reason": "onnxruntime is not installed (pip install 'himix-monai[onnx]')"}]
+    net = inference_network(settings, "fp32")
+    torch.manual_seed(1)
+    image = torch.rand(batch, 3, settings.image_size, settings.image_size)
+    input_ids, attention_mask = random_tokens(batch, settings.text_length, net.text_encoder.model.config.vocab_size)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        start = time.perf_counter()
+        export_network(net, path, format="onnx", image_size=(settings.image_size, settings.image_size))
+        export_s = time.perf_counter() - start
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        module = OnnxRuntimeModule(path, session_options=options)
+        difference = check_export(net, module, (image, input_ids, attention_mask))
+        durations = []
+        for _ in range(warmup + repeats):
+            start = time.perf_counter()
+            module(image, input_ids, attention_mask)
+            durations.append(time.perf_counter() - start)
+        file_mb = path.stat().st_size / 2**20
+    latency = median_ms(durations[warmup:])
+    return [
+        {
+            "variant": "onnxruntime_fp32",
+            "images_per_s": round(batch / (latency / 1000.0), 2),
+            "latency_ms": latency,
+            "export_s": round(export_s, 1),
+            "max_abs_difference": difference,
+            "onnx_file_mb": round(file_mb, 1),
+            "onnxruntime": ort.__version__,
+            "batch": batch,
+            "image_size": settings.image_size,
+            "repeats": repeats,
+        }
+    ]
+
+
+def case_infer_b1_onnx(settings: Settings, precision: str) -> list[dict]:
+    """ONNX Runtime latency at batch 1 (see :func:`_onnx_runtime_case`)."""
+    return _onnx_runtime_case(settings, precision, 1, settings.infer_warmup, settings.infer_repeats)
+
+
+def case_infer_b16_onnx(settings: Settings, precision: str) -> list[dict]:
+    """ONNX Runtime throughput at batch 16 (see :func:`_onnx_runtime_case`)."""
+    return _onnx_runtime_case(settings, precision, settings.b16_batch, settings.b16_warmup, settings.b16_repeats)
+
+
 def case_text_cache(settings: Settings, precision: str) -> list[dict]:
     """A stream of inference batches drawn from few distinct reports, without and with the text cache."""
     import torch
@@ -707,6 +772,8 @@ CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] 
     "infer_b1": (case_infer_b1, PRECISIONS),
     "infer_b1_compiled": (case_infer_b1_compiled, ("bf16",)),
     "infer_b16": (case_infer_b16, PRECISIONS),
+    "infer_b1_onnx": (case_infer_b1_onnx, ("fp32",)),
+    "infer_b16_onnx": (case_infer_b16_onnx, ("fp32",)),
     "text_cache": (case_text_cache, PRECISIONS),
     "data_pipeline": (case_data_pipeline, ("fp32",)),
     "ct_volume": (case_ct_volume, PRECISIONS),
@@ -818,6 +885,11 @@ def _details(line: dict) -> str:
         return (
             f"text {line['text_encoder_ms']:.0f} / fwd+loss {line['forward_ms']:.0f} / bwd {line['backward_ms']:.0f} / "
             f"opt {line['optimizer_ms']:.0f} ms{malloc}"
+        )
+    if case.endswith("_onnx"):
+        return (
+            f"ONNX Runtime {line['onnxruntime']} fp32, max abs difference {line['max_abs_difference']:.1e}; "
+            f"export {line['export_s']:.0f} s, {line['onnx_file_mb']:.0f} MB file"
         )
     if case == "infer_b1_compiled":
         return f"torch.compile, report cached, channels-last; compiling took {line['compile_s']:.0f} s"

@@ -103,3 +103,21 @@ def test_low_memory_case_runs_with_its_allocator_setting(tmp_path):
     assert by_case["train_step_low_memory"]["gradient_checkpointing"] is True
     ratio = by_case["train_ratio"]
     assert ratio["bf16_to_fp32"] == pytest.approx(ratio["bf16_step_ms"] / ratio["fp32_step_ms"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_tiny_onnx_runtime_case_exports_checks_and_times(tmp_path):
+    """The ONNX Runtime case (``infer_b1_onnx``) exports the network, checks it against the eager one and times it;
+    ``skipped`` with a reason when onnxruntime is missing."""
+    completed, lines = run_script(tmp_path, "--one-process", "--cases", "infer_b1_onnx")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (line,) = lines
+    assert all(key in line for key in KEYS), line
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        assert line["status"] == "skipped" and "onnxruntime" in line["reason"], line
+        return
+    assert line["status"] == "ok" and line["variant"] == "onnxruntime_fp32", line
+    assert line["max_abs_difference"] < 1e-4 and line["latency_ms"] > 0, line
+    assert "ONNX Runtime" in completed.stdout

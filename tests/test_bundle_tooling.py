@@ -61,7 +61,7 @@ def test_torchscript_export_reproduces_the_eager_output(tmp_path, tiny_bert):
             assert actual.shape == (3, 1, 96, 64)
             torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="export format must be one of"):
-        export_network(net, tmp_path / "model.onnx", format="onnx")
+        export_network(net, tmp_path / "model.tflite", format="tflite")
 
 
 def test_monai_ckpt_export_scripts_the_bundle_network(tmp_path):

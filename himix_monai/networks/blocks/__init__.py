@@ -1,6 +1,6 @@
 """Building blocks of HiMix."""
 
-from .asrm import AdaptiveSpectrumRefinement, gaussian_spectrum_filter
+from .asrm import AdaptiveSpectrumRefinement, gaussian_spectrum_filter, gaussian_spectrum_operator
 from .dlfm import LAYER_GROUPINGS, DynamicLayerFusion, interleaved_layer_groups, layer_groups
 from .head import subpixel_segmentation_head
 from .image_encoder import CPUDepthwiseConv2d, TimmImageEncoder, use_cpu_depthwise_convs
@@ -33,6 +33,7 @@ __all__ = [
     "TimmImageEncoder",
     "VisualTextualMixingStage",
     "gaussian_spectrum_filter",
+    "gaussian_spectrum_operator",
     "interleaved_layer_groups",
     "is_cxr_bert_config",
     "layer_groups",

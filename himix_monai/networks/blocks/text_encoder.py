@@ -410,7 +410,7 @@ class FrozenTextEncoder(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         input_ids = input_ids.long()
         attention_mask = attention_mask.long()
-        if self.cache_size <= 0:
+        if self.cache_size <= 0 or torch.compiler.is_exporting():  # the cache is a host-side lookup: not exported
             stacked = self._encode(input_ids, attention_mask)
         else:
             stacked = self._encode_cached(input_ids, attention_mask)
