@@ -279,3 +279,23 @@ def test_text_encoder_from_directory_and_offline_minilm(tiny_text_model_dir):
     )  # fmt: skip
     out = net(torch.randn(1, 1, 64, 64), batch["input_ids"], batch["attention_mask"])
     assert out.shape == (1, 1, 64, 64)
+
+
+def test_all_zero_attention_mask_row_means_no_report(tiny_bert):
+    """A row with an all-zero attention mask is decoded as with ``input_ids=None`` (cross-attention skipped for
+    that row only), while the other rows of the batch still read their reports."""
+    net = tiny_himix(tiny_bert).eval()
+    image = torch.randn(3, 1, 64, 64)
+    ids, mask = tokens(batch=3)
+    with torch.no_grad():
+        with_text = net(image, ids, mask)
+        without_text = net(image)
+        dropped = mask.clone()
+        dropped[1] = 0
+        mixed = net(image, ids, dropped)
+        none = net(image, ids, torch.zeros_like(mask))
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed[1], without_text[1])
+    torch.testing.assert_close(mixed[[0, 2]], with_text[[0, 2]])
+    torch.testing.assert_close(none, without_text)
+    assert not torch.allclose(with_text[1], without_text[1])  # the report does change the mask

@@ -216,11 +216,19 @@ class HiMix(nn.Module):
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        # a row without any real token (no report) still goes through the encoder with its first token unmasked:
+        # an all-masked row is not well defined in every attention implementation; its output is zeroed below
+        # and the stages skip its cross-attention (see ``forward``)
+        present = attention_mask.bool().any(dim=1, keepdim=True)
+        first = torch.zeros_like(attention_mask)
+        first[:, 0] = 1
+        encoder_mask = torch.where(present, attention_mask, first)
         pad = self.text_length - input_ids.shape[1]
         if pad > 0:  # the token-axis projection needs exactly text_length tokens
             input_ids = nn.functional.pad(input_ids, (0, pad))
             attention_mask = nn.functional.pad(attention_mask, (0, pad))
-        hidden_states = self.text_encoder(input_ids, attention_mask)
+            encoder_mask = nn.functional.pad(encoder_mask, (0, pad))
+        hidden_states = self.text_encoder(input_ids, encoder_mask)
         # the text encoder may be stored in a lower precision than the decoder that consumes its output
         dtype = self.head_upsample.conv_block.weight.dtype
         keep = attention_mask.unsqueeze(-1).to(dtype)
@@ -259,7 +267,9 @@ class HiMix(nn.Module):
             image: ``(B, in_channels, H, W)``, ``H`` and ``W`` divisible by the encoder's largest stride (32).
             input_ids: ``(B, L)`` token ids from the text encoder's tokenizer (``TokenizeTextd``), ``L <=
                 text_length``; shorter inputs are padded.
-            attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding.
+            attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding. A row of zeros means "no report" for
+                that image: its cross-attention is skipped, as with ``input_ids=None``, while the other rows of
+                the batch read their reports (``himix_monai.report_conditions`` drops reports this way).
 
         Returns:
             logits ``(B, out_channels, H, W)``.
@@ -279,13 +289,21 @@ class HiMix(nn.Module):
                 f"image size {height}x{width} is not divisible by {self.size_divisor}; "
                 f"resize or pad the image to a multiple of {self.size_divisor} (e.g. 224x224)."
             )
+        # a row whose attention_mask is all zeros has no report: its cross-attention is skipped (per row)
+        text_present: torch.Tensor | None = None
+        if input_ids is not None and attention_mask is not None:
+            present = attention_mask.bool().any(dim=1)
+            if not bool(present.any()):
+                input_ids = None  # no report in the whole batch: the image-only path, without encoding anything
+            elif not bool(present.all()):
+                text_present = present
         # the text first: its cache looks the report up on the host, before the image encoder is queued on a GPU
         texts = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
         features = self.image_encoder(image)
         decoded = features[-1]  # d_{M+1} = f_I
         for index, stage in enumerate(self.stages):
             skip = features[len(features) - 2 - index]
-            decoded = stage(decoded, skip, None if texts is None else texts[index])
+            decoded = stage(decoded, skip, None if texts is None else texts[index], text_present)
         if torch.jit.is_scripting():  # the same head, unfolded (the fold inspects modules in Python)
             return self.head(self.head_upsample(decoded))
         return subpixel_segmentation_head(decoded, self.head_upsample, self.head)  # Eq. 9 without the sigmoid
