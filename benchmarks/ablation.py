@@ -73,6 +73,7 @@ from monai.utils import set_determinism
 
 from himix_monai.inferers import AutocastInferer, compute_dtype
 from himix_monai.networks import HiMix
+from himix_monai.report_conditions import PrepareBatchReportNoise
 from himix_monai.transforms import BinarizeMaskd, EnsureImageChannelsd, TokenizeTextd
 
 logger = logging.getLogger("himix.ablation")
@@ -85,6 +86,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "last_layer": ({"layer_grouping": "last"}, "datalist"),
     "image_only": ({"text_encoder": None}, None),
     "full_reports": ({}, "reports"),
+    "text_dropout": ({}, "datalist"),
+    "text_robust": ({}, "datalist"),
+}
+#: variant name -> training options of :py:class:`himix_monai.report_conditions.PrepareBatchReportNoise`
+#: (the bundle's ``text_dropout`` / ``text_mismatch``): robustness to missing and wrong reports (issue 15)
+TRAINING_OPTIONS: dict[str, dict[str, float]] = {
+    "text_dropout": {"drop_prob": 0.25},
+    "text_robust": {"drop_prob": 0.25, "mismatch_prob": 0.25},
 }
 DEFAULT_VARIANTS = ("full", "no_asrm", "no_dlfm", "last_layer", "image_only", "full_reports")
 
@@ -294,7 +303,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         loss_function=loss_fn,
         inferer=AutocastInferer(precision=args.precision),
         amp=compute_dtype(args.precision, device) == torch.float16,  # fp16 trains with MONAI's GradScaler
-        prepare_batch=PrepareBatchExtraInput(extra_keys=["input_ids", "attention_mask"]),
+        prepare_batch=PrepareBatchReportNoise(["input_ids", "attention_mask"], **TRAINING_OPTIONS.get(variant, {})),
         train_handlers=[
             LrScheduleHandler(lr_scheduler=scheduler, print_lr=False),
             StatsHandler(tag_name="train_loss", output_transform=from_engine(["loss"], first=True),
@@ -355,6 +364,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "variant": variant,
         "network_overrides": {k: (v if v is not None else None) for k, v in overrides.items()},
+        "training_options": TRAINING_OPTIONS.get(variant, {}),
         "datalist": datalist,
         "num_train": len(train_items),
         "num_val": len(val_items),
