@@ -87,6 +87,11 @@ def report_derangement(texts: Sequence[str], seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     perm = [int(i) for i in rng.permutation(n)]
 
+    for i in range(n):  # no index keeps its own report: swapping with any other item fixes i and keeps j moved
+        if perm[i] == i:
+            j = (i + 1 + int(rng.integers(n - 1))) % n
+            perm[i], perm[j] = perm[j], perm[i]
+
     def bad(i: int) -> bool:
         return perm[i] == i or texts[perm[i]] == texts[i]
 
