@@ -14,7 +14,15 @@ variant          network                                             text
 ``last_layer``   ``layer_grouping="last"`` (final text layer only)   ``--datalist``
 ``image_only``   ``text_encoder=None``                               none
 ``full_reports`` ``HiMix`` as in the paper                           ``--report-datalist``
+``clustering``   ``layer_grouping="clustering"`` (k-means groups)    ``--datalist``
+``without_g1``   ``removed_layer_group=1`` (likewise ``_g2``, ``_g3``) ``--datalist``
+``text_dropout`` ``HiMix``, 25 % of training reports dropped         ``--datalist``
+``text_robust``  ``HiMix``, 25 % dropped, 25 % another item's        ``--datalist``
 ================ =================================================== ========================
+
+``clustering`` and ``without_g*`` are supplement Table 2's grouping ablations (the groups of ``clustering`` are
+fitted once on up to 512 training reports before training); ``text_dropout`` / ``text_robust`` train with
+:py:class:`himix_monai.report_conditions.PrepareBatchReportNoise` (issue 15) and are not in the default list.
 
 The text-guided variants are also evaluated, without further training, with the validation texts shuffled
 across images (a fixed derangement: mismatched text) and without any text, which tells whether the trained
@@ -86,6 +94,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "last_layer": ({"layer_grouping": "last"}, "datalist"),
     "image_only": ({"text_encoder": None}, None),
     "full_reports": ({}, "reports"),
+    "clustering": ({"layer_grouping": "clustering"}, "datalist"),
+    "without_g1": ({"removed_layer_group": 1}, "datalist"),
+    "without_g2": ({"removed_layer_group": 2}, "datalist"),
+    "without_g3": ({"removed_layer_group": 3}, "datalist"),
     "text_dropout": ({}, "datalist"),
     "text_robust": ({}, "datalist"),
 }
@@ -288,6 +300,11 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, num_workers=0)
 
     net = build_network(variant, args).to(device)
+    if overrides.get("layer_grouping") == "clustering":  # supplement Sec. 6: k-means on the training reports' layer statistics
+        tokenize = TokenizeTextd(keys="text", tokenizer=args.tokenizer, max_length=args.max_length)
+        ids, masks = zip(*[tokenize.tokenize(item["text"]) for item in train_items[:512]])
+        groups = net.fit_layer_clusters(torch.stack(ids), torch.stack(masks), seed=args.seed)
+        logger.info("[%s] DLFM layer clusters (lowest first): %s", variant, groups)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
