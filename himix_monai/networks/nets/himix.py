@@ -282,7 +282,7 @@ class HiMix(nn.Module):
         # a row without any real token (no report) still goes through the encoder with its first token unmasked:
         # an all-masked row is not well defined in every attention implementation; its output is zeroed below
         # and the stages skip its cross-attention (see ``forward``)
-        present = attention_mask.bool().any(dim=1, keepdim=True)
+        present = (attention_mask != 0).any(dim=1, keepdim=True)
         first = torch.zeros_like(attention_mask)
         first[:, 0] = 1
         encoder_mask = torch.where(present, attention_mask, first)
@@ -354,14 +354,17 @@ class HiMix(nn.Module):
             )
         # a row whose attention_mask is all zeros has no report: its cross-attention is skipped (per row)
         text_present: torch.Tensor | None = None
+        use_text = input_ids is not None
         if input_ids is not None and attention_mask is not None:
-            present = attention_mask.bool().any(dim=1)
+            present = (attention_mask != 0).any(dim=1)
             if not bool(present.any()):
-                input_ids = None  # no report in the whole batch: the image-only path, without encoding anything
+                use_text = False  # no report in the whole batch: the image-only path, without encoding anything
             elif not bool(present.all()):
                 text_present = present
         # the text first: its cache looks the report up on the host, before the image encoder is queued on a GPU
-        texts = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        texts: list[torch.Tensor] | None = None
+        if use_text and input_ids is not None:
+            texts = self.encode_text(input_ids, attention_mask)
         features = self.image_encoder(image)
         decoded = features[-1]  # d_{M+1} = f_I
         for index, stage in enumerate(self.stages):
