@@ -157,3 +157,45 @@ def test_report_conditions_evaluation_reports_matched_permuted_and_none(tmp_path
     assert handler.results == conditions
     log = caplog.text
     assert "matched  report: Dice 1.0000" in log and "permuted report: Dice 0.0000" in log and "none     report" in log
+
+
+def test_train_json_switches_reach_the_trainer_and_the_network(tmp_path):
+    """``text_dropout`` / ``text_mismatch`` set the trainer's prepare_batch (the validator keeps the plain one);
+    ``layer_grouping clustering`` fits the DLFM groups from the training reports in ``run``;
+    ``removed_layer_group`` removes one stage's cross-attention."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+    from monai.engines import PrepareBatchExtraInput
+
+    from himix_monai.data.demo import generate_demo_dataset
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    datalist = generate_demo_dataset(tmp_path / "demo", num=6, size=64)
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    parser.update(
+        {
+            "bundle_root": str(tmp_path),
+            "datalist": str(datalist),
+            "image_encoder": "test_convnext",
+            "network_def#num_heads": 4,
+            "image_size": [64, 64],
+            "text_dropout": 0.3,
+            "text_mismatch": 0.2,
+            "layer_grouping": "clustering",
+            "removed_layer_group": 2,
+            "device": "$torch.device('cpu')",
+        }
+    )
+    prepare = parser.get_parsed_content("train#prepare_batch")
+    assert isinstance(prepare, PrepareBatchReportNoise) and (prepare.drop_prob, prepare.mismatch_prob) == (0.3, 0.2)
+    validate = parser.get_parsed_content("prepare_batch")
+    assert type(validate) is PrepareBatchExtraInput
+    network = parser.get_parsed_content("network")
+    assert [stage.text_projection is None for stage in network.stages] == [False, True, False]  # G_2: middle stage
+    before = network.layer_fusion.membership.clone()
+    parser.get_parsed_content("run#0")  # the clustering step of run
+    groups = network.layer_fusion.groups
+    assert sorted(j for g in groups for j in g) == list(range(1, network.text_encoder.num_layers + 1))
+    assert network.layer_fusion.membership.shape == before.shape
