@@ -14,7 +14,15 @@ variant          network                                             text
 ``last_layer``   ``layer_grouping="last"`` (final text layer only)   ``--datalist``
 ``image_only``   ``text_encoder=None``                               none
 ``full_reports`` ``HiMix`` as in the paper                           ``--report-datalist``
+``clustering``   ``layer_grouping="clustering"`` (k-means groups)    ``--datalist``
+``without_g1``   ``removed_layer_group=1`` (likewise ``_g2``, ``_g3``) ``--datalist``
+``text_dropout`` ``HiMix``, 25 % of training reports dropped         ``--datalist``
+``text_robust``  ``HiMix``, 25 % dropped, 25 % another item's        ``--datalist``
 ================ =================================================== ========================
+
+``clustering`` and ``without_g*`` are supplement Table 2's grouping ablations (the groups of ``clustering`` are
+fitted once on up to 512 training reports before training); ``text_dropout`` / ``text_robust`` train with
+:py:class:`himix_monai.report_conditions.PrepareBatchReportNoise` (issue 15) and are not in the default list.
 
 The text-guided variants are also evaluated, without further training, with the validation texts shuffled
 across images (a fixed derangement: mismatched text) and without any text, which tells whether the trained
@@ -73,6 +81,7 @@ from monai.utils import set_determinism
 
 from himix_monai.inferers import AutocastInferer, compute_dtype
 from himix_monai.networks import HiMix
+from himix_monai.report_conditions import PrepareBatchReportNoise
 from himix_monai.transforms import BinarizeMaskd, EnsureImageChannelsd, TokenizeTextd
 
 logger = logging.getLogger("himix.ablation")
@@ -85,6 +94,18 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "last_layer": ({"layer_grouping": "last"}, "datalist"),
     "image_only": ({"text_encoder": None}, None),
     "full_reports": ({}, "reports"),
+    "clustering": ({"layer_grouping": "clustering"}, "datalist"),
+    "without_g1": ({"removed_layer_group": 1}, "datalist"),
+    "without_g2": ({"removed_layer_group": 2}, "datalist"),
+    "without_g3": ({"removed_layer_group": 3}, "datalist"),
+    "text_dropout": ({}, "datalist"),
+    "text_robust": ({}, "datalist"),
+}
+#: variant name -> training options of :py:class:`himix_monai.report_conditions.PrepareBatchReportNoise`
+#: (the bundle's ``text_dropout`` / ``text_mismatch``): robustness to missing and wrong reports (issue 15)
+TRAINING_OPTIONS: dict[str, dict[str, float]] = {
+    "text_dropout": {"drop_prob": 0.25},
+    "text_robust": {"drop_prob": 0.25, "mismatch_prob": 0.25},
 }
 DEFAULT_VARIANTS = ("full", "no_asrm", "no_dlfm", "last_layer", "image_only", "full_reports")
 
@@ -279,6 +300,11 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, num_workers=0)
 
     net = build_network(variant, args).to(device)
+    if overrides.get("layer_grouping") == "clustering":  # supplement Sec. 6: k-means on the training reports' layer statistics
+        tokenize = TokenizeTextd(keys="text", tokenizer=args.tokenizer, max_length=args.max_length)
+        ids, masks = zip(*[tokenize.tokenize(item["text"]) for item in train_items[:512]])
+        groups = net.fit_layer_clusters(torch.stack(ids), torch.stack(masks), seed=args.seed)
+        logger.info("[%s] DLFM layer clusters (lowest first): %s", variant, groups)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs, eta_min=args.min_lr)
@@ -294,7 +320,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         loss_function=loss_fn,
         inferer=AutocastInferer(precision=args.precision),
         amp=compute_dtype(args.precision, device) == torch.float16,  # fp16 trains with MONAI's GradScaler
-        prepare_batch=PrepareBatchExtraInput(extra_keys=["input_ids", "attention_mask"]),
+        prepare_batch=PrepareBatchReportNoise(["input_ids", "attention_mask"], **TRAINING_OPTIONS.get(variant, {})),
         train_handlers=[
             LrScheduleHandler(lr_scheduler=scheduler, print_lr=False),
             StatsHandler(tag_name="train_loss", output_transform=from_engine(["loss"], first=True),
@@ -355,6 +381,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "variant": variant,
         "network_overrides": {k: (v if v is not None else None) for k, v in overrides.items()},
+        "training_options": TRAINING_OPTIONS.get(variant, {}),
         "datalist": datalist,
         "num_train": len(train_items),
         "num_val": len(val_items),

@@ -1,7 +1,7 @@
 """
 Generate the synthetic chest-CT demo dataset (command line wrapper of :py:mod:`himix_monai.data.demo`)::
 
-    python -m data_prep.demo --out DIR [--num 100] [--seed 0] [--size 128] [--decoys]
+    python -m data_prep.demo --out DIR [--num 100] [--seed 0] [--size 128] [--no-decoys]
 
 Writes ``DIR/images`` (2-D NIfTI in HU, the datalist ``image``), ``DIR/dicom`` (the same slices as CT DICOM),
 ``DIR/labels`` and ``DIR/lungs`` (uint8 NIfTI masks) and ``DIR/datalist.json`` (70/15/15 % splits) with
@@ -30,7 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num", type=int, default=100, help="number of cases (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--size", type=int, default=128, help="image size in pixels, at least 64 (default: 128)")
-    parser.add_argument("--decoys", action="store_true", help="add unreported, unmasked decoy lesions")
+    parser.add_argument(
+        "--decoys",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add unreported, unmasked decoy lesions, so only a model that reads the report scores high "
+        "(default: on; --no-decoys leaves them out)",
+    )
     return parser
 
 

@@ -142,6 +142,13 @@ def test_evaluate_writes_per_image_metrics_summary_and_overlays(trained):
     assert summary["n_images"] == len(test_items)
     assert set(summary) >= {"dice_mean", "dice_std", "iou_mean", "iou_std", "global_dice", "global_iou"}
     assert summary["dice_mean"] == pytest.approx(np.mean([float(row["dice"]) for row in rows]), abs=1e-5)
+    # what the report does (issue 15): the same images with matched, permuted and no reports
+    conditions = summary["report_conditions"]
+    assert list(conditions) == ["matched", "permuted", "none"]
+    assert all(c["n_images"] == len(test_items) for c in conditions.values())
+    assert conditions["matched"]["dice_mean"] == pytest.approx(summary["dice_mean"], abs=1e-6)
+    assert conditions["matched"]["global_dice"] == pytest.approx(summary["global_dice"], abs=1e-6)
+    assert conditions["permuted"]["seed"] == 0
 
     # colours: the label at network size (demo NIfTI, drawn transposed = display orientation) is exactly the
     # red (FN) + yellow (TP) pixels; the prediction is yellow + green (FP); their Dice is the CSV's

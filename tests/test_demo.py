@@ -16,7 +16,13 @@ from skimage.measure import label
 
 from data_prep.demo import main as demo_main
 from himix_monai.data.ct import read_ct_slice
-from himix_monai.data.demo import ensure_demo_dataset, generate_demo_dataset, split_counts, synthesize_chest_slice
+from himix_monai.data.demo import (
+    DemoDatasetMismatchError,
+    ensure_demo_dataset,
+    generate_demo_dataset,
+    split_counts,
+    synthesize_chest_slice,
+)
 from himix_monai.data.reports import chest_report, read_mask
 from himix_monai.transforms.ct import CTWindowd, EnsureSingleSliced
 
@@ -27,8 +33,8 @@ SIZE = 96
 def demo(tmp_path_factory):
     """A 7-case dataset, its regeneration with the same seed, and a decoy version."""
     root = tmp_path_factory.mktemp("demo")
-    first = generate_demo_dataset(root / "a", num=7, seed=5, size=SIZE)
-    second = generate_demo_dataset(root / "b", num=7, seed=5, size=SIZE)
+    first = generate_demo_dataset(root / "a", num=7, seed=5, size=SIZE, decoys=False)
+    second = generate_demo_dataset(root / "b", num=7, seed=5, size=SIZE, decoys=False)
     decoys = generate_demo_dataset(root / "d", num=7, seed=5, size=SIZE, decoys=True)
     return first, second, decoys
 
@@ -125,11 +131,36 @@ def test_ensure_demo_dataset_once_and_concurrently(tmp_path):
         paths = list(pool.map(lambda _: ensure_demo_dataset(target, num=3, seed=0, size=64), range(3)))
     assert len(set(paths)) == 1 and paths[0] == target / "datalist.json"
     stamp = paths[0].stat().st_mtime_ns
-    assert ensure_demo_dataset(target, num=50) == paths[0] and paths[0].stat().st_mtime_ns == stamp
+    assert ensure_demo_dataset(target, num=3, seed=0, size=64) == paths[0] and paths[0].stat().st_mtime_ns == stamp
     assert len(list((target / "images").iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [({"num": 4}, "num=3"), ({"decoys": False}, "decoys=True"), ({"seed": 1}, "seed=0"), ({"size": 96}, "size=64")],
+)
+def test_ensure_demo_dataset_refuses_a_folder_made_with_other_settings(tmp_path, settings, named):
+    target = tmp_path / "demo"
+    datalist = ensure_demo_dataset(target, num=3, seed=0, size=64, decoys=True)
+    assert json.loads(datalist.read_text())["generator"] == {"num": 3, "seed": 0, "size": 64, "decoys": True}
+    before = {path: path.stat().st_mtime_ns for path in target.rglob("*")}
+    with pytest.raises(DemoDatasetMismatchError, match=named) as error:
+        ensure_demo_dataset(target, **{"num": 3, "seed": 0, "size": 64, "decoys": True, **settings})
+    assert str(target) in str(error.value) and "--dataset_dir" in str(error.value)
+    assert {path: path.stat().st_mtime_ns for path in target.rglob("*")} == before  # nothing touched
+
+
+def test_ensure_demo_dataset_refuses_a_datalist_not_made_by_the_generator(tmp_path):
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [{"image": "mine.png", "text": "x"}]}))
+    with pytest.raises(DemoDatasetMismatchError, match="records no demo generator settings"):
+        ensure_demo_dataset(tmp_path, num=3, size=64)
+    assert json.loads((tmp_path / "datalist.json").read_text())["training"][0]["image"] == "mine.png"
 
 
 def test_cli(tmp_path, capsys):
     assert demo_main(["--out", str(tmp_path / "cli"), "--num", "3", "--seed", "1", "--size", "64"]) == 0
-    assert "3 cases (training 1, validation 1, test 1)" in capsys.readouterr().out
+    assert "3 cases with decoys (training 1, validation 1, test 1)" in capsys.readouterr().out  # decoys by default
+    assert demo_main(["--out", str(tmp_path / "plain"), "--num", "3", "--size", "64", "--no-decoys"]) == 0
+    assert "3 cases (training 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "plain" / "datalist.json").read_text())["generator"]["decoys"] is False
     assert demo_main(["--out", str(tmp_path / "bad"), "--num", "0"]) == 1

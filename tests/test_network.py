@@ -279,3 +279,74 @@ def test_text_encoder_from_directory_and_offline_minilm(tiny_text_model_dir):
     )  # fmt: skip
     out = net(torch.randn(1, 1, 64, 64), batch["input_ids"], batch["attention_mask"])
     assert out.shape == (1, 1, 64, 64)
+
+
+def test_all_zero_attention_mask_row_means_no_report(tiny_bert):
+    """A row with an all-zero attention mask is decoded as with ``input_ids=None`` (cross-attention skipped for
+    that row only), while the other rows of the batch still read their reports."""
+    net = tiny_himix(tiny_bert).eval()
+    image = torch.randn(3, 1, 64, 64)
+    ids, mask = tokens(batch=3)
+    with torch.no_grad():
+        with_text = net(image, ids, mask)
+        without_text = net(image)
+        dropped = mask.clone()
+        dropped[1] = 0
+        mixed = net(image, ids, dropped)
+        none = net(image, ids, torch.zeros_like(mask))
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed[1], without_text[1])
+    torch.testing.assert_close(mixed[[0, 2]], with_text[[0, 2]])
+    torch.testing.assert_close(none, without_text)
+    assert not torch.allclose(with_text[1], without_text[1])  # the report does change the mask
+
+
+def test_clustering_grouping_fits_groups_from_reports_and_stores_them(tiny_bert):
+    """Supplement Table 2 "Clustering": k-means groups of the text layers, fitted once from reports, ordered by
+    average layer index, used by DLFM and stored in (and loaded from) the state dict."""
+    from himix_monai.networks.blocks import cluster_layer_groups, layer_proxy_statistics
+
+    net = tiny_himix(tiny_bert, layer_grouping="clustering")
+    ids, mask = tokens(batch=6)
+    groups = net.fit_layer_clusters(ids, mask, seed=0)
+    layers = net.text_encoder.num_layers
+    assert len(groups) == 3 and sorted(j for g in groups for j in g) == list(range(1, layers + 1))
+    averages = [sum(g) / len(g) for g in groups]
+    assert averages == sorted(averages)
+    hidden = net.text_encoder(ids, mask)
+    assert groups == cluster_layer_groups(layer_proxy_statistics(hidden, mask), 3, seed=0)
+    assert net.layer_fusion.groups == groups
+    # the weights of a group cover exactly its layers; every stage gets the softmax mix of its cluster
+    assert [w.numel() for w in net.layer_fusion.group_weights()] == [len(g) for g in groups]
+    mixed = net.layer_fusion(hidden)
+    coarsest = groups[-1]
+    torch.testing.assert_close(mixed[0], torch.stack([hidden[j] for j in coarsest]).mean(0))
+    # stored with the model: a fresh network loads the fitted groups
+    state = net.state_dict()
+    assert "layer_fusion.membership" in state
+    fresh = tiny_himix(tiny_bert, layer_grouping="clustering")
+    fresh.load_state_dict(state)
+    assert fresh.layer_fusion.groups == groups
+    assert "layer_fusion.membership" not in tiny_himix(tiny_bert).state_dict()  # other groupings: keys unchanged
+    # clusters follow the statistics: three well separated blocks of layers give those blocks
+    stats = torch.cat([torch.zeros(2, 3), 5 + torch.zeros(3, 3), 10 + torch.zeros(1, 3)]) + 0.01 * torch.randn(6, 3)
+    assert cluster_layer_groups(stats, 3) == [[1, 2], [3, 4, 5], [6]]
+    with pytest.raises(ValueError, match="clustering"):
+        tiny_himix(tiny_bert).fit_layer_clusters(ids, mask)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_removed_layer_group_leaves_its_stage_without_text(tiny_bert, group):
+    """Supplement Table 2 "w/o G_k": the stage group k fed has no cross-attention; the others still read the text."""
+    net = tiny_himix(tiny_bert, removed_layer_group=group).eval()
+    stage = net.layer_fusion.group_order.index(group)  # (3, 2, 1) by default: G_3 feeds the coarsest stage
+    assert [s.text_projection is None for s in net.stages] == [i == stage for i in range(3)]
+    full = tiny_himix(tiny_bert)
+    params = sum(p.numel() for p in net.parameters())
+    assert params < sum(p.numel() for p in full.parameters())
+    image = torch.randn(2, 1, 64, 64)
+    ids, mask = tokens()
+    with torch.no_grad():
+        assert not torch.allclose(net(image, ids, mask), net(image, ids.flip(0), mask.flip(0)))
+    with pytest.raises(ValueError, match="removed_layer_group"):
+        tiny_himix(tiny_bert, removed_layer_group=4)

@@ -9,8 +9,9 @@ left). The report is written from the lesion mask by :py:func:`himix_monai.data.
 lung mask as lung field), e.g.
 "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
 
-With ``decoys=True`` each case also gets 1-2 decoy lesions of the same appearance in other zones that are
-neither in the mask nor in the report, so only a model that reads the text can reach a high Dice.
+With ``decoys=True`` (the default) each case also gets 1-2 decoy lesions of the same appearance in other zones
+that are neither in the mask nor in the report, so only a model that reads the text can reach a high Dice: an
+image-only model cannot tell a reported lesion from a decoy.
 
 Files written under the output folder (``case_0000`` ...)::
 
@@ -18,7 +19,7 @@ Files written under the output folder (``case_0000`` ...)::
     dicom/case_0000.dcm       CT Image Storage DICOM, uint16 stored values, RescaleIntercept -1024, slope 1
     labels/case_0000.nii.gz   2-D NIfTI, uint8 0/1 lesion mask (same geometry as the image)
     lungs/case_0000.nii.gz    2-D NIfTI, uint8 0/1 lung mask (the lung field used for the report zones)
-    datalist.json             {"training": [...], "validation": [...], "test": [...]}
+    datalist.json             {"training": [...], "validation": [...], "test": [...], "generator": {settings}}
 
 Datalist items are ``{"image", "label", "text", "image_dicom", "lung_mask"}`` with absolute paths. The NIfTI
 files use MONAI's layout (axis 0 = image column, axis 1 = image row) and the affine of the DICOM slice, so
@@ -40,6 +41,7 @@ from filelock import FileLock
 
 from himix_monai.data.ct import dicom_slice_affine
 from himix_monai.data.datalist import write_datalist
+from himix_monai.errors import HiMixError
 from himix_monai.data.reports import LUNG_SIDES, LUNG_ZONES, describe_chest_findings, format_chest_report
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
     "split_counts",
     "generate_demo_dataset",
     "ensure_demo_dataset",
+    "demo_settings",
+    "DemoDatasetMismatchError",
 ]
 
 DATALIST_NAME = "datalist.json"
@@ -431,7 +435,7 @@ def generate_demo_dataset(
     num: int = 100,
     seed: int = 0,
     size: int = 128,
-    decoys: bool = False,
+    decoys: bool = True,
     split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
 ) -> Path:
     """Write the synthetic demo dataset (images, DICOM, masks, reports and datalist) into ``out_dir``.
@@ -463,7 +467,7 @@ def generate_demo_dataset(
     n_train, n_val, _ = split_counts(num, split_fractions)
     datalist = {
         "description": "HiMix-MONAI synthetic chest CT demo (image: 2-D NIfTI in HU; image_dicom: same slice as DICOM)",
-        "generator": {"num": num, "seed": seed, "size": size, "decoys": decoys},
+        "generator": demo_settings(num=num, seed=seed, size=size, decoys=decoys),
         "training": items[:n_train],
         "validation": items[n_train : n_train + n_val],
         "test": items[n_train + n_val :],
@@ -471,14 +475,59 @@ def generate_demo_dataset(
     return write_datalist(datalist, out_dir / DATALIST_NAME)
 
 
+def demo_settings(num: int = 100, seed: int = 0, size: int = 128, decoys: bool = True) -> dict[str, Any]:
+    """The generator settings recorded in a demo datalist (key ``"generator"``) and compared on reuse.
+
+    Args:
+        num: number of cases.
+        seed: random seed.
+        size: image size in pixels.
+        decoys: decoy lesions on or off.
+    """
+    return {"num": int(num), "seed": int(seed), "size": int(size), "decoys": bool(decoys)}
+
+
+class DemoDatasetMismatchError(HiMixError, ValueError):
+    """A demo folder holds a datalist made with other settings (or not by the demo generator at all)."""
+
+
+def _check_demo_settings(datalist: Path, wanted: dict[str, Any]) -> None:
+    """Raise :py:class:`DemoDatasetMismatchError` unless ``datalist`` records the generator settings ``wanted``."""
+    import json
+
+    try:
+        recorded = json.loads(datalist.read_text(encoding="utf-8")).get("generator")
+    except (OSError, ValueError, AttributeError) as err:
+        raise DemoDatasetMismatchError(
+            f"{datalist} exists but cannot be read as a demo datalist ({err}); it is left as it is. "
+            "Move it away, or give another dataset_dir (--dataset_dir) for the demo data."
+        ) from err
+    if recorded == wanted:
+        return
+    if not isinstance(recorded, dict):
+        what = "records no demo generator settings (it was not written by the demo generator)"
+    else:
+        changed = ", ".join(
+            f"{key}={recorded.get(key)!r} (wanted {value!r})" for key, value in wanted.items() if recorded.get(key) != value
+        )
+        what = f"was generated with other settings: {changed}"
+    raise DemoDatasetMismatchError(
+        f"the demo folder {datalist.parent} {what}; it is not reused in silence and nothing in it is deleted. "
+        "Give a new folder (--dataset_dir /path/to/new/folder), or delete this folder to regenerate it here, or "
+        "ask for the settings it was made with (--demo_num_cases, --demo_image_size, --demo_decoys, --seed)."
+    )
+
+
 def ensure_demo_dataset(
-    dataset_dir: str | os.PathLike, num: int = 100, seed: int = 0, size: int = 128, decoys: bool = False
+    dataset_dir: str | os.PathLike, num: int = 100, seed: int = 0, size: int = 128, decoys: bool = True
 ) -> Path:
     """Return the demo datalist in ``dataset_dir``, generating the dataset first if there is no datalist yet.
 
     Safe when several processes call it at once (e.g. the ranks of a ``torchrun`` job): generation runs under
     an exclusive file lock (``dataset_dir/.himix_demo.lock``, ``filelock``) and the others wait, then find the datalist.
-    An existing datalist is returned as is, whatever parameters it was generated with.
+    An existing datalist is reused only when the settings it records (its ``"generator"`` entry, see
+    :py:func:`demo_settings`) are the ones asked for; otherwise :py:class:`DemoDatasetMismatchError` says which
+    settings differ and what to do. Nothing in an existing folder is deleted or overwritten.
 
     Args:
         dataset_dir: the dataset folder (created).
@@ -489,13 +538,24 @@ def ensure_demo_dataset(
 
     Returns:
         The datalist path ``dataset_dir/datalist.json``.
+
+    Raises:
+        DemoDatasetMismatchError: ``dataset_dir`` holds a datalist made with other settings, or not by the
+            demo generator.
+
+    Examples::
+
+        >>> datalist = ensure_demo_dataset("/tmp/himix_demo", num=20)  # doctest: +SKIP
     """
     dataset_dir = Path(dataset_dir).absolute()
     datalist = dataset_dir / DATALIST_NAME
+    wanted = demo_settings(num=num, seed=seed, size=size, decoys=decoys)
     if datalist.is_file():
+        _check_demo_settings(datalist, wanted)
         return datalist
     dataset_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(dataset_dir / ".himix_demo.lock"):
         if datalist.is_file():
+            _check_demo_settings(datalist, wanted)
             return datalist
         return generate_demo_dataset(dataset_dir, num=num, seed=seed, size=size, decoys=decoys)

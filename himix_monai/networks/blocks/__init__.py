@@ -1,7 +1,14 @@
 """Building blocks of HiMix."""
 
 from .asrm import AdaptiveSpectrumRefinement, gaussian_spectrum_filter, gaussian_spectrum_operator
-from .dlfm import LAYER_GROUPINGS, DynamicLayerFusion, interleaved_layer_groups, layer_groups
+from .dlfm import (
+    LAYER_GROUPINGS,
+    DynamicLayerFusion,
+    cluster_layer_groups,
+    interleaved_layer_groups,
+    layer_groups,
+    layer_proxy_statistics,
+)
 from .head import subpixel_segmentation_head
 from .image_encoder import CPUDepthwiseConv2d, TimmImageEncoder, use_cpu_depthwise_convs
 from .mixing_stage import (
@@ -26,6 +33,8 @@ __all__ = [
     "DynamicLayerFusion",
     "FrozenTextEncoder",
     "LAYER_GROUPINGS",
+    "cluster_layer_groups",
+    "layer_proxy_statistics",
     "ScriptableTextEncoder",
     "TextEncoderMismatchError",
     "TEXT_PROJECTION_ORDERS",

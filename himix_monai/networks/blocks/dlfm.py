@@ -7,9 +7,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["LAYER_GROUPINGS", "layer_groups", "interleaved_layer_groups", "DynamicLayerFusion"]
+__all__ = [
+    "LAYER_GROUPINGS",
+    "layer_groups",
+    "interleaved_layer_groups",
+    "layer_proxy_statistics",
+    "cluster_layer_groups",
+    "DynamicLayerFusion",
+]
 
-LAYER_GROUPINGS = ("sequential", "mean", "interleaved", "last", "all")
+LAYER_GROUPINGS = ("sequential", "mean", "interleaved", "clustering", "last", "all")
 
 
 def layer_groups(num_layers: int, num_groups: int) -> list[list[int]]:
@@ -60,6 +67,85 @@ def interleaved_layer_groups(num_layers: int, num_groups: int) -> list[list[int]
     return [list(range(g, num_layers + 1, num_groups)) for g in range(1, num_groups + 1)]
 
 
+def layer_proxy_statistics(hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-layer proxy statistics of a text encoder (supplement Sec. 6, "Clustering"): for every layer, the mean
+    and the variance over all real tokens of all reports of its token embeddings, concatenated.
+
+    Args:
+        hidden_states: ``N + 1`` tensors ``(B, L, C)``, the embedding output followed by each layer.
+        attention_mask: ``(B, L)``, 1 for real tokens.
+
+    Returns:
+        ``(N, 2 C)`` float32, one row per layer (the embedding output is left out: it is not a layer).
+    """
+    keep = attention_mask.bool().reshape(-1)
+    if not bool(keep.any()):
+        raise ValueError("no real token in the reports: the layer statistics need at least one report.")
+    rows = []
+    for layer in hidden_states[1:]:
+        tokens = layer.reshape(-1, layer.shape[-1])[keep].float()
+        rows.append(torch.cat([tokens.mean(dim=0), tokens.var(dim=0, unbiased=False)]))
+    return torch.stack(rows)
+
+
+def cluster_layer_groups(statistics: torch.Tensor, num_groups: int, num_components: int = 4, seed: int = 0) -> list[list[int]]:
+    """Group the layers by k-means on their proxy statistics reduced with PCA (supplement Sec. 6, "Clustering").
+
+    The statistics are standardised per feature, projected on their first ``num_components`` principal
+    components, and clustered with k-means (k-means++ initialisation, Lloyd iterations, seeded; a cluster that
+    runs empty takes the point farthest from its centre). The groups are ordered by their average layer index,
+    lowest first, so that with the default ``group_order`` the highest group feeds the coarsest stage.
+
+    Args:
+        statistics: ``(N, F)`` per-layer statistics, e.g. from :py:func:`layer_proxy_statistics`.
+        num_groups: ``M``, the number of groups (decoder stages).
+        num_components: PCA components kept (at most ``N - 1`` and ``F``).
+        seed: seed of the k-means initialisation.
+
+    Returns:
+        ``M`` non-empty lists of 1-based layer indices, lowest average layer index first.
+
+    Examples::
+
+        >>> stats = torch.cat([torch.zeros(4, 2), torch.ones(4, 2), 2 * torch.ones(4, 2)])
+        >>> cluster_layer_groups(stats, 3)
+        [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    """
+    import numpy as np
+
+    values = np.asarray(statistics.detach().cpu().double().numpy())
+    num_layers = values.shape[0]
+    layer_groups(num_layers, num_groups)  # same validity rule
+    spread = values.std(axis=0)
+    values = (values - values.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    components = max(1, min(int(num_components), num_layers - 1, values.shape[1]))
+    _, _, vt = np.linalg.svd(values, full_matrices=False)
+    points = values @ vt[:components].T
+    rng = np.random.default_rng(seed)
+    centres = [points[int(rng.integers(num_layers))]]
+    while len(centres) < num_groups:  # k-means++
+        distance = np.min([((points - c) ** 2).sum(axis=1) for c in centres], axis=0)
+        total = distance.sum()
+        pick = int(rng.choice(num_layers, p=distance / total)) if total > 0 else int(rng.integers(num_layers))
+        centres.append(points[pick])
+    centre_array = np.stack(centres)
+    assignment = np.zeros(num_layers, dtype=int)
+    for _ in range(100):
+        distance = ((points[:, None, :] - centre_array[None]) ** 2).sum(axis=2)
+        new = distance.argmin(axis=1)
+        for k in range(num_groups):  # an empty cluster takes the point farthest from its own centre
+            if not (new == k).any():
+                own = distance[np.arange(num_layers), new]
+                movable = [i for i in np.argsort(-own) if (new == new[i]).sum() > 1]
+                new[movable[0]] = k
+        centre_array = np.stack([points[new == k].mean(axis=0) for k in range(num_groups)])
+        if (new == assignment).all() and _ > 0:
+            break
+        assignment = new
+    groups = [[int(i) + 1 for i in np.flatnonzero(assignment == k)] for k in range(num_groups)]
+    return sorted(groups, key=lambda g: (sum(g) / len(g), g))
+
+
 class DynamicLayerFusion(nn.Module):
     """Mix the per-layer hidden states of a text encoder into one text embedding per decoder stage.
 
@@ -74,6 +160,10 @@ class DynamicLayerFusion(nn.Module):
             ``"sequential"`` (paper): consecutive groups ``J_m``, learned softmax weights;
             ``"mean"``: the same groups, fixed equal weights (the "w/o DLFM" ablation);
             ``"interleaved"``: round-robin groups, learned softmax weights (supplement Table 2);
+            ``"clustering"``: groups from k-means on the layers' proxy statistics (supplement Table 2), learned
+            softmax weights; the groups start sequential and are set once with :py:meth:`set_groups` (e.g. by
+            :py:meth:`himix_monai.networks.HiMix.fit_layer_clusters` over the training reports). They are
+            stored in the state dict (buffer ``membership``), so a trained model loads its own groups;
             ``"last"``: every stage gets the final layer only (the single-embedding ablation);
             ``"all"``: every stage gets the mean of all layers ("no grouping", supplement Table 1).
         group_order: for each decoder stage, coarsest first, the 1-based group index it receives. Defaults to
@@ -102,7 +192,7 @@ class DynamicLayerFusion(nn.Module):
         self.grouping = grouping
         if grouping == "interleaved":
             groups = interleaved_layer_groups(num_layers, num_stages)
-        elif grouping in ("sequential", "mean"):
+        elif grouping in ("sequential", "mean", "clustering"):
             groups = layer_groups(num_layers, num_stages)
         elif grouping == "last":
             groups = [[num_layers]] * num_stages
@@ -120,9 +210,49 @@ class DynamicLayerFusion(nn.Module):
         self.logits = nn.ParameterList(
             [nn.Parameter(torch.ones(len(g))) for g in groups] if learned else []
         )
+        # clustering: the groups are data-dependent, so every group has one logit per layer and a membership mask
+        # (a buffer: saved and loaded with the weights); the softmax runs over the group's members only
+        self.clustered = grouping == "clustering"
+        if self.clustered:  # only then in the state dict: checkpoints of the other groupings keep their keys
+            self.register_buffer("membership", torch.zeros(num_stages, num_layers, dtype=torch.bool))
+            self.logits = nn.ParameterList([nn.Parameter(torch.ones(num_layers)) for _ in groups])
+            self.set_groups(groups)
+            self.register_load_state_dict_post_hook(DynamicLayerFusion._after_load)
+        else:
+            self.membership = torch.zeros(0, num_layers, dtype=torch.bool)
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: object) -> None:
+        module._groups_from_membership()
+
+    def _groups_from_membership(self) -> None:
+        if self.clustered:
+            self.groups = [[int(j) + 1 for j in torch.nonzero(row).flatten()] for row in self.membership]
+
+    def set_groups(self, groups: Sequence[Sequence[int]]) -> None:
+        """Set the layer groups of the ``"clustering"`` grouping (lowest group first).
+
+        Args:
+            groups: ``M`` non-empty lists of 1-based layer indices that together hold every layer once.
+        """
+        if not self.clustered:
+            raise ValueError(f"set_groups is for the 'clustering' grouping; this fusion groups {self.grouping!r}.")
+        flat = sorted(int(j) for g in groups for j in g)
+        if len(groups) != self.num_stages or flat != list(range(1, self.num_layers + 1)) or any(len(g) == 0 for g in groups):
+            raise ValueError(
+                f"groups must split the layers 1..{self.num_layers} into {self.num_stages} non-empty groups, got "
+                f"{[list(g) for g in groups]}."
+            )
+        membership = torch.zeros_like(self.membership)
+        for index, group in enumerate(groups):
+            membership[index, [int(j) - 1 for j in group]] = True
+        self.membership.copy_(membership)
+        self._groups_from_membership()
 
     def group_weights(self) -> list[torch.Tensor]:
         """The mixing weights ``w_j`` of every group (lowest group first), as in supplement Fig. 2."""
+        if self.clustered:
+            return [torch.softmax(alpha[row], dim=0) for alpha, row in zip(self.logits, self.membership)]
         if len(self.logits) > 0:
             return [torch.softmax(alpha, dim=0) for alpha in self.logits]
         return [torch.full((len(g),), 1.0 / len(g)) for g in self.groups]
@@ -145,6 +275,13 @@ class DynamicLayerFusion(nn.Module):
         for alpha in self.logits:  # iterated, not indexed: TorchScript indexes a ParameterList by constants only
             logits.append(alpha)
         mixed: list[torch.Tensor] = []
+        if self.clustered:
+            stacked = torch.stack(hidden_states[1:], dim=0)  # (N, B, L, C)
+            for index, alpha in enumerate(logits):
+                masked = alpha.masked_fill(~self.membership[index], float("-inf"))
+                weights = torch.softmax(masked, dim=0).to(stacked.dtype)
+                mixed.append(torch.einsum("g,gblc->blc", weights, stacked))  # Eq. 1 over the cluster's layers
+            return [mixed[g - 1] for g in self.group_order]
         for index, layers in enumerate(self.groups):
             stacked = torch.stack([hidden_states[j] for j in layers], dim=0)  # (|J_m|, B, L, C)
             if len(logits) > 0:

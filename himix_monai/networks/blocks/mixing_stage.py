@@ -203,12 +203,20 @@ class VisualTextualMixingStage(nn.Module):
             norm_name=norm_name,
         )
 
-    def forward(self, features: torch.Tensor, skip: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        skip: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             features: stage input ``(B, C_in, H, W)``.
             skip: encoder feature ``(B, C_skip, 2H, 2W)``.
             text: stage text embedding ``(B, L, C_P)`` or ``None`` to skip the cross-attention (Eq. 4).
+            text_present: ``(B,)`` booleans, or ``None`` when every row has a report: rows marked ``False`` skip
+                the cross-attention (their output is that of ``text=None``).
 
         Returns:
             ``(B, C_out, 2H, 2W)``.
@@ -227,8 +235,12 @@ class VisualTextualMixingStage(nn.Module):
             query = self.cross_attention_norm(tokens)
             if position is not None:
                 query = query + position
-            attended = self.cross_attention(query, context=text_tokens)
-            tokens = tokens + self.beta_cross_attention * self.cross_attention_out_norm(attended)  # Eq. 4
+            attended = self.beta_cross_attention * self.cross_attention_out_norm(
+                self.cross_attention(query, context=text_tokens)
+            )
+            if text_present is not None:
+                attended = attended * text_present.to(attended.dtype).view(batch, 1, 1)
+            tokens = tokens + attended  # Eq. 4
         normed = self.self_attention_norm(tokens)
         if position is not None:
             normed = normed + position

@@ -53,6 +53,7 @@ class HiMix(nn.Module):
         num_heads: int = 8,
         layer_grouping: str = "sequential",
         group_order: Sequence[int] | None = None,
+        removed_layer_group: int | None = None,
         use_asrm: bool = True,
         sigma_init: float = 5.0,
         residual_scale_init: float = 1.421,
@@ -80,9 +81,14 @@ class HiMix(nn.Module):
                 ``L`` tokens everywhere. Its length must equal the number of decoder stages.
             num_heads: heads of the cross- and self-attention.
             layer_grouping: DLFM grouping, one of ``sequential`` (paper), ``mean`` (no learned weights, the "w/o
-                DLFM" ablation), ``interleaved``, ``last`` (final layer only) and ``all`` (every layer to every
-                stage). See :class:`~himix_monai.networks.blocks.DynamicLayerFusion`.
+                DLFM" ablation), ``interleaved``, ``clustering`` (k-means on the layers' statistics; call
+                :py:meth:`fit_layer_clusters` once before training), ``last`` (final layer only) and ``all``
+                (every layer to every stage). See :class:`~himix_monai.networks.blocks.DynamicLayerFusion`.
             group_order: which group feeds which stage, coarsest stage first (default ``(M, ..., 1)``).
+            removed_layer_group: the "w/o G_k" ablation (supplement Table 2, bottom): the 1-based index ``k`` of a
+                DLFM layer group to remove. The decoder stage that group fed gets no text: it is built without
+                text projection and cross-attention (Eqs. 2, 4 skipped), the other stages are unchanged.
+                ``None`` (default) keeps every group.
             use_asrm: apply ASRM in every stage (switch off for the ablation).
             sigma_init: initial ASRM bandwidth (5 in the paper).
             residual_scale_init: initial value of the learnable residual scales beta.
@@ -143,6 +149,16 @@ class HiMix(nn.Module):
             self.text_encoder = None
             self.layer_fusion = None
             text_width = None
+        stage_text_widths = [text_width] * num_stages
+        if removed_layer_group is not None:
+            if self.layer_fusion is None:
+                raise ValueError("removed_layer_group needs a text encoder (it removes one of its layer groups).")
+            if int(removed_layer_group) not in self.layer_fusion.group_order:
+                raise ValueError(
+                    f"removed_layer_group must be a group index in 1..{num_stages}, got {removed_layer_group!r}."
+                )
+            stage_text_widths[self.layer_fusion.group_order.index(int(removed_layer_group))] = None
+        self.removed_layer_group = None if removed_layer_group is None else int(removed_layer_group)
         text_tokens = tuple(text_tokens) if text_tokens is not None else (text_length,) * num_stages
         if len(text_tokens) != num_stages:
             raise ValueError(f"text_tokens needs one entry per decoder stage ({num_stages}), got {text_tokens}.")
@@ -154,7 +170,7 @@ class HiMix(nn.Module):
                     in_channels=channels[level],
                     skip_channels=channels[level - 1],
                     out_channels=channels[level - 1],
-                    text_width=text_width,
+                    text_width=stage_text_widths[index],
                     text_length=text_length,
                     num_text_tokens=text_tokens[index],
                     num_heads=num_heads,
@@ -203,6 +219,53 @@ class HiMix(nn.Module):
             stage.compile(options=options, **compile_kwargs)
         return self
 
+    @torch.jit.unused
+    @torch.no_grad()
+    def fit_layer_clusters(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        num_components: int = 4,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> list[list[int]]:
+        """Set the DLFM groups of the ``"clustering"`` grouping from reports (supplement Sec. 6, "Clustering").
+
+        The frozen text encoder encodes the reports; every layer is summarised by the mean and variance of its
+        token embeddings over all real tokens (:py:func:`~himix_monai.networks.blocks.layer_proxy_statistics`),
+        and k-means on these statistics reduced with PCA groups the layers, ordered by average layer index
+        (:py:func:`~himix_monai.networks.blocks.cluster_layer_groups`). Call it once, before training, with the
+        training reports or a sample of them; the groups are stored in the state dict, so a trained model
+        loads its own groups.
+
+        Args:
+            input_ids: ``(R, L)`` token ids of the reports.
+            attention_mask: ``(R, L)`` attention mask.
+            num_components: PCA components kept.
+            seed: k-means seed.
+            batch_size: reports encoded at once.
+
+        Returns:
+            the groups, lowest first (1-based layer indices).
+        """
+        from himix_monai.networks.blocks.dlfm import cluster_layer_groups, layer_proxy_statistics
+
+        if self.text_encoder is None or self.layer_fusion is None or not self.layer_fusion.clustered:
+            raise ValueError("fit_layer_clusters is for a network built with layer_grouping='clustering'.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        device = self.head_upsample.conv_block.weight.device
+        per_batch = []
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = attention_mask[start : start + batch_size].to(device)
+            per_batch.append([h.float() for h in self.text_encoder(ids, mask)])
+        hidden = [torch.cat([batch[j] for batch in per_batch]) for j in range(len(per_batch[0]))]
+        statistics = layer_proxy_statistics(hidden, attention_mask.to(device))
+        groups = cluster_layer_groups(statistics, self.layer_fusion.num_stages, num_components, seed)
+        self.layer_fusion.set_groups(groups)
+        return groups
+
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> list[torch.Tensor] | None:
@@ -216,11 +279,19 @@ class HiMix(nn.Module):
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        # a row without any real token (no report) still goes through the encoder with its first token unmasked:
+        # an all-masked row is not well defined in every attention implementation; its output is zeroed below
+        # and the stages skip its cross-attention (see ``forward``)
+        present = (attention_mask != 0).any(dim=1, keepdim=True)
+        first = torch.zeros_like(attention_mask)
+        first[:, 0] = 1
+        encoder_mask = torch.where(present, attention_mask, first)
         pad = self.text_length - input_ids.shape[1]
         if pad > 0:  # the token-axis projection needs exactly text_length tokens
             input_ids = nn.functional.pad(input_ids, (0, pad))
             attention_mask = nn.functional.pad(attention_mask, (0, pad))
-        hidden_states = self.text_encoder(input_ids, attention_mask)
+            encoder_mask = nn.functional.pad(encoder_mask, (0, pad))
+        hidden_states = self.text_encoder(input_ids, encoder_mask)
         # the text encoder may be stored in a lower precision than the decoder that consumes its output
         dtype = self.head_upsample.conv_block.weight.dtype
         keep = attention_mask.unsqueeze(-1).to(dtype)
@@ -259,7 +330,9 @@ class HiMix(nn.Module):
             image: ``(B, in_channels, H, W)``, ``H`` and ``W`` divisible by the encoder's largest stride (32).
             input_ids: ``(B, L)`` token ids from the text encoder's tokenizer (``TokenizeTextd``), ``L <=
                 text_length``; shorter inputs are padded.
-            attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding.
+            attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding. A row of zeros means "no report" for
+                that image: its cross-attention is skipped, as with ``input_ids=None``, while the other rows of
+                the batch read their reports (``himix_monai.report_conditions`` drops reports this way).
 
         Returns:
             logits ``(B, out_channels, H, W)``.
@@ -279,13 +352,24 @@ class HiMix(nn.Module):
                 f"image size {height}x{width} is not divisible by {self.size_divisor}; "
                 f"resize or pad the image to a multiple of {self.size_divisor} (e.g. 224x224)."
             )
+        # a row whose attention_mask is all zeros has no report: its cross-attention is skipped (per row)
+        text_present: torch.Tensor | None = None
+        use_text = input_ids is not None
+        if input_ids is not None and attention_mask is not None:
+            present = (attention_mask != 0).any(dim=1)
+            if not bool(present.any()):
+                use_text = False  # no report in the whole batch: the image-only path, without encoding anything
+            elif not bool(present.all()):
+                text_present = present
         # the text first: its cache looks the report up on the host, before the image encoder is queued on a GPU
-        texts = self.encode_text(input_ids, attention_mask) if input_ids is not None else None
+        texts: list[torch.Tensor] | None = None
+        if use_text and input_ids is not None:
+            texts = self.encode_text(input_ids, attention_mask)
         features = self.image_encoder(image)
         decoded = features[-1]  # d_{M+1} = f_I
         for index, stage in enumerate(self.stages):
             skip = features[len(features) - 2 - index]
-            decoded = stage(decoded, skip, None if texts is None else texts[index])
+            decoded = stage(decoded, skip, None if texts is None else texts[index], text_present)
         if torch.jit.is_scripting():  # the same head, unfolded (the fold inspects modules in Python)
             return self.head(self.head_upsample(decoded))
         return subpixel_segmentation_head(decoded, self.head_upsample, self.head)  # Eq. 9 without the sigmoid
