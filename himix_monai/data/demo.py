@@ -41,8 +41,8 @@ from filelock import FileLock
 
 from himix_monai.data.ct import dicom_slice_affine
 from himix_monai.data.datalist import write_datalist
-from himix_monai.errors import HiMixError
 from himix_monai.data.reports import LUNG_SIDES, LUNG_ZONES, describe_chest_findings, format_chest_report
+from himix_monai.errors import HiMixError
 
 __all__ = [
     "DATALIST_NAME",
