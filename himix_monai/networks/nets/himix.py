@@ -355,9 +355,14 @@ class HiMix(nn.Module):
         # a row whose attention_mask is all zeros has no report: its cross-attention is skipped (per row)
         text_present: torch.Tensor | None = None
         use_text = input_ids is not None
+        exporting = False
+        if not torch.jit.is_scripting():  # a static branch: TorchScript does not compile it
+            exporting = torch.compiler.is_exporting()
         if input_ids is not None and attention_mask is not None:
             present = (attention_mask != 0).any(dim=1)
-            if not bool(present.any()):
+            if exporting:
+                text_present = present  # an exported graph has no data-dependent branch: such rows are masked
+            elif not bool(present.any()):
                 use_text = False  # no report in the whole batch: the image-only path, without encoding anything
             elif not bool(present.all()):
                 text_present = present
