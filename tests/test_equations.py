@@ -331,3 +331,20 @@ def test_eq9_head_against_its_definition():
     assert result.shape == (2, 1, 20, 24)
     torch.testing.assert_close(torch.sigmoid(result), torch.sigmoid(logits), atol=ATOL, rtol=0)
     torch.testing.assert_close(result, logits, atol=1e-4, rtol=0)
+
+
+def test_himix_passes_the_fidelity_options_to_every_stage(tiny_bert):
+    """``HiMix(mlp_norm=..., mlp_output_dropout=..., text_projection_order=...)`` reaches every mixing stage."""
+    from himix_monai.networks import HiMix
+
+    torch.manual_seed(0)
+    net = HiMix(in_channels=1, image_encoder="test_convnext", text_encoder=tiny_bert, num_heads=4,
+                text_tokens=(6, 4, 3), text_length=8, mlp_norm=False, mlp_output_dropout=False,
+                text_projection_order="official")
+    for stage in net.stages:
+        assert isinstance(stage.mlp_norm, torch.nn.Identity)
+        assert stage.text_projection.order == "official"
+        assert sum(isinstance(m, torch.nn.Dropout) for m in stage.mlp.modules()) == 1
+    default = HiMix(in_channels=1, image_encoder="test_convnext", text_encoder=tiny_bert, num_heads=4,
+                    text_tokens=(6, 4, 3), text_length=8)
+    assert all(isinstance(stage.mlp_norm, torch.nn.LayerNorm) for stage in default.stages)

@@ -61,6 +61,9 @@ class HiMix(nn.Module):
         dropout_rate: float = 0.1,
         position_embedding: bool = True,
         norm_name: str | tuple = "batch",
+        mlp_norm: bool = True,
+        mlp_output_dropout: bool = True,
+        text_projection_order: str = "paper",
         head_channels: int | None = None,
         text_cache_size: int = 0,
         text_encoder_dtype: torch.dtype | str | None = None,
@@ -96,6 +99,11 @@ class HiMix(nn.Module):
             dropout_rate: dropout of the stage MLPs.
             position_embedding: add 2-D sinusoidal position embeddings to the attention inputs.
             norm_name: normalisation of the decoder's convolutional up blocks.
+            mlp_norm: LayerNorm before the MLP of Eq. 6 in every stage (project default); ``False`` for Eq. 6 as the
+                paper and the official code have it. See :class:`VisualTextualMixingStage`.
+            mlp_output_dropout: MONAI ``MLPBlock``'s second dropout (project default); ``False`` for the official
+                code's single dropout.
+            text_projection_order: ``"paper"`` (Eq. 2, default) or ``"official"`` (the official code's order).
             head_channels: channels after the subpixel upsampling of the head (default: a quarter of the
                 finest encoder width, 24 for ConvNeXt-Tiny).
             text_cache_size: cache the text encoder's outputs for this many distinct tokenised reports.
@@ -181,6 +189,9 @@ class HiMix(nn.Module):
                     sigma_init=sigma_init,
                     position_embedding=position_embedding,
                     norm_name=norm_name,
+                    mlp_norm=mlp_norm,
+                    mlp_output_dropout=mlp_output_dropout,
+                    text_projection_order=text_projection_order,
                 )
                 for index, level in enumerate(range(num_stages, 0, -1))
             ]
