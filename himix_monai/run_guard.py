@@ -30,7 +30,14 @@ from filelock import FileLock, Timeout
 from himix_monai.config_utils import as_bool
 from himix_monai.errors import HiMixError
 
-__all__ = ["RunGuardError", "OutputGuard", "TrainingRunGuard", "require_split_items", "remove_stale_temp_files"]
+__all__ = [
+    "RunGuardError",
+    "OutputGuard",
+    "TrainingRunGuard",
+    "refuse_earlier_outputs",
+    "require_split_items",
+    "remove_stale_temp_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +107,39 @@ def remove_stale_temp_files(folder: str | os.PathLike, names: Sequence[str]) -> 
     return removed
 
 
+def refuse_earlier_outputs(
+    outputs: Sequence[str | os.PathLike], overwrite: Any = False, what: str = "this run"
+) -> None:
+    """Stop before an inference or evaluation run replaces what an earlier run wrote, unless ``overwrite``.
+
+    ``outputs`` are folders (refused when they hold any file not starting with ``.``) or files (refused when
+    they exist). Inference writes its masks under fixed names (``<stem>_mask.png``), so a second run into the
+    same folder would replace the first run's masks in silence.
+
+    Args:
+        outputs: the folders and files the run writes.
+        overwrite: True (or ``"true"``) to replace them; text from the command line is read with ``as_bool``.
+        what: the run, for the message.
+
+    Raises:
+        RunGuardError: naming the first folder or file that holds earlier outputs and the ways out.
+    """
+    if as_bool(overwrite, "overwrite"):
+        return
+    for output in map(Path, outputs):
+        if output.is_dir():
+            earlier = sorted(p.name for p in output.iterdir() if not p.name.startswith("."))
+        else:
+            earlier = [output.name] if output.exists() or output.is_symlink() else []
+        if earlier:
+            shown = ", ".join(earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+            raise RunGuardError(
+                f"{output} already holds the outputs of an earlier run ({shown}); {what} would replace them. "
+                "Write elsewhere (--output_dir DIR or another --bundle_root), move them away, or replace them "
+                "with --overwrite true."
+            )
+
+
 def require_split_items(items: list, datalist: str | os.PathLike, split: str, purpose: str = "") -> list:
     """Return ``items``; raise :py:class:`RunGuardError` naming the datalist and the split when it is empty.
 
@@ -132,6 +172,9 @@ class OutputGuard:
 
     Args:
         output_dirs: the folders the run writes to.
+        earlier_outputs: files and folders the run would replace; an existing one stops the run unless
+            ``overwrite`` (see :py:func:`refuse_earlier_outputs`).
+        overwrite: replace earlier outputs.
 
     Examples::
 
@@ -140,8 +183,15 @@ class OutputGuard:
         "finalize": ["$@run_guard.release()"]
     """
 
-    def __init__(self, output_dirs: Sequence[str | os.PathLike]) -> None:
+    def __init__(
+        self,
+        output_dirs: Sequence[str | os.PathLike],
+        earlier_outputs: Sequence[str | os.PathLike] = (),
+        overwrite: Any = False,
+    ) -> None:
         self.output_dirs = [Path(d) for d in output_dirs]
+        self.earlier_outputs = [Path(p) for p in earlier_outputs]
+        self.overwrite = overwrite
 
     def check_output_dirs(self) -> None:
         """Raise :py:class:`RunGuardError` naming each output folder that cannot be created or written."""
@@ -152,8 +202,9 @@ class OutputGuard:
             )
 
     def start(self) -> None:
-        """Run the checks (the bundle's ``initialize``)."""
+        """Run the checks (the bundle's ``initialize``): writable folders, no earlier outputs replaced in silence."""
         self.check_output_dirs()
+        refuse_earlier_outputs(self.earlier_outputs, self.overwrite)
 
     def release(self) -> None:
         """Nothing to release (the bundle's ``finalize``)."""

@@ -159,7 +159,9 @@ def test_bundle_inference_explain_true_writes_word_maps(trained, tmp_path):
         grid = np.asarray(Image.open(folder / f"{stem}_words.png"))
         assert grid.ndim == 3 and grid.shape[1] > 5 * NETWORK_SIZE
     first = {p.name: p.read_bytes() for p in folder.iterdir()}
-    workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path), explain=True)
+    # the masks of the first run are replaced only when asked (--overwrite true); the word maps never are
+    workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path), explain=True,
+                 overwrite=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in first} == first  # nothing overwritten
     assert sorted(p.name for p in folder.glob("*_words_1.png")) == sorted(f"{s}_words_1.png" for s in stems)
     # explain defaults to false: an ordinary run writes no explanations

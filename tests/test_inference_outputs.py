@@ -19,6 +19,7 @@ from monai.bundle import ConfigParser
 
 from himix_monai.data.ct import CTReadError, read_dicom_series
 from himix_monai.data.inference_items import OutputNames
+from tests.test_bundle_evaluate_inference import trained  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -181,3 +182,31 @@ def test_volumes_are_scaled_with_the_training_intensity_range(tmp_path):
     check_replaced_setting("ct_window", None, "intensity_range")
     with pytest.raises(SettingError, match="--ct_window 'lung': this setting was replaced by --intensity_range"):
         check_replaced_setting("ct_window", "lung", "intensity_range")
+
+
+def test_a_second_inference_or_evaluation_into_the_same_folder_is_refused_unless_asked(trained, tmp_path):
+    """The masks and scores of an earlier run are never replaced in silence; --overwrite true replaces them."""
+    from himix_monai.errors import find_project_error
+    from himix_monai.run_guard import RunGuardError
+    from tests.test_bundle_evaluate_inference import CONFIGS, workflow_run
+
+    workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path))
+    masks = {p.name: p.read_bytes() for p in (tmp_path / "masks").iterdir()}
+    assert masks
+    with pytest.raises(Exception) as caught:
+        workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path))
+    error = find_project_error(caught.value)
+    assert isinstance(error, RunGuardError) and "--overwrite true" in str(error) and "masks" in str(error)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "masks").iterdir()} == masks
+    workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path), overwrite=True)
+
+    evaluate = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
+    out = tmp_path / "eval"
+    workflow_run(evaluate, bundle_root=str(trained), output_dir=str(out), demo_num_cases=24,
+                 save_overlays=False, evaluate_report_conditions=False)
+    summary = (out / "summary.json").read_bytes()
+    with pytest.raises(Exception) as caught:
+        workflow_run(evaluate, bundle_root=str(trained), output_dir=str(out), demo_num_cases=24,
+                     save_overlays=False, evaluate_report_conditions=False)
+    assert isinstance(find_project_error(caught.value), RunGuardError)
+    assert (out / "summary.json").read_bytes() == summary
