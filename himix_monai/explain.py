@@ -53,8 +53,9 @@ from monai.config import PathLike
 from monai.data import MetaTensor, decollate_batch
 from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import
 
+from himix_monai.files import file_stem
 from himix_monai.networks.blocks.head import subpixel_segmentation_head
-from himix_monai.networks.blocks.text_encoder import load_text_tokenizer
+from himix_monai.tokenizers import load_text_tokenizer
 from himix_monai.transforms.mask import meta_filename
 from himix_monai.visualize import overlay_prediction
 
@@ -552,7 +553,7 @@ class WordMapSaver:
                 continue
             image = item[self.image_key]
             filename = meta_filename(item, self.image_key)
-            stem = _file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
+            stem = file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
             ids, mask, text = item.get(self.input_ids_key), item.get(self.attention_mask_key), item.get(self.text_key)
             if prompt_tokens is not None:  # the inferer replaced the item's text by the prompt
                 ids, mask, text = prompt_tokens[0][0], prompt_tokens[1][0], None
@@ -570,9 +571,3 @@ class WordMapSaver:
             self.written.extend(save_word_maps(self.output_dir, stem, image, maps))
 
 
-def _file_stem(filename: str) -> str:
-    name = os.path.basename(str(filename))
-    for ext in (".nii.gz", ".dcm.gz"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return os.path.splitext(name)[0]

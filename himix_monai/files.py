@@ -32,6 +32,7 @@ __all__ = [
     "is_nifti",
     "dicom_files",
     "full_suffix",
+    "file_stem",
     "atomic_path",
     "write_text_atomically",
     "fsync_directory",
@@ -97,6 +98,20 @@ def dicom_files(folder: str | os.PathLike) -> list[Path]:
         if path.suffix.lower() in DICOM_EXTENSIONS or pydicom.misc.is_dicom(str(path)):
             files.append(path)
     return files
+
+
+def file_stem(filename: str | os.PathLike) -> str:
+    """The base name of a file without its extension, ``.nii.gz`` and ``.dcm.gz`` counted as one
+    (``"/data/case_7.nii.gz"`` -> ``"case_7"``): the name the overlay and word-map writers give their outputs.
+
+    Args:
+        filename: a file name or path.
+    """
+    name = os.path.basename(str(filename))
+    for ext in (".nii.gz", ".dcm.gz"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return os.path.splitext(name)[0]
 
 
 def full_suffix(name: str | os.PathLike) -> str:

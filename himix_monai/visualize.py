@@ -29,7 +29,7 @@ from monai.config import NdarrayOrTensor, PathLike
 from monai.data import decollate_batch
 from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import, string_list_all_gather
 
-from himix_monai.files import atomic_path, write_text_atomically
+from himix_monai.files import atomic_path, file_stem, write_text_atomically
 from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -197,14 +197,6 @@ def _as_item_list(data: Any) -> list:
     return []
 
 
-def _file_stem(filename: str) -> str:
-    name = os.path.basename(str(filename))
-    for ext in (".nii.gz", ".dcm.gz"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return os.path.splitext(name)[0]
-
-
 class OverlaySaver:
     """
     Ignite handler writing ``<output_dir>/<image stem>_overlay.png`` for every item an evaluator processes.
@@ -285,7 +277,7 @@ class OverlaySaver:
             if filename and self.names is not None:
                 stem = self.names.stem(filename)
             else:
-                stem = _file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
+                stem = file_stem(filename) if filename else f"iter{engine.state.iteration}_{index}"
             pred = item[self.pred_key]
             if not self._logit_warned:
                 values = convert_to_numpy(pred)
