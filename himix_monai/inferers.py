@@ -6,22 +6,24 @@ Inferers for the HiMix bundle.
   (MONAI's ``amp=True`` autocasts on CUDA only).
 - :py:class:`TextPromptInferer` supplies a fixed text prompt to a text-guided network that is called with
   the image only, as MONAI Label does (``inferer(data["image"][None], network)``).
+- :py:class:`TextSliceInferer` runs the 2-D network over a volume slice by slice (MONAI's ``SliceInferer``),
+  with the volume's text given to every slice.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from monai.inferers import SimpleInferer
+from monai.inferers import Inferer, SimpleInferer, SliceInferer
 
 from himix_monai.precision import as_dtype
 from himix_monai.transforms.text import TokenizeTextd
 
-__all__ = ["AutocastInferer", "TextPromptInferer", "compute_dtype", "has_native_bf16"]
+__all__ = ["AutocastInferer", "TextPromptInferer", "TextSliceInferer", "compute_dtype", "has_native_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +242,72 @@ class TextPromptInferer(AutocastInferer):
         batch = inputs.shape[0]
         input_ids, attention_mask = (t.to(inputs.device).expand(batch, -1) for t in tokens)
         return super().__call__(inputs, network, input_ids, attention_mask)
+
+
+class TextSliceInferer(Inferer):
+    """
+    MONAI's ``SliceInferer`` for a 2-D text-guided network over a volume: every slice gets the volume's text.
+
+    Why a wrapper: ``SliceInferer`` (MONAI 1.6) calls the network with the image windows only (the extra
+    arguments of its ``__call__`` are not passed on), and a window batch holds up to ``sw_batch_size`` slices
+    while the volume's ``input_ids``/``attention_mask`` have batch size 1. This inferer gives ``SliceInferer`` a
+    function that repeats such arguments to the window batch and calls the 2-D ``inferer`` (autocast, fixed text
+    prompt: :py:class:`AutocastInferer`, :py:class:`TextPromptInferer`) on each window batch.
+
+    Args:
+        roi_size: the network's 2-D input size (the volume is resized in-plane to it beforehand, so one window
+            covers a whole slice).
+        sw_batch_size: slices per network call.
+        inferer: the 2-D inferer called per window batch; an fp32 :py:class:`AutocastInferer` by default.
+        spatial_dim: the slice axis among the 3 spatial axes (2: last, after
+            :py:class:`~himix_monai.transforms.SliceAxisLastd`).
+        kwargs: more ``SliceInferer`` arguments (``device``, ``sw_device``, ...).
+
+    Examples::
+
+        inferer = TextSliceInferer(roi_size=(256, 256), sw_batch_size=16, inferer=TextPromptInferer(None))
+        logits = inferer(volume[None], network, input_ids, attention_mask)  # (1, C, H, W, D); tokens (1, L)
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int],
+        sw_batch_size: int = 16,
+        inferer: Callable[..., Any] | None = None,
+        spatial_dim: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.slicer = SliceInferer(
+            spatial_dim=spatial_dim, roi_size=tuple(int(s) for s in roi_size), sw_batch_size=int(sw_batch_size), **kwargs
+        )
+        self.inferer = inferer if inferer is not None else AutocastInferer()
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """
+        Args:
+            inputs: one volume ``(1, C, H, W, D)``.
+            network: the 2-D model.
+            args: per-volume arguments of the network (tensors of batch size 1, e.g. ``input_ids, attention_mask``).
+            kwargs: keyword arguments of the network.
+
+        Raises:
+            ValueError: when a batch holds several volumes and text arguments (one text per window batch is
+                required).
+        """
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if any(t.shape[0] != 1 for t in tensors) or (tensors and inputs.shape[0] != 1):
+            raise ValueError(
+                f"TextSliceInferer: one volume per batch with its text (batch size 1), got a batch of {inputs.shape[0]} "
+                "volumes; set the volume data loader's batch_size to 1"
+            )
+
+        def repeat(value: Any, size: int) -> Any:
+            return value.expand(size, *value.shape[1:]) if isinstance(value, torch.Tensor) else value
+
+        def on_window(window: torch.Tensor) -> Any:
+            size = window.shape[0]
+            extra = {k: repeat(v, size) for k, v in kwargs.items()}
+            return self.inferer(window, network, *(repeat(a, size) for a in args), **extra)
+
+        return self.slicer(inputs, on_window)

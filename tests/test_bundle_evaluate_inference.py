@@ -26,7 +26,7 @@ from torch import nn
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import EnsureChannelFirst, LoadImage, Resize
 
-from himix_monai.data.ct import hu_window, read_dicom_series
+from himix_monai.data.ct import DicomSeriesReader
 from himix_monai.data.inference_items import InferenceInputError
 from himix_monai.transforms.mask import BinarizeMask
 
@@ -91,6 +91,11 @@ def display_hu(item: dict) -> np.ndarray:
     """The HU slice of a demo item in display orientation (rows, columns), from its DICOM file."""
     ds = pydicom.dcmread(item["image_dicom"])
     return ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def hu_window(hu: np.ndarray) -> np.ndarray:
+    """HU -> [0, 1] through the lung window -1000..400 HU (the bundle's default intensity_range), clipped."""
+    return np.clip((hu + 1000.0) / 1400.0, 0.0, 1.0)
 
 
 def write_nifti_volume(items: list[dict], path: Path) -> np.ndarray:
@@ -190,7 +195,7 @@ def test_inference_on_folder_with_texts_csv_images_and_volumes(trained, tmp_path
     folder = tmp_path / "inputs"
     folder.mkdir()
     for k, item in enumerate(items[:2]):  # non-square 8-bit PNG pictures, 96 rows x 128 columns
-        picture = (hu_window(display_hu(item), "lung")[16:112] * 255).astype(np.uint8)
+        picture = (hu_window(display_hu(item))[16:112] * 255).astype(np.uint8)
         Image.fromarray(picture).save(folder / f"picture_{k}.png")
     affine = write_nifti_volume(items, folder / "ct_volume.nii.gz")
     write_dicom_series(items, folder / "series_001")
@@ -216,10 +221,10 @@ def test_inference_on_folder_with_texts_csv_images_and_volumes(trained, tmp_path
     np.testing.assert_allclose(nifti_mask.affine, affine, atol=1e-5)
     assert nifti_mask.shape == (DEMO_SIZE, DEMO_SIZE, 3) and nifti_mask.get_data_dtype() == np.uint8
 
-    series = read_dicom_series(folder / "series_001")
+    series = LoadImage(reader=DicomSeriesReader(), image_only=True)(str(folder / "series_001"))
     dicom_mask = nib.load(str(out / "masks" / "series_001_mask.nii.gz"))
-    np.testing.assert_allclose(dicom_mask.affine, series.affine, atol=1e-5)
-    assert dicom_mask.shape == series.hu.shape == (DEMO_SIZE, DEMO_SIZE, 3)
+    np.testing.assert_allclose(dicom_mask.affine, series.affine.numpy(), atol=1e-5)
+    assert dicom_mask.shape == series.shape == (DEMO_SIZE, DEMO_SIZE, 3)
     assert set(np.unique(np.asarray(dicom_mask.dataobj))) <= {0, 1}
 
 

@@ -1,4 +1,4 @@
-"""Tests for himix_monai.data.ct and himix_monai.transforms.ct."""
+"""Tests for himix_monai.data.ct (DicomSeriesReader, CT geometry), SliceAxisLastd and TextSliceInferer."""
 
 from __future__ import annotations
 
@@ -8,26 +8,14 @@ import pydicom
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import LoadImage
+from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImage, LoadImaged
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from himix_monai.data.ct import (
-    CTReadError,
-    hu_window,
-    radiological_view,
-    read_ct_slice,
-    read_ct_volume,
-    read_dicom_series,
-    read_dicom_slice,
-    read_nifti_volume,
-    resolve_window,
-    slices_to_nifti,
-    volume_to_slices,
-    window_from_center_width,
-)
+from himix_monai.data.ct import CTReadError, DicomSeriesReader, axial_axis, dicom_slice_affine, radiological_view
 from himix_monai.data.demo import write_dicom_file
-from himix_monai.transforms.ct import CTWindow, CTWindowd, EnsureSingleSliced
+from himix_monai.inferers import AutocastInferer, TextSliceInferer
+from himix_monai.transforms import SliceAxisLastd
 
 ROW_DIR, COLUMN_DIR = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
 
@@ -72,74 +60,32 @@ def _assert_same_slice_geometry(monai_affine, affine):
     assert np.allclose(monai_affine[:, [0, 1, 3]], affine[:, [0, 1, 3]])
 
 
-def test_window_resolution_and_values():
-    assert resolve_window("lung") == (-1000.0, 400.0)
-    assert resolve_window("Mediastinum") == (-135.0, 215.0)
-    assert resolve_window({"center": -600, "width": 1500}) == window_from_center_width(-600, 1500) == (-1350.0, 150.0)
-    assert resolve_window([-160, 240]) == (-160.0, 240.0)
-    for bad in ("lungs", (400, -1000), (0, 0), (float("nan"), 1), {"center": 0}, {"center": 0, "width": -1}, 5):
-        with pytest.raises(ValueError):
-            resolve_window(bad)
-    values = hu_window(np.array([-2000.0, -1000.0, -300.0, 400.0, 3000.0]))
-    assert values.dtype == np.float32 and values.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+def load(path, **kwargs):
+    return LoadImage(reader=DicomSeriesReader(**kwargs), image_only=True)(str(path))
 
 
 def test_dicom_hu_slope_intercept_exact(tmp_path):
     stored = np.array([[0, 12, 362], [712, 1000, 5]], dtype=np.uint16)
     path = tmp_path / "slope2.dcm"
-    _write_dicom(path, stored, slope=2.0, intercept=-1024.0)
-    volume = read_dicom_slice(path)
+    dataset = _write_dicom(path, stored, slope=2.0, intercept=-1024.0)
+    loaded = load(path)
     expected_hu = stored.astype(np.float64) * 2 - 1024  # [[-1024, -1000, -300], [400, 976, -1014]] HU
-    assert volume.hu.shape == (3, 2, 1)  # MONAI layout: (columns, rows, slices)
-    assert np.array_equal(volume.hu[..., 0], expected_hu.T)
-    assert np.array_equal(hu_window(volume.hu[..., 0]).T, [[0.0, 0.0, 0.5], [1.0, 1.0, 0.0]])
-    # MONAI's PydicomReader applies the rescale itself: same HU and affine, nothing applied twice
-    loaded = LoadImage(reader="PydicomReader", image_only=True)(str(path))
-    assert np.array_equal(loaded.numpy(), volume.hu[..., 0])
-    _assert_same_slice_geometry(loaded.affine.numpy(), volume.affine)
+    assert loaded.shape == (3, 2)  # MONAI layout: (columns, rows)
+    assert np.array_equal(loaded.numpy(), expected_hu.T)  # rescaled once
+    monai = LoadImage(reader="PydicomReader", image_only=True)(str(path))  # single files: as MONAI's reader
+    assert np.array_equal(monai.numpy(), loaded.numpy()) and np.allclose(monai.affine, loaded.affine)
+    assert np.allclose(dicom_slice_affine(dataset)[:, [0, 1, 3]], loaded.affine.numpy()[:, [0, 1, 3]])
 
 
 def test_real_ct_small_dicom_hu():
     data = pytest.importorskip("pydicom.data")
     path = data.get_testdata_file("CT_small.dcm")
     dataset = pydicom.dcmread(path)
-    volume = read_ct_slice(path)
+    loaded = load(path)
     expected = dataset.pixel_array.astype(np.float64) * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
-    assert np.array_equal(volume.hu[..., 0], expected.T)
-    assert volume.hu.min() == -896.0 and volume.hu.max() == 1167.0
-    loaded = LoadImage(reader="PydicomReader", image_only=True)(path)
-    assert np.array_equal(loaded.numpy(), volume.hu[..., 0])
-    _assert_same_slice_geometry(loaded.affine.numpy(), volume.affine)
-    assert volume.affine[2, 2] == float(dataset.SliceThickness)  # MONAI puts 1 mm there for a single slice
-
-
-def test_nifti_volume_slices_roundtrip(tmp_path):
-    rng = np.random.default_rng(0)
-    hu = rng.uniform(-1000, 400, size=(7, 6, 5)).astype(np.float32)
-    affine = np.array([[-0.7, 0.1, 0.0, 90.0], [0.0, 0.8, 0.2, -120.0], [0.05, 0.0, 2.5, -300.0], [0, 0, 0, 1]])
-    source = tmp_path / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(hu, affine), source)
-    volume = read_ct_volume(source)
-    assert volume.slice_axis == 2 and volume.num_slices == 5
-    predictions = [torch.from_numpy(plane[None] > -300) for plane in volume_to_slices(volume)]
-    out = slices_to_nifti(predictions, volume, tmp_path / "pred" / "mask.nii.gz")
-    written = nib.load(out)
-    assert written.get_data_dtype() == np.uint8
-    assert np.allclose(written.affine, affine, atol=1e-5)
-    assert np.array_equal(np.asarray(written.dataobj), (hu > -300).astype(np.uint8))
-    windowed = list(volume_to_slices(volume, window="lung", add_channel=True))
-    assert windowed[0].shape == (1, 7, 6) and 0.0 <= windowed[0].min() and windowed[0].max() <= 1.0
-
-
-def test_nifti_axial_axis_detection_roundtrip(tmp_path):
-    hu = np.zeros((4, 3, 5), np.float32)
-    hu[1, 2, 3] = 100
-    affine = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])  # axis 0 runs superior
-    nib.save(nib.Nifti1Image(hu, affine), tmp_path / "sag.nii.gz")
-    volume = read_nifti_volume(tmp_path / "sag.nii.gz")
-    assert volume.slice_axis == 0 and volume.slice_shape == (3, 5)
-    out = slices_to_nifti([plane > 0 for plane in volume_to_slices(volume)], volume, tmp_path / "m.nii.gz")
-    assert np.array_equal(np.asarray(nib.load(out).dataobj), (hu > 0).astype(np.uint8))
+    assert np.array_equal(loaded.numpy(), expected.T)
+    assert loaded.min() == -896.0 and loaded.max() == 1167.0
+    assert dicom_slice_affine(dataset)[2, 2] == float(dataset.SliceThickness)  # MONAI puts 1 mm there
 
 
 def _lps_world(dataset, row, column):
@@ -149,34 +95,28 @@ def _lps_world(dataset, row, column):
     return position + column * column_spacing * orientation[:3] + row * row_spacing * orientation[3:]
 
 
-def test_dicom_series_to_nifti_mask_world_positions(tmp_path):
+def test_series_sorted_by_position_with_world_geometry(tmp_path):
+    """Slices are stacked by position along the normal, not by InstanceNumber or file name (MONAI sorts by
+    InstanceNumber): every voxel lands at the world position its DICOM file gives."""
     series = tmp_path / "series"
     series.mkdir()
     datasets = []
     for index, z in enumerate([30.0, 32.5, 35.0, 37.5]):
-        stored = _stored_image(offset=index)
-        # file names in reverse order of position; InstanceNumber follows position
-        datasets.append(_write_dicom(series / f"im{9 - index}.dcm", stored, slope=2.0, position=(-100.0, -80.0, z),
-                                     instance=index + 1))
+        instance = [3, 1, 4, 2][index]  # InstanceNumber does not follow position
+        datasets.append(_write_dicom(series / f"im{9 - index}.dcm", _stored_image(offset=index), slope=2.0,
+                                     position=(-100.0, -80.0, z), instance=instance))
     (series / "notes.txt").write_text("not DICOM")
-    volume = read_dicom_series(series)
-    assert volume.hu.shape == (5, 6, 4)
-    assert [p.split("/")[-1] for p in volume.files] == ["im9.dcm", "im8.dcm", "im7.dcm", "im6.dcm"]
-    loaded = LoadImage(reader="PydicomReader", image_only=True)(str(series))
-    assert np.allclose(loaded.affine.numpy(), volume.affine) and np.array_equal(loaded.numpy(), volume.hu)
-
-    threshold = 0.0
-    out = slices_to_nifti([plane > threshold for plane in volume_to_slices(volume)], volume, tmp_path / "mask.nii")
-    mask_image = nib.load(out)
-    mask = np.asarray(mask_image.dataobj)
-    predicted = {tuple(np.round(mask_image.affine @ [i, j, k, 1], 4)[:3]) for i, j, k in zip(*np.nonzero(mask))}
-    expected = set()
-    for dataset in datasets:  # thresholded voxels straight from the DICOM files, in RAS world coordinates
+    volume = load(series)
+    assert volume.shape == (5, 6, 4)
+    assert volume.meta["filename_or_obj"] == str(series)
+    affine = volume.affine.numpy()
+    for dataset in datasets:  # every voxel at the RAS world position of its DICOM pixel
         hu = dataset.pixel_array * 2.0 - 1024
-        for row, column in zip(*np.nonzero(hu > threshold)):
+        for row, column in [(0, 0), (5, 4), (2, 3)]:
             x, y, z = _lps_world(dataset, row, column)
-            expected.add(tuple(np.round([-x, -y, z], 4)))
-    assert predicted == expected and len(expected) > 0
+            k = int(np.argmin([abs(float(d.ImagePositionPatient[2]) - z) for d in datasets]))
+            assert np.allclose(affine @ [column, row, k, 1], [-x, -y, z, 1])
+            assert volume[column, row, k] == hu[row, column]
 
 
 def test_oblique_series_affine_matches_monai(tmp_path):
@@ -188,77 +128,71 @@ def test_oblique_series_affine_matches_monai(tmp_path):
         position = np.array([10.0, 20.0, 30.0]) + 3.0 * index * normal
         _write_dicom(tmp_path / f"s{index}.dcm", _stored_image(offset=index), position=position,
                      orientation=row_dir + column_dir, instance=index + 1)
-    volume = read_ct_volume(tmp_path)
-    loaded = LoadImage(reader="PydicomReader", image_only=True)(str(tmp_path))
-    assert np.allclose(loaded.affine.numpy(), volume.affine)
-    assert np.array_equal(loaded.numpy(), volume.hu)
+    volume = load(tmp_path)
+    monai = LoadImage(reader="PydicomReader", image_only=True)(str(tmp_path))  # InstanceNumber = position order
+    assert np.allclose(monai.affine, volume.affine) and np.array_equal(monai.numpy(), volume.numpy())
 
 
 def test_dicom_errors_name_the_file(tmp_path):
-    corrupt = tmp_path / "corrupt.dcm"
-    corrupt.write_bytes(b"\x01\x02garbage" * 20)
-    with pytest.raises(CTReadError, match="corrupt.dcm"):
-        read_dicom_slice(corrupt)
-    no_pixels = tmp_path / "nopixels.dcm"
-    _write_dicom(no_pixels, _stored_image(), pixel_data=False)
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(2):
+        _write_dicom(series / f"ok{k}.dcm", _stored_image(), position=(0, 0, 2.0 * k), instance=k + 1)
+    (series / "corrupt.dcm").write_bytes(b"\x01\x02garbage" * 20)
+    with pytest.raises(CTReadError, match="corrupt.dcm: not a valid DICOM file or corrupt"):
+        load(series)
+    (series / "corrupt.dcm").unlink()
+    _write_dicom(series / "nopixels.dcm", _stored_image(), position=(0, 0, 4), pixel_data=False)
     with pytest.raises(CTReadError, match="nopixels.dcm: DICOM file has no pixel data"):
-        read_ct_slice(no_pixels)
-    truncated = tmp_path / "truncated.dcm"
-    _write_dicom(truncated, _stored_image(40, 40))
-    truncated.write_bytes(truncated.read_bytes()[:-1500])
-    with pytest.raises(CTReadError, match="truncated.dcm"):
-        read_ct_slice(truncated)
-    single = tmp_path / "single.dcm"
-    _write_dicom(single, _stored_image())
-    with pytest.raises(CTReadError, match="single.dcm: a single 2-D slice where a 3-D volume is expected"):
-        read_ct_volume(single)
+        load(series)
+    (series / "nopixels.dcm").unlink()
+    _write_dicom(series / "truncated.dcm", _stored_image(), position=(0, 0, 4))
+    (series / "truncated.dcm").write_bytes((series / "truncated.dcm").read_bytes()[:-20])
+    with pytest.raises(CTReadError, match="truncated.dcm: cannot decode the DICOM pixel data"):
+        load(series)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CTReadError, match="empty: no DICOM files in the folder"):
+        load(tmp_path / "empty")
+    single = tmp_path / "one"
+    single.mkdir()
+    _write_dicom(single / "a.dcm", _stored_image())
+    assert load(single).shape == (5, 6, 1)  # a folder is a volume, of one slice here
 
 
-def test_multiframe_and_volume_where_slice_expected(tmp_path):
-    frames = tmp_path / "multiframe.dcm"
-    ds = _write_dicom(frames, _stored_image())
-    ds.NumberOfFrames = 3
-    ds.PixelData = np.zeros((3, 6, 5), np.uint16).tobytes()
-    write_dicom_file(ds, frames)
-    with pytest.raises(CTReadError, match="multiframe.dcm: multi-frame DICOM"):
-        read_ct_slice(frames)
-    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
-    with pytest.raises(CTReadError, match="vol.nii.gz: a 3-D volume"):
-        read_ct_slice(tmp_path / "vol.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), tmp_path / "slice.nii.gz")
-    assert read_ct_slice(tmp_path / "slice.nii.gz").hu.shape == (4, 4, 1)
-    with pytest.raises(CTReadError, match="slice.nii.gz: a single 2-D slice"):
-        read_ct_volume(tmp_path / "slice.nii.gz")
-
-
-def test_mixed_series_errors(tmp_path):
+def test_mixed_series_are_refused_by_name(tmp_path):
     mixed_uid = tmp_path / "uids"
     mixed_uid.mkdir()
     _write_dicom(mixed_uid / "a.dcm", _stored_image(), position=(0, 0, 0), series_uid="1.2.3")
     _write_dicom(mixed_uid / "b.dcm", _stored_image(), position=(0, 0, 2), series_uid="1.2.4")
-    with pytest.raises(CTReadError, match="uids: mixed DICOM series, 2 SeriesInstanceUIDs"):
-        read_dicom_series(mixed_uid)
+    with pytest.raises(CTReadError, match="uids: mixed DICOM series, 2 SeriesInstanceUIDs: .*put each series in its own"):
+        load(mixed_uid)
     mixed_size = tmp_path / "sizes"
     mixed_size.mkdir()
     _write_dicom(mixed_size / "a.dcm", _stored_image(), position=(0, 0, 0))
     _write_dicom(mixed_size / "b.dcm", _stored_image(7, 5), position=(0, 0, 2))
     with pytest.raises(CTReadError, match="b.dcm differs from a.dcm in image size"):
-        read_dicom_series(mixed_size)
+        load(mixed_size)
     duplicate = tmp_path / "dup"
     duplicate.mkdir()
     _write_dicom(duplicate / "a.dcm", _stored_image(), position=(0, 0, 0))
     _write_dicom(duplicate / "b.dcm", _stored_image(), position=(0, 0, 0), instance=2)
-    with pytest.raises(CTReadError, match="same slice position"):
-        read_dicom_series(duplicate)
+    with pytest.raises(CTReadError, match="dup: mixed DICOM series, a.dcm and b.dcm have the same slice position"):
+        load(duplicate)
 
 
-def test_slices_to_nifti_checks_predictions(tmp_path):
-    nib.save(nib.Nifti1Image(np.zeros((4, 3, 2), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
-    volume = read_ct_volume(tmp_path / "v.nii.gz")
-    with pytest.raises(CTReadError, match="got 1 prediction slices for 2 slices"):
-        slices_to_nifti([np.zeros((4, 3))], volume, tmp_path / "o.nii.gz")
-    with pytest.raises(CTReadError, match=r"prediction slice 1 has shape \(3, 4\)"):
-        slices_to_nifti([np.zeros((4, 3)), np.zeros((3, 4))], volume, tmp_path / "o.nii.gz")
+def test_a_missing_slice_is_refused_by_name(tmp_path):
+    series = tmp_path / "gap"
+    series.mkdir()
+    for k, z in enumerate((0.0, 2.5, 5.0, 7.5, 12.5, 15.0)):  # 10.0 is missing
+        _write_dicom(series / f"IM{k}.dcm", _stored_image(offset=k), position=(0, 0, z), instance=k + 1)
+    with pytest.raises(CTReadError, match=r"gap: missing slice .*IM3.dcm and IM4.dcm .*5 mm apart where the median step is "
+                       r"2.5 mm .*put the series' missing files in the folder"):
+        load(series)
+    with pytest.warns(UserWarning, match="uneven slice spacing"):  # uneven, no slice missing: read, with a warning
+        (series / "IM4.dcm").unlink()
+        _write_dicom(series / "IM4.dcm", _stored_image(), position=(0, 0, 9.0), instance=5)
+        (series / "IM5.dcm").unlink()
+        assert load(series).shape == (5, 6, 5)
 
 
 def test_radiological_view():
@@ -268,18 +202,44 @@ def test_radiological_view():
     assert np.array_equal(radiological_view(display.T[::-1, ::-1], np.diag([2.0, 2.0, 1.0, 1.0])), display)
 
 
-def test_ct_window_transforms():
-    data = {"image": MetaTensor(torch.tensor([[[-1000.0, -300.0], [400.0, 1000.0]]]), meta={"filename_or_obj": "x"})}
-    out = CTWindowd(keys="image", window="lung")(data)["image"]
-    assert isinstance(out, MetaTensor) and out.tolist() == [[[0.0, 0.5], [1.0, 1.0]]]
-    assert CTWindow({"center": 40, "width": 400}).window == (-160.0, 240.0)
-    with pytest.raises(ValueError):
-        CTWindowd(keys="image", window=(400, -1000))
+def test_slice_axis_last_keeps_the_in_plane_layout_and_inverts(tmp_path):
+    """A volume whose axis 0 runs superior-inferior: its slices are taken along axis 0 (as a 2-D slice of it is
+    laid out), and Invertd puts a prediction back onto the source voxels."""
+    data = np.random.default_rng(0).normal(size=(5, 4, 3)).astype(np.float32)
+    affine = np.array([[0, 0, -1.0, 10], [0, 0.8, 0, 0], [2.5, 0, 0, -30], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "sag.nii.gz")
+    assert axial_axis(affine) == 0 and axial_axis(np.eye(4)) == 2
+    transform = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image"), SliceAxisLastd("image")])
+    out = transform({"image": str(tmp_path / "sag.nii.gz")})
+    assert out["image"].shape == (1, 4, 3, 5)
+    for k in range(5):  # slice k is data[k] unflipped
+        np.testing.assert_array_equal(out["image"][0, ..., k].numpy(), data[k])
+    out["pred"] = out["image"] > 0
+    inverted = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=True)(out)["pred"]
+    assert inverted.shape == (1, 5, 4, 3) and np.allclose(inverted.affine, affine)
+    np.testing.assert_array_equal(inverted[0].numpy(), data > 0)
 
 
-def test_ensure_single_slice():
-    flat = MetaTensor(torch.zeros(1, 4, 5, 1), meta={"filename_or_obj": "/data/one.nii.gz"})
-    assert EnsureSingleSliced(keys="image")({"image": flat})["image"].shape == (1, 4, 5)
-    volume = MetaTensor(torch.zeros(1, 4, 5, 3), meta={"filename_or_obj": "/data/vol.nii.gz"})
-    with pytest.raises(ValueError, match="/data/vol.nii.gz: expected a single 2-D slice"):
-        EnsureSingleSliced(keys="image")({"image": volume})
+class _Recorder(torch.nn.Module):
+    """Logits from the image plus the first token id; records the batch sizes it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, image, input_ids, attention_mask):
+        self.calls.append((image.shape[0], input_ids.shape[0], attention_mask.shape[0]))
+        return image[:, :1] + input_ids[:, :1, None, None].to(image.dtype)
+
+
+def test_text_slice_inferer_gives_every_slice_the_text():
+    volume = torch.rand(1, 1, 8, 6, 5)
+    input_ids, attention_mask = torch.tensor([[7, 1, 2]]), torch.ones(1, 3, dtype=torch.long)
+    network = _Recorder()
+    out = TextSliceInferer(roi_size=(8, 6), sw_batch_size=2, inferer=AutocastInferer())(
+        volume, network, input_ids, attention_mask
+    )
+    assert out.shape == (1, 1, 8, 6, 5) and torch.allclose(out, volume + 7)
+    assert [call[0] for call in network.calls] == [2, 2, 1] and all(len(set(call)) == 1 for call in network.calls)
+    with pytest.raises(ValueError, match="one volume per batch"):
+        TextSliceInferer(roi_size=(8, 6))(torch.rand(2, 1, 8, 6, 5), network, input_ids.repeat(2, 1), attention_mask)

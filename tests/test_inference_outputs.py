@@ -16,9 +16,11 @@ from PIL import Image
 from torch import nn
 
 from monai.bundle import ConfigParser
+from monai.transforms import LoadImage
 
-from himix_monai.data.ct import CTReadError, read_dicom_series
+from himix_monai.data.ct import CTReadError, DicomSeriesReader
 from himix_monai.data.inference_items import OutputNames
+from himix_monai.errors import find_project_error
 from tests.test_bundle_evaluate_inference import trained  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +122,14 @@ def test_a_series_with_a_missing_slice_is_refused(tmp_path):
     for k, z in enumerate((0.0, 2.0, 4.0, 8.0, 10.0)):  # the slice at z = 6 is missing
         _write_dicom(series / f"IM{k}.dcm", _stored_image(offset=k), position=(0, 0, z), instance=k + 1)
     with pytest.raises(CTReadError, match=r"series_007: .*missing slice.* 4(\.0+)? and 8(\.0+)? mm") as info:
-        read_dicom_series(series)
+        LoadImage(reader=DicomSeriesReader(), image_only=True)(str(series))
     assert "IM2.dcm" in str(info.value) and "IM3.dcm" in str(info.value)
+    datalist = write_datalist(tmp_path, [series])  # through the bundle: refused, named, and no mask written
+    with pytest.raises(Exception) as info:
+        run_inference(tmp_path, input_datalist=str(datalist), output_dir=str(tmp_path / "out"), intensity_range=[-1024, 2000])
+    error = find_project_error(info.value)
+    assert isinstance(error, CTReadError) and "series_007" in str(error) and "missing slice" in str(error)
+    assert not list((tmp_path / "out").rglob("*.nii.gz"))
 
 
 def test_evaluation_scores_at_the_original_resolution_too(tmp_path):

@@ -1,273 +1,48 @@
 """
-CT images as 2-D model inputs: Hounsfield units, intensity windows, DICOM series and NIfTI volumes.
+CT data on MONAI's readers: a DICOM series reader that refuses what MONAI's stacks silently, and CT geometry.
 
-The HiMix network segments 2-D slices. This module turns CT data into such slices and predictions back
-into volumes:
+- :py:class:`DicomSeriesReader` is ``monai.data.PydicomReader`` with the checks a DICOM series needs before its
+  slices are stacked into one volume (sorted by position, one series, no missing slice); give it to
+  ``LoadImage(d)`` (``bundle/configs/inference.json`` does, in ``image_readers`` and ``volume#readers``).
+- :py:func:`axial_axis` tells the voxel axis a volume's 2-D slices are taken along (the one closest to
+  superior-inferior); :py:class:`~himix_monai.transforms.volume.SliceAxisLastd` moves it last for MONAI's
+  ``SliceInferer``.
+- :py:func:`dicom_slice_affine` (the RAS affine of a DICOM slice in MONAI layout, used to write the demo data)
+  and :py:func:`radiological_view` (a 2-D slice in display orientation).
 
-- :py:func:`hu_window` maps Hounsfield units (HU) to [0, 1] through a window: a named preset from
-  :py:data:`WINDOW_PRESETS` (``"lung"`` by default: -1000..400 HU), a ``(low, high)`` pair or a
-  ``{"center": c, "width": w}`` mapping (see :py:func:`resolve_window`);
-- :py:func:`read_dicom_slice`, :py:func:`read_dicom_series`, :py:func:`read_nifti_volume` and the
-  dispatchers :py:func:`read_ct_volume` / :py:func:`read_ct_slice` read HU (rescale slope and intercept
-  applied exactly once) together with the voxel-to-world affine into a :py:class:`CTVolume`;
-- :py:func:`volume_to_slices` yields the 2-D slices, :py:func:`slices_to_nifti` stacks per-slice predictions
-  back into a ``uint8`` NIfTI mask carrying the source geometry, so predictions land on the same voxels in
-  world space as the input.
+Hounsfield units: ``PydicomReader`` applies ``RescaleSlope``/``RescaleIntercept`` (to float32) and
+``NibabelReader`` applies ``scl_slope``/``scl_inter``: data loaded with ``LoadImage`` is in HU and is scaled to
+[0, 1] with training's ``intensity_range`` (``ScaleIntensityRanged``), for pictures, slices and volumes alike.
 
-Array layout. Volumes follow MONAI's reader conventions so that this module and
-``monai.transforms.LoadImage`` agree voxel for voxel: for DICOM, axis 0 runs along the image columns and
-axis 1 along the image rows (the transpose of ``pixel_array``, as ``PydicomReader(swap_ij=True)``), axis 2
-over the slices sorted by position, and the affine maps voxel indices to RAS world coordinates in mm
-(``PydicomReader(affine_lps_to_ras=True)``, ``NibabelReader``). NIfTI arrays are kept as stored.
-
-MONAI's ``PydicomReader`` already applies ``RescaleSlope``/``RescaleIntercept`` (to float32), and
-``NibabelReader`` applies ``scl_slope``/``scl_inter`` (via nibabel): data loaded with
-``LoadImaged`` is in HU and must not be rescaled again. ``pydicom``'s ``Dataset.pixel_array`` holds the raw
-stored values, which :py:func:`dicom_hu` rescales once.
+Array layout: MONAI's. For DICOM, axis 0 runs along the image columns, axis 1 along the rows (``swap_ij``),
+axis 2 over the slices; affines map voxel indices to RAS world coordinates in mm.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-from himix_monai.files import atomic_path, dicom_files, full_suffix, is_nifti
+from monai.data import PydicomReader
+from monai.utils import MetaKeys, ensure_tuple
+
 from himix_monai.errors import HiMixError
+from himix_monai.files import dicom_files
 
-__all__ = [
-    "WINDOW_PRESETS",
-    "DEFAULT_WINDOW",
-    "WindowLike",
-    "CTReadError",
-    "CTVolume",
-    "window_from_center_width",
-    "resolve_window",
-    "hu_window",
-    "read_dicom_dataset",
-    "dicom_hu",
-    "dicom_slice_affine",
-    "read_dicom_slice",
-    "read_dicom_series",
-    "axial_axis",
-    "read_nifti_volume",
-    "read_ct_volume",
-    "read_ct_slice",
-    "volume_to_slices",
-    "slices_to_nifti",
-    "radiological_view",
-]
-
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "lung": (-1000.0, 400.0),
-    "mediastinum": (-135.0, 215.0),
-    "abdomen": (-150.0, 250.0),
-    "bone": (-500.0, 1300.0),
-}
-"""Named CT windows as (low, high) HU: lung -1000..400 (this project's default, covers air to soft tissue),
-mediastinum (center 40, width 350), abdomen (center 50, width 400), bone (center 400, width 1800)."""
-
-DEFAULT_WINDOW = "lung"
-"""The window used when none is given."""
-
-WindowLike = Union[str, Sequence[float], Mapping[str, float]]
-"""A preset name, a ``(low, high)`` pair in HU or a ``{"center": c, "width": w}`` mapping."""
+__all__ = ["CTReadError", "DicomSeriesReader", "dicom_slice_affine", "axial_axis", "radiological_view"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_GEOMETRY_TOLERANCE = 1e-4
+_TOLERANCE = 1e-4
+_ADVICE = "put the series' missing files in the folder, or give the series as the scanner stored it"
 
 
 class CTReadError(HiMixError, ValueError):
-    """A CT file, series or prediction cannot be used; the message names the file."""
-
-
-@dataclass
-class CTVolume:
-    """CT data in Hounsfield units with its geometry.
-
-    Args:
-        hu: float32 HU array of 3 spatial dimensions (a single slice has one slice along ``slice_axis``).
-        affine: 4 x 4 voxel-to-RAS-world affine (mm).
-        source: the file or folder it was read from.
-        slice_axis: the array axis the 2-D slices are taken along (the axial one).
-        source_ndim: number of dimensions of the stored image (2 for a 2-D NIfTI slice).
-        header: the NIfTI header of a NIfTI source, else None.
-        files: the DICOM files in slice order, for DICOM sources.
-    """
-
-    hu: np.ndarray
-    affine: np.ndarray
-    source: str
-    slice_axis: int = 2
-    source_ndim: int = 3
-    header: Any = None
-    files: tuple[str, ...] = ()
-
-    @property
-    def num_slices(self) -> int:
-        """Number of 2-D slices."""
-        return int(self.hu.shape[self.slice_axis])
-
-    @property
-    def slice_shape(self) -> tuple[int, ...]:
-        """Shape of one 2-D slice."""
-        return tuple(size for axis, size in enumerate(self.hu.shape) if axis != self.slice_axis)
-
-
-def window_from_center_width(center: float, width: float) -> tuple[float, float]:
-    """The (low, high) HU bounds of a window given by its center (level) and width.
-
-    Examples::
-
-        >>> window_from_center_width(-600, 1500)
-        (-1350.0, 150.0)
-    """
-    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
-        raise ValueError(f"a CT window needs a finite center and a positive width, got center={center} width={width}")
-    return float(center - width / 2.0), float(center + width / 2.0)
-
-
-def resolve_window(window: WindowLike = DEFAULT_WINDOW) -> tuple[float, float]:
-    """Validate a window and return it as (low, high) HU.
-
-    Args:
-        window: a name from :py:data:`WINDOW_PRESETS` (case-insensitive), a ``(low, high)`` pair with
-            ``low < high``, or a mapping with ``center`` (or ``level``) and ``width``.
-
-    Raises:
-        ValueError: for an unknown preset, a non-finite bound, ``low >= high`` or a non-positive width.
-
-    Examples::
-
-        >>> resolve_window("lung"), resolve_window((-160, 240)), resolve_window({"center": 40, "width": 400})
-        ((-1000.0, 400.0), (-160.0, 240.0), (-160.0, 240.0))
-    """
-    if isinstance(window, str):
-        key = window.strip().lower()
-        if key not in WINDOW_PRESETS:
-            raise ValueError(f"unknown CT window preset {window!r}, expected one of {sorted(WINDOW_PRESETS)}")
-        return WINDOW_PRESETS[key]
-    if isinstance(window, Mapping):
-        center = window.get("center", window.get("level"))
-        if center is None or "width" not in window:
-            raise ValueError(f"a CT window mapping needs 'center' (or 'level') and 'width', got {dict(window)}")
-        return window_from_center_width(float(center), float(window["width"]))
-    try:
-        low, high = (float(value) for value in window)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"a CT window must be a preset name, (low, high) or center/width, got {window!r}") from err
-    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-        raise ValueError(f"a CT window needs finite bounds with low < high, got ({low}, {high})")
-    return low, high
-
-
-def hu_window(array: Any, window: WindowLike = DEFAULT_WINDOW) -> np.ndarray:
-    """Map HU values linearly from the window's (low, high) to (0, 1), clipping outside values.
-
-    Args:
-        array: HU values (NumPy array, torch tensor or array-like).
-        window: see :py:func:`resolve_window`.
-
-    Returns:
-        float32 array of the same shape, in [0, 1].
-
-    Examples::
-
-        >>> hu_window(np.array([-1100.0, -1000.0, -300.0, 400.0]))
-        array([0. , 0. , 0.5, 1. ], dtype=float32)
-    """
-    low, high = resolve_window(window)
-    values = np.asarray(array.detach().cpu() if hasattr(array, "detach") else array, dtype=np.float64)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
-
-
-def _dcmread(path: Path, force: bool) -> Any:
-    import pydicom
-
-    return pydicom.dcmread(path, force=force)
-
-
-def read_dicom_dataset(path: str | os.PathLike) -> Any:
-    """Read one DICOM file and check it holds a single 2-D grey-level image.
-
-    Files without the DICOM preamble are retried with ``force=True`` and accepted when they hold an image.
-
-    Args:
-        path: the DICOM file.
-
-    Returns:
-        The ``pydicom.Dataset``.
-
-    Raises:
-        CTReadError: naming the file, when it is missing, not DICOM or corrupt, has no pixel data, is
-            multi-frame (a 3-D volume where a 2-D slice is expected) or has colour samples.
-    """
-    from pydicom.errors import InvalidDicomError
-
-    path = Path(path)
-    if not path.is_file():
-        raise CTReadError(f"{path}: DICOM file not found")
-    try:
-        try:
-            dataset = _dcmread(path, force=False)
-        except InvalidDicomError:
-            dataset = _dcmread(path, force=True)
-            if "PixelData" not in dataset and "Rows" not in dataset:
-                raise InvalidDicomError("no DICOM header (preamble and 'DICM' prefix) and no image attributes")
-    except Exception as err:  # pydicom raises many types for truncated or garbled files
-        raise CTReadError(f"{path}: not a valid DICOM file or corrupt: {err}") from err
-    if not any(tag in dataset for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise CTReadError(f"{path}: DICOM file has no pixel data")
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise CTReadError(f"{path}: multi-frame DICOM ({frames} frames, a 3-D volume) where a 2-D slice is expected")
-    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        raise CTReadError(
-            f"{path}: DICOM image has {samples} samples per pixel (colour), expected a grey-level CT slice"
-        )
-    return dataset
-
-
-def _float_tag(dataset: Any, keyword: str, default: float) -> float:
-    value = dataset.get(keyword)
-    return default if value is None or value == "" else float(value)
-
-
-def dicom_hu(dataset: Any, path: str | os.PathLike = "<dataset>") -> np.ndarray:
-    """The HU values of a DICOM slice in display layout ``(rows, columns)``.
-
-    The stored values (``pixel_array``) are rescaled exactly once: with the Modality LUT Sequence when
-    present, else ``stored * RescaleSlope + RescaleIntercept`` (slope 1 and intercept 0 when absent).
-
-    Args:
-        dataset: a ``pydicom.Dataset`` of a single 2-D slice (see :py:func:`read_dicom_dataset`).
-        path: its file, for error messages.
-
-    Raises:
-        CTReadError: naming the file, when the pixel data cannot be decoded or is not 2-D.
-    """
-    try:
-        stored = dataset.pixel_array
-    except Exception as err:  # missing decoder plugins, truncated pixel data, ...
-        raise CTReadError(f"{path}: cannot decode the DICOM pixel data: {err}") from err
-    if stored.ndim != 2:
-        raise CTReadError(f"{path}: DICOM pixel data has shape {stored.shape} where a 2-D slice is expected")
-    if "ModalityLUTSequence" in dataset:
-        try:
-            from pydicom.pixels import apply_modality_lut
-        except ImportError:  # pydicom < 3
-            from pydicom.pixel_data_handlers.util import apply_modality_lut
-        return np.asarray(apply_modality_lut(stored, dataset), dtype=np.float32)
-    slope = _float_tag(dataset, "RescaleSlope", 1.0)
-    intercept = _float_tag(dataset, "RescaleIntercept", 0.0)
-    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    """A CT file or series cannot be used; the message names the file or folder and what to do."""
 
 
 def _orientation(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -276,345 +51,202 @@ def _orientation(dataset: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _slice_normal(dataset: Any) -> np.ndarray:
-    row_direction, column_direction = _orientation(dataset)
-    return np.cross(row_direction, column_direction)
+    return np.cross(*_orientation(dataset))
 
 
-def dicom_slice_affine(dataset: Any, slice_step: Sequence[float] | None = None) -> np.ndarray:
+class DicomSeriesReader(PydicomReader):
+    """
+    ``monai.data.PydicomReader`` that reads a folder as one DICOM series only when it is one, in slice order.
+
+    Why a subclass: MONAI's series branch (``PydicomReader._combine_dicom_series``, MONAI 1.6) sorts the slices by
+    ``InstanceNumber`` (which need not follow position), takes only the z of ``ImagePositionPatient`` for the
+    slice spacing, only warns when slices differ in spacing or size, never compares ``SeriesInstanceUID`` and
+    spreads the slices evenly whatever the gaps: a series with a missing slice becomes a volume whose later
+    slices sit at the wrong positions, silently; a corrupt file in the folder is skipped with a warning. Here,
+    for a folder:
+
+    - the files are those of :py:func:`himix_monai.files.dicom_files` (``*.dcm`` and files with the DICOM
+      preamble; hidden files and ``DICOMDIR`` left out); one that cannot be read is an error naming it;
+    - the slices are sorted by their position along the slice normal (``ImagePositionPatient`` . normal);
+    - several ``SeriesInstanceUID`` s, image sizes, orientations or pixel spacings, two slices at one
+      position, a slice without position, and a gap between neighbours larger than 1.5 times the median
+      step (a missing slice) are :py:class:`CTReadError` naming the folder (and files) and what to do;
+    - the affine's slice axis runs from the first to the last slice, as MONAI's (its
+      ``lastImagePositionPatient``); HU as MONAI's (``RescaleSlope``/``RescaleIntercept`` of each slice).
+
+    A folder of one DICOM file gives a volume of one slice. Single files are read as by ``PydicomReader``
+    (pixel decoding errors name the file). Arguments as ``PydicomReader``.
+
+    Examples::
+
+        from monai.transforms import LoadImage
+        volume = LoadImage(reader=DicomSeriesReader(), image_only=True)("/data/series_001")  # (columns, rows, slices)
+    """
+
+    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> Any:
+        """Read a file as ``PydicomReader`` does; a series folder is read and checked in :py:meth:`get_data`.
+
+        Why later: ``LoadImage`` with user-given readers treats an error in ``read`` as "try the next reader", and
+        MONAI's default ``PydicomReader`` would then stack the refused series after all.
+
+        Args:
+            data: a DICOM file, a series folder or a list of files.
+            kwargs: passed to ``pydicom.dcmread``.
+        """
+        names = ensure_tuple(data)
+        if len(names) != 1 or not Path(names[0]).is_dir():
+            return super().read(data, **kwargs)
+        self._series_kwargs = {**self.kwargs, **kwargs}
+        return Path(names[0])
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """The image array and meta data, as ``PydicomReader.get_data``; a series folder is read and checked first.
+
+        Raises:
+            CTReadError: naming the folder or file, for a folder without DICOM files, an unreadable file or a
+                folder that is not one complete series (see the class description).
+        """
+        if isinstance(img, Path):
+            img = self._read_series(img, getattr(self, "_series_kwargs", self.kwargs))
+        return super().get_data(img)
+
+    def _read_series(self, folder: Path, kwargs: dict) -> list:
+        import pydicom
+
+        files = dicom_files(folder)
+        if not files:
+            raise CTReadError(f"{folder}: no DICOM files in the folder (a DICOM series folder is expected)")
+        datasets = []
+        for path in files:
+            try:
+                datasets.append(pydicom.dcmread(path, **kwargs))
+            except Exception as err:  # pydicom raises many types for truncated or garbled files
+                raise CTReadError(f"{path}: not a valid DICOM file or corrupt ({err}); remove it from {folder}") from err
+        ordered = self._check_series(list(zip(datasets, files)), folder)
+        self.has_series = True
+        self.filenames = [[str(path) for _, path in ordered]]
+        return [dataset for dataset, _ in ordered]
+
+    @staticmethod
+    def _check_series(slices: list[tuple[Any, Path]], folder: Path) -> list[tuple[Any, Path]]:
+        """The slices sorted along the slice normal; :py:class:`CTReadError` when they are not one complete series."""
+        for dataset, path in slices:
+            if not any(tag in dataset for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                raise CTReadError(f"{path}: DICOM file has no pixel data; remove it from {folder}")
+        uids: dict[str, Path] = {}
+        for dataset, path in slices:
+            uids.setdefault(str(dataset.get("SeriesInstanceUID", "")), path)
+        if len(uids) > 1:
+            listing = "; ".join(f"{uid or '<none>'} (e.g. {path.name})" for uid, path in uids.items())
+            raise CTReadError(
+                f"{folder}: mixed DICOM series, {len(uids)} SeriesInstanceUIDs: {listing}; put each series in its own folder"
+            )
+        if len(slices) == 1:
+            return slices
+        first, first_path = slices[0]
+        for dataset, path in slices:
+            for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
+                if keyword not in dataset:
+                    raise CTReadError(f"{path}: no {keyword}, cannot place the slice in the series of {folder}")
+            checks = {
+                "image size (Rows, Columns)": ((dataset.Rows, dataset.Columns), (first.Rows, first.Columns)),
+                "ImageOrientationPatient": (_orientation(dataset), _orientation(first)),
+                "PixelSpacing": (dataset.get("PixelSpacing") or (1, 1), first.get("PixelSpacing") or (1, 1)),
+            }
+            for what, (value, reference) in checks.items():
+                if not np.allclose(np.hstack(value).astype(float), np.hstack(reference).astype(float), atol=_TOLERANCE):
+                    raise CTReadError(
+                        f"{folder}: mixed DICOM series, {path.name} differs from {first_path.name} in {what}; "
+                        "put each series in its own folder"
+                    )
+        normal = _slice_normal(first)
+        located = sorted(
+            ((float(np.asarray(ds.ImagePositionPatient, dtype=np.float64) @ normal), ds, path) for ds, path in slices),
+            key=lambda entry: entry[0],
+        )
+        locations = np.array([entry[0] for entry in located])
+        gaps = np.diff(locations)
+        same = np.flatnonzero(gaps < _TOLERANCE)
+        if same.size:
+            first_name, second_name = located[same[0]][2].name, located[same[0] + 1][2].name
+            raise CTReadError(
+                f"{folder}: mixed DICOM series, {first_name} and {second_name} have the same slice position; "
+                "put each series in its own folder"
+            )
+        step = float(np.median(gaps))
+        missing = np.flatnonzero(gaps > 1.5 * step)
+        if missing.size:  # stacking the others evenly would put every later slice in the wrong place
+            k = int(missing[0])
+            raise CTReadError(
+                f"{folder}: missing slice in the DICOM series: {located[k][2].name} and {located[k + 1][2].name} "
+                f"(positions {locations[k]:g} and {locations[k + 1]:g} mm) are {gaps[k]:g} mm apart where the median "
+                f"step is {step:g} mm ({missing.size} such gap(s)); {_ADVICE}"
+            )
+        if np.ptp(gaps) > 0.01 * step + _TOLERANCE:
+            warnings.warn(f"{folder}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm), using the mean")
+        return [(ds, path) for _, ds, path in located]
+
+    def _combine_dicom_series(self, data: Any, filenames: Sequence[Any]) -> tuple[np.ndarray, dict]:
+        """Stack the slices in the order :py:meth:`read` checked (MONAI's sorts by ``InstanceNumber``)."""
+        arrays = [self._get_array_data(dataset, name) for dataset, name in zip(data, filenames)]
+        meta = self._get_meta_dict(data[0])
+        spacing = [float(v) for v in (data[0].get("PixelSpacing") or (1.0, 1.0))]
+        if len(arrays) > 1:
+            meta["lastImagePositionPatient"] = np.asarray(data[-1].ImagePositionPatient, dtype=np.float64)
+            positions = [np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in (data[0], data[-1])]
+            spacing.append(float(np.linalg.norm(positions[1] - positions[0])) / (len(arrays) - 1))
+        meta["spacing"] = np.asarray(spacing)
+        meta[MetaKeys.SPATIAL_SHAPE] = arrays[0].shape + (len(arrays),)
+        return np.stack(arrays, axis=-1), meta
+
+    def _get_array_data(self, img: Any, filename: Any) -> Any:
+        """MONAI's pixel data in HU, with decoding errors naming the file."""
+        try:
+            return super()._get_array_data(img, filename)
+        except Exception as err:  # missing decoder plugins, truncated pixel data, ...
+            raise CTReadError(f"{filename}: cannot decode the DICOM pixel data ({err}); replace the file") from err
+
+
+def dicom_slice_affine(dataset: Any) -> np.ndarray:
     """The RAS voxel-to-world affine of a DICOM slice in MONAI layout (axis 0 = image column, axis 1 = row).
 
-    Built from ``ImagePositionPatient``, ``ImageOrientationPatient`` and ``PixelSpacing`` (DICOM LPS, then
-    converted to RAS); the matrix ``monai.data.PydicomReader`` gives for a series. For a single slice, MONAI
-    puts 1 mm along the slice normal where this uses the slice spacing or thickness (the in-plane columns and
-    the origin are the same).
+    Built from ``ImagePositionPatient``, ``ImageOrientationPatient`` and ``PixelSpacing`` as
+    ``PydicomReader`` builds it; along the slice normal it puts ``SpacingBetweenSlices`` or ``SliceThickness``
+    (MONAI: 1 mm). Used to write NIfTI copies of DICOM slices (the demo data).
 
     Args:
         dataset: a ``pydicom.Dataset``.
-        slice_step: LPS vector (mm) from one slice to the next of a series; by default the slice normal
-            times ``SpacingBetweenSlices``, ``SliceThickness`` or 1.
 
     Returns:
         A 4 x 4 float64 affine.
     """
     row_direction, column_direction = _orientation(dataset)
     row_spacing, column_spacing = (float(value) for value in (dataset.get("PixelSpacing") or (1.0, 1.0)))
-    position = np.asarray(dataset.get("ImagePositionPatient") or (0.0, 0.0, 0.0), dtype=np.float64)
-    if slice_step is None:
-        thickness = _float_tag(dataset, "SpacingBetweenSlices", 0.0) or _float_tag(dataset, "SliceThickness", 1.0)
-        step = _slice_normal(dataset) * (thickness or 1.0)
-    else:
-        step = np.asarray(slice_step, dtype=np.float64)
+    thickness = dataset.get("SpacingBetweenSlices") or dataset.get("SliceThickness") or 1.0
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_direction * column_spacing  # along a row: increasing column index
     affine_lps[:3, 1] = column_direction * row_spacing  # down a column: increasing row index
-    affine_lps[:3, 2] = step
-    affine_lps[:3, 3] = position
+    affine_lps[:3, 2] = _slice_normal(dataset) * float(thickness)
+    affine_lps[:3, 3] = np.asarray(dataset.get("ImagePositionPatient") or (0.0, 0.0, 0.0), dtype=np.float64)
     return _LPS_TO_RAS @ affine_lps
 
 
-def read_dicom_slice(path: str | os.PathLike) -> CTVolume:
-    """Read one DICOM slice as a single-slice :py:class:`CTVolume` (HU array of shape (columns, rows, 1)).
+def axial_axis(affine: Any) -> int:
+    """The voxel axis closest to superior-inferior (2 when none is): the axis a volume's 2-D slices are taken along.
 
     Args:
-        path: the DICOM file.
-
-    Raises:
-        CTReadError: see :py:func:`read_dicom_dataset` and :py:func:`dicom_hu`.
-    """
-    dataset = read_dicom_dataset(path)
-    if "ImagePositionPatient" not in dataset or "ImageOrientationPatient" not in dataset:
-        warnings.warn(f"{path}: no ImagePositionPatient/ImageOrientationPatient, assuming an axial slice at the origin")
-    hu = dicom_hu(dataset, path).T[:, :, None]
-    return CTVolume(
-        hu=np.ascontiguousarray(hu), affine=dicom_slice_affine(dataset), source=str(path), files=(str(path),)
-    )
-
-
-def _check_same_series(datasets: Sequence[tuple[Path, Any]], folder: Path) -> None:
-    """Raise :py:class:`CTReadError` when the slices do not form one consistent series."""
-    by_uid: dict[str, Path] = {}
-    for path, dataset in datasets:
-        by_uid.setdefault(str(dataset.get("SeriesInstanceUID", "")), path)
-    if len(by_uid) > 1:
-        listing = "; ".join(f"{uid or '<none>'} (e.g. {path.name})" for uid, path in by_uid.items())
-        raise CTReadError(f"{folder}: mixed DICOM series, {len(by_uid)} SeriesInstanceUIDs: {listing}")
-    first_path, first = datasets[0]
-    for path, dataset in datasets[1:]:
-        for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
-            if keyword not in dataset:
-                raise CTReadError(f"{path}: no {keyword}, cannot place the slice in the series of {folder}")
-        checks = {
-            "image size (Rows, Columns)": ((dataset.Rows, dataset.Columns), (first.Rows, first.Columns)),
-            "ImageOrientationPatient": (_orientation(dataset), _orientation(first)),
-            "PixelSpacing": (dataset.get("PixelSpacing") or (1, 1), first.get("PixelSpacing") or (1, 1)),
-        }
-        for what, (value, reference) in checks.items():
-            same = np.allclose(np.hstack(value).astype(float), np.hstack(reference).astype(float), atol=_GEOMETRY_TOLERANCE)
-            if not same:
-                raise CTReadError(
-                    f"{folder}: mixed DICOM series, {path.name} differs from {first_path.name} in {what}"
-                )
-
-
-def _sort_slices(datasets: Sequence[tuple[Path, Any]], folder: Path) -> list[tuple[Path, Any]]:
-    """Slices ordered by position along the slice normal (then InstanceNumber); duplicates are an error."""
-    normal = _slice_normal(datasets[0][1])
-
-    def key(entry: tuple[Path, Any]) -> tuple[float, int]:
-        position = np.asarray(entry[1].ImagePositionPatient, dtype=np.float64)
-        return float(position @ normal), int(entry[1].get("InstanceNumber") or 0)
-
-    ordered = sorted(datasets, key=key)
-    locations = np.array([key(entry)[0] for entry in ordered])
-    gaps = np.diff(locations)
-    duplicate = np.flatnonzero(np.abs(gaps) < _GEOMETRY_TOLERANCE)
-    if duplicate.size:
-        first, second = ordered[duplicate[0]][0].name, ordered[duplicate[0] + 1][0].name
-        raise CTReadError(f"{folder}: mixed DICOM series, {first} and {second} have the same slice position")
-    missing = np.flatnonzero(gaps > 1.5 * gaps.min()) if gaps.size > 1 else np.array([], dtype=int)
-    if missing.size:  # a missing slice: spreading the others evenly would put every later slice in the wrong place
-        k = int(missing[0])
-        (first, before), (second, after) = ordered[k], ordered[k + 1]
-        raise CTReadError(
-            f"{folder}: missing slice in the DICOM series: {first.name} and {second.name} (positions {key(ordered[k])[0]:g} "
-            f"and {key(ordered[k + 1])[0]:g} mm) are {gaps[k]:g} mm apart where the closest slices are {gaps.min():g} mm "
-            f"apart ({missing.size} such gap(s)); put the missing files in the folder or take the series as it is "
-            "stored from the scanner"
-        )
-    if gaps.size > 1 and np.ptp(gaps) > 0.01 * float(np.median(gaps)) + _GEOMETRY_TOLERANCE:
-        warnings.warn(
-            f"{folder}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm), using the mean spacing"
-        )
-    return ordered
-
-
-def read_dicom_series(folder: str | os.PathLike) -> CTVolume:
-    """Read a folder holding one DICOM series as a :py:class:`CTVolume` of shape (columns, rows, slices).
-
-    Slices are sorted by ``ImagePositionPatient`` along the slice normal (``InstanceNumber`` breaks ties),
-    each is rescaled to HU with its own slope and intercept, and the affine's slice axis runs from the first
-    to the last slice position. Hidden files, ``DICOMDIR`` and non-DICOM files without a ``.dcm`` suffix are
-    skipped; a ``.dcm`` file that cannot be read is an error.
-
-    Args:
-        folder: the series folder.
-
-    Raises:
-        CTReadError: naming the folder or file, for a missing/empty folder, a corrupt file, a file without
-            pixel data, mixed series (several SeriesInstanceUIDs, image sizes, orientations, spacings or
-            repeated positions) or missing geometry tags.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CTReadError(f"{folder}: DICOM series folder not found")
-    files = dicom_files(folder)
-    if not files:
-        raise CTReadError(f"{folder}: no DICOM files in the folder")
-    datasets = [(path, read_dicom_dataset(path)) for path in files]
-    if len(datasets) == 1:
-        return read_dicom_slice(files[0])
-    first_path, first = datasets[0]
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
-        if keyword not in first:
-            raise CTReadError(f"{first_path}: no {keyword}, cannot place the slice in the series of {folder}")
-    _check_same_series(datasets, folder)
-    ordered = _sort_slices(datasets, folder)
-    positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for _, ds in ordered])
-    step = (positions[-1] - positions[0]) / (len(ordered) - 1)
-    hu = np.stack([dicom_hu(dataset, path).T for path, dataset in ordered], axis=-1)
-    return CTVolume(
-        hu=np.ascontiguousarray(hu),
-        affine=dicom_slice_affine(ordered[0][1], slice_step=step),
-        source=str(folder),
-        files=tuple(str(path) for path, _ in ordered),
-    )
-
-
-def axial_axis(affine: np.ndarray) -> int:
-    """The voxel axis closest to the superior-inferior direction (2 when unclear): the slice axis of a volume.
-
-    Args:
-        affine: the 4x4 voxel-to-world affine.
-    """
-    import nibabel as nib
-
-    codes = nib.orientations.aff2axcodes(affine)
-    for axis, code in enumerate(codes):
-        if code in ("S", "I"):
-            return axis
-    return 2
-
-
-def read_nifti_volume(path: str | os.PathLike) -> CTVolume:
-    """Read a NIfTI image (2-D slice or 3-D volume) as a :py:class:`CTVolume` in HU.
-
-    nibabel applies the header's ``scl_slope``/``scl_inter`` once; the array is kept in its stored layout and
-    the slices are taken along the voxel axis closest to superior-inferior. A 2-D image becomes one slice.
-
-    Args:
-        path: a ``.nii`` or ``.nii.gz`` file.
-
-    Raises:
-        CTReadError: naming the file, when it is missing, unreadable or has more than 3 spatial dimensions.
-    """
-    import nibabel as nib
-
-    path = Path(path)
-    if not path.is_file():
-        raise CTReadError(f"{path}: NIfTI file not found")
-    try:
-        image = nib.load(str(path))
-        hu = np.asarray(image.get_fdata(dtype=np.float32))
-    except Exception as err:  # nibabel raises several types for corrupt files
-        raise CTReadError(f"{path}: cannot read NIfTI image: {err}") from err
-    source_ndim = hu.ndim
-    while hu.ndim > 3 and hu.shape[-1] == 1:
-        hu = hu[..., 0]
-    if hu.ndim == 2:
-        hu = hu[:, :, None]
-    if hu.ndim != 3:
-        raise CTReadError(f"{path}: NIfTI image of shape {image.shape} is not a 2-D slice or a 3-D volume")
-    affine = np.asarray(image.affine, dtype=np.float64)
-    slice_axis = 2 if source_ndim == 2 else axial_axis(affine)
-    return CTVolume(
-        hu=hu, affine=affine, source=str(path), slice_axis=slice_axis, source_ndim=min(source_ndim, 3),
-        header=image.header.copy(),
-    )
-
-
-def read_ct_volume(path: str | os.PathLike, allow_single_slice: bool = False) -> CTVolume:
-    """Read a CT volume: a DICOM series folder, a NIfTI file or (with ``allow_single_slice``) a DICOM file.
-
-    Args:
-        path: a folder (DICOM series), a ``.nii``/``.nii.gz`` file or a DICOM file.
-        allow_single_slice: accept data holding a single 2-D slice.
-
-    Raises:
-        CTReadError: naming the file, see the readers; also for a single 2-D slice where a 3-D volume is
-            expected (unless ``allow_single_slice``).
-    """
-    path = Path(path)
-    if path.is_dir():
-        volume = read_dicom_series(path)
-    elif is_nifti(path):
-        volume = read_nifti_volume(path)
-    else:
-        volume = read_dicom_slice(path)
-    if volume.num_slices == 1 and not allow_single_slice:
-        raise CTReadError(
-            f"{path}: a single 2-D slice where a 3-D volume is expected "
-            "(use read_ct_slice, or allow_single_slice=True)"
-        )
-    return volume
-
-
-def read_ct_slice(path: str | os.PathLike) -> CTVolume:
-    """Read a single 2-D CT slice (DICOM file, 2-D NIfTI or one-slice volume) as a one-slice :py:class:`CTVolume`.
-
-    The 2-D HU array is ``volume.hu[..., 0]`` (or ``next(volume_to_slices(volume))``).
-
-    Args:
-        path: a DICOM file, a ``.nii``/``.nii.gz`` file, or a folder holding one DICOM file.
-
-    Raises:
-        CTReadError: naming the file, see the readers; also for a 3-D volume (several slices) where a
-            2-D slice is expected.
-    """
-    path = Path(path)
-    volume = read_ct_volume(path, allow_single_slice=True)
-    if volume.num_slices != 1:
-        raise CTReadError(
-            f"{path}: a 3-D volume of shape {volume.hu.shape} ({volume.num_slices} slices) "
-            "where a 2-D slice is expected"
-        )
-    return volume
-
-
-def volume_to_slices(
-    volume: CTVolume, window: WindowLike | None = None, add_channel: bool = False
-) -> Iterator[np.ndarray]:
-    """Yield the 2-D slices of a volume in slice order, as model inputs.
-
-    Args:
-        volume: the volume.
-        window: when given, slices are mapped to [0, 1] with :py:func:`hu_window`; otherwise they are in HU.
-        add_channel: yield ``(1, H, W)`` arrays (channel first) instead of ``(H, W)``.
-
-    Yields:
-        float32 arrays of shape ``volume.slice_shape`` (with a leading channel when ``add_channel``).
+        affine: the 4 x 4 voxel-to-world affine (array or tensor).
 
     Examples::
 
-        >>> volume = read_ct_volume("series_folder")  # doctest: +SKIP
-        >>> inputs = np.stack(list(volume_to_slices(volume, "lung", add_channel=True)))  # doctest: +SKIP
-    """
-    for index in range(volume.num_slices):
-        plane = np.take(volume.hu, index, axis=volume.slice_axis)
-        plane = hu_window(plane, window) if window is not None else plane.astype(np.float32, copy=False)
-        yield plane[None] if add_channel else plane
-
-
-def _prediction_plane(prediction: Any, expected: tuple[int, ...], index: int, threshold: float) -> np.ndarray:
-    array = np.asarray(prediction.detach().cpu() if hasattr(prediction, "detach") else prediction)
-    while array.ndim > 2 and array.shape[0] == 1:
-        array = array[0]
-    if array.shape != expected:
-        raise CTReadError(f"prediction slice {index} has shape {array.shape}, expected {expected}")
-    return array if array.dtype == bool else array > threshold
-
-
-def slices_to_nifti(
-    pred_slices: Iterable[Any],
-    reference: CTVolume | str | os.PathLike,
-    out_path: str | os.PathLike,
-    threshold: float = 0.5,
-) -> Path:
-    """Stack per-slice 2-D predictions into a ``uint8`` 0/1 NIfTI mask with the reference's geometry.
-
-    The inverse of :py:func:`volume_to_slices`: slice ``k`` of the predictions lands on slice ``k`` of the
-    reference, with the reference affine (for DICOM, the one computed from ``ImagePositionPatient``,
-    ``ImageOrientationPatient`` and ``PixelSpacing``; for NIfTI, the source affine and header), so each
-    predicted voxel has the same world position as the input voxel it was predicted from.
-
-    Args:
-        pred_slices: one 2-D prediction per slice, shape ``reference.slice_shape`` (a leading channel of 1 is
-            dropped); NumPy arrays or torch tensors, binarized as ``> threshold`` unless boolean.
-        reference: the :py:class:`CTVolume` the slices came from, or its path (read with
-            :py:func:`read_ct_volume`, single slices allowed).
-        out_path: the ``.nii``/``.nii.gz`` file to write (atomically; parent folders are created).
-        threshold: foreground threshold for non-boolean predictions (probabilities or 0/1 labels).
-
-    Returns:
-        The path written.
-
-    Raises:
-        CTReadError: when the number or shape of the slices does not match the reference.
+        >>> axial_axis(np.eye(4)), axial_axis(np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]]))
+        (2, 0)
     """
     import nibabel as nib
 
-    volume = reference if isinstance(reference, CTVolume) else read_ct_volume(reference, allow_single_slice=True)
-    planes = [
-        _prediction_plane(prediction, volume.slice_shape, index, threshold)
-        for index, prediction in enumerate(pred_slices)
-    ]
-    if len(planes) != volume.num_slices:
-        raise CTReadError(f"{volume.source}: got {len(planes)} prediction slices for {volume.num_slices} slices")
-    mask = np.stack(planes, axis=volume.slice_axis).astype(np.uint8)
-    if volume.source_ndim == 2:
-        mask = mask[:, :, 0]
-    if volume.header is not None:
-        header = volume.header.copy()
-        header.set_data_dtype(np.uint8)
-        image = nib.Nifti1Image(mask, volume.affine, header=header)
-    else:
-        image = nib.Nifti1Image(mask, volume.affine)
-        image.set_qform(volume.affine, code=1)
-        image.set_sform(volume.affine, code=1)
-    image.header.set_slope_inter(1.0, 0.0)
-    out_path = Path(out_path)
-    with atomic_path(out_path, suffix=full_suffix(out_path)) as temp:
-        nib.save(image, str(temp))
-    return out_path
+    matrix = np.asarray(affine.detach().cpu() if hasattr(affine, "detach") else affine, dtype=np.float64)
+    codes = nib.orientations.aff2axcodes(matrix)
+    return next((axis for axis, code in enumerate(codes) if code in ("S", "I")), 2)
 
 
 def radiological_view(slice_array: Any, affine: Any | None = None) -> np.ndarray:

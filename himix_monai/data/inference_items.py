@@ -1,16 +1,13 @@
 """
-Inputs of bundle inference: item lists from a datalist or a folder, with texts, and CT volumes as slice items.
+Inputs of bundle inference: item lists from a datalist or a folder, with texts; unique output names.
 
 - :py:func:`build_inference_items` turns a MONAI datalist split or a folder of images with a text sidecar
   (``texts.csv`` with ``Image,Description`` columns, the LViT/GuideDecoder sheet format, or ``texts.json``
-  ``{"file name": "report"}``) into the item list of ``bundle/configs/inference.json``. 2-D images give one
-  item ``{"image", "text"}``; a CT volume (a DICOM series folder or a 3-D NIfTI file) gives one item per
-  slice ``{"image": volume, "text", "slice_index": k, "num_slices": n}``, all with the volume's report.
-
-The transforms that load such slices and lay out the predictions
-(:py:class:`~himix_monai.transforms.LoadVolumeSliced`, :py:class:`~himix_monai.transforms.ToPictureLayoutd`)
-are in :py:mod:`himix_monai.transforms.volume`; :py:class:`~himix_monai.handlers.VolumeMaskWriter` stacks the
-slice predictions back into one NIfTI mask with the source geometry.
+  ``{"file name": "report"}``) into the item list of ``bundle/configs/inference.json``: one item
+  ``{"image", "text"}`` per input, a CT volume (a DICOM series folder or a 3-D NIfTI file) included;
+- :py:func:`is_volume` tells the inputs that take the volume route (``inference.json``'s ``volume`` section:
+  ``LoadImaged`` -> ``SliceInferer`` -> ``Invertd`` -> ``SaveImaged``, one NIfTI mask per volume);
+- :py:class:`OutputNames` gives every input its own output name, keeping relative paths.
 
 Errors are :py:class:`InferenceInputError` (a :py:class:`~himix_monai.data.datalist.DatalistError`) and name
 the datalist, sidecar (with its row) or image file concerned.
@@ -25,23 +22,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from monai.data.folder_layout import FolderLayoutBase
 
-from himix_monai.data.ct import axial_axis
 from himix_monai.data.datalist import DatalistError, DirectoryIndex, find_image_file, read_description_sheet
 from himix_monai.files import IMAGE_EXTENSIONS, PICTURE_EXTENSIONS, dicom_files, is_nifti, split_image_extension
 
 __all__ = [
     "TEXT_SIDECARS",
-    "SLICE_INDEX_KEY",
-    "NUM_SLICES_KEY",
     "PICTURE_EXTENSIONS",
     "InferenceInputError",
     "find_text_sidecar",
     "read_text_sidecar",
     "list_inference_inputs",
-    "volume_num_slices",
+    "is_volume",
     "build_inference_items",
     "OutputNames",
 ]
@@ -50,13 +43,6 @@ logger = logging.getLogger(__name__)
 
 TEXT_SIDECARS: tuple[str, ...] = ("texts.csv", "texts.json")
 """Names of the text sidecar files of an input folder, in order of preference."""
-
-SLICE_INDEX_KEY = "slice_index"
-"""Item key of the slice index of a volume slice item."""
-
-NUM_SLICES_KEY = "num_slices"
-"""Item key of the number of slices of the volume of a slice item."""
-
 
 
 class InferenceInputError(DatalistError):
@@ -187,41 +173,32 @@ def list_inference_inputs(folder: str | os.PathLike) -> list[Path]:
     return inputs
 
 
-def volume_num_slices(path: str | os.PathLike) -> int | None:
-    """The number of 2-D slices of a CT volume input, or None for a 2-D image. Reads headers only.
-
-    A folder is a DICOM series (one slice per DICOM file); a NIfTI file is a volume when it has three
-    spatial dimensions of more than one voxel (slices along its axial axis, as
-    :py:func:`himix_monai.data.ct.read_nifti_volume` takes them); anything else is a 2-D image.
+def is_volume(path: str | os.PathLike) -> bool:
+    """Whether an input takes the volume route: a folder (a DICOM series) or a NIfTI file with a third spatial
+    dimension of more than one voxel. Reads headers only; anything else is a 2-D image.
 
     Args:
         path: an input file or folder.
 
     Raises:
-        InferenceInputError: naming the file, when a NIfTI header cannot be read or a folder has no DICOM files.
+        InferenceInputError: naming the file, when a NIfTI header cannot be read or has more than 3 dimensions.
     """
     path = Path(path)
     if path.is_dir():
-        count = len(dicom_files(path))
-        if count == 0:
-            raise InferenceInputError(f"{path}: folder without DICOM files (a DICOM series folder is expected)")
-        return count
+        return True
     if not is_nifti(path):
-        return None
+        return False
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
+        shape = tuple(int(s) for s in nib.load(str(path)).shape)
     except Exception as err:  # nibabel raises several types for corrupt files
         raise InferenceInputError(f"{path}: cannot read the NIfTI header: {err}") from err
-    shape = tuple(int(s) for s in image.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) < 3 or shape[2] == 1:
-        return None
     if len(shape) > 3:
         raise InferenceInputError(f"{path}: NIfTI image of shape {shape} is not a 2-D image or a 3-D volume")
-    return shape[axial_axis(np.asarray(image.affine, dtype=np.float64))]
+    return len(shape) == 3 and shape[2] > 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -335,9 +312,8 @@ def build_inference_items(
     matched exactly, by stem or without a ``mask_`` prefix) or ``texts.json`` (``{"name": "report"}``), where a
     DICOM series is named by its folder name.
 
-    Inputs that are CT volumes (a DICOM series folder or a 3-D NIfTI file, see :py:func:`volume_num_slices`)
-    are expanded into one item per slice, ``{"image": path, "text": report, "slice_index": k, "num_slices":
-    n}``; 2-D images give ``{"image": path, "text": text}``. Paths are absolute.
+    Every input gives one item ``{"image": path, "text": text}`` (absolute path), a CT volume included (see
+    :py:func:`is_volume`).
 
     Args:
         input_datalist: a datalist JSON file (give this or ``input_dir``).
@@ -348,7 +324,7 @@ def build_inference_items(
         base_dir: the folder relative datalist paths are resolved against.
 
     Returns:
-        The items, in datalist or file-name order, slices of a volume in slice order.
+        The items, in datalist or file-name order.
 
     Raises:
         InferenceInputError: naming the file (and row) concerned: neither or both inputs given, a missing or
@@ -374,17 +350,7 @@ def build_inference_items(
     else:
         inputs = _folder_inputs(Path(input_dir).expanduser(), default_text)  # type: ignore[arg-type]
 
-    items: list[dict[str, Any]] = []
-    for path, text in inputs:
-        image = str(path.resolve())
-        num_slices = volume_num_slices(path)
-        if num_slices is None:
-            items.append({"image": image, "text": text})
-        else:
-            items.extend(
-                {"image": image, "text": text, SLICE_INDEX_KEY: k, NUM_SLICES_KEY: num_slices} for k in range(num_slices)
-            )
-    return items
+    return [{"image": str(path.resolve()), "text": text} for path, text in inputs]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -420,8 +386,7 @@ class OutputNames:
     extension (``x_png``, ``x_jpg``).
 
     Args:
-        inputs: the run's inputs: paths, or items with the path under ``key`` (slice items of one volume count
-            once).
+        inputs: the run's inputs: paths, or items with the path under ``key``.
         key: the item key of the path.
 
     Examples::

@@ -20,7 +20,7 @@ from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import LoadImaged, MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-from himix_monai.errors import NonFiniteImageError, UnreadableImageError
+from himix_monai.errors import HiMixError, NonFiniteImageError, UnreadableImageError
 from himix_monai.transforms.mask import source_name
 
 __all__ = ["non_finite_counts", "EnsureFinite", "EnsureFinited", "NamedLoadImaged"]
@@ -124,8 +124,8 @@ class NamedLoadImaged(LoadImaged):
         """Load the images of ``data``; a file that cannot be read raises :py:class:`UnreadableImageError`."""
         try:
             return super().__call__(data, reader)
-        except UnreadableImageError:
-            raise
+        except HiMixError:
+            raise  # a reader's own error (e.g. DicomSeriesReader's) already names the file and what to do
         except Exception as err:
             files = ", ".join(str(data[key]) for key in self.key_iterator(dict(data)))
             raise UnreadableImageError(

@@ -1,167 +1,84 @@
 """
-MONAI transforms for CT-volume inputs of bundle inference: slices of a volume in, picture layout out.
+MONAI transforms of the volume read path of bundle inference, and the picture layout of 2-D predictions.
 
-- :py:class:`LoadVolumeSliced` loads the windowed slice ``k`` of a slice item of
-  :py:func:`~himix_monai.data.inference_items.build_inference_items` (the volume is read once and kept in a
-  :py:class:`CTVolumeCache`, which :py:class:`~himix_monai.handlers.VolumeMaskWriter` shares to stack the slice
-  predictions back into one NIfTI mask with the source geometry);
+- :py:class:`SliceAxisLastd` puts a volume's axial axis (:py:func:`himix_monai.data.ct.axial_axis`) last, so
+  that ``monai.inferers.SliceInferer(spatial_dim=2)`` runs the 2-D network over the slices a radiologist reads;
+  ``Invertd`` puts it back before the mask is written;
 - :py:class:`ToPictureLayoutd` gives predictions of 2-D NIfTI/DICOM inputs the row/column order of a picture
   before they are written as PNG files.
 """
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import InvertibleTransform, MapTransform, Orientation
 
-from himix_monai.data.ct import DEFAULT_WINDOW, CTReadError, CTVolume, WindowLike, hu_window, read_ct_volume, resolve_window
-from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY, InferenceInputError
+from himix_monai.data.ct import axial_axis
 from himix_monai.files import PICTURE_EXTENSIONS
-from himix_monai.transforms.mask import meta_filename
+from himix_monai.transforms.mask import meta_filename, source_name
 
-__all__ = ["CTVolumeCache", "LoadVolumeSliced", "ToPictureLayoutd"]
+__all__ = ["SliceAxisLastd", "ToPictureLayoutd"]
 
-
-# --------------------------------------------------------------------------------------------------------------
-# volume slices
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
-class CTVolumeCache:
+class SliceAxisLastd(MapTransform, InvertibleTransform):
     """
-    The last few CT volumes read with :py:func:`~himix_monai.data.ct.read_ct_volume`, keyed by path.
+    Move the axial axis of a channel-first volume ``(C, X, Y, Z)`` to the last place, without flipping any axis.
 
-    Shared by :py:class:`LoadVolumeSliced` (which reads slice after slice of one volume) and
-    :py:class:`~himix_monai.handlers.VolumeMaskWriter` (which needs the volume's geometry when writing its
-    mask), so a volume is read once. An entry is reread when its file or folder has changed. The cache is
-    emptied when pickled (e.g. into DataLoader workers, which then keep their own).
+    The axial axis is the voxel axis closest to superior-inferior in the volume's affine
+    (:py:func:`himix_monai.data.ct.axial_axis`; the last one when none is). The other two axes keep their order
+    and direction, so every slice has the layout a 2-D slice of the same data has when loaded on its own (the
+    layout training saw). Why not ``Orientationd("RAS")``: it would also flip the in-plane axes, and a text-guided
+    network reads "left lung" from the image's layout. This is MONAI's ``Orientation`` with axis codes chosen per
+    volume (a pure permutation of its own codes), so the affine follows and ``Invertd`` undoes it.
 
     Args:
-        max_volumes: number of volumes kept (2: the volume being read and the one being written).
-    """
-
-    def __init__(self, max_volumes: int = 2) -> None:
-        if max_volumes < 1:
-            raise ValueError(f"max_volumes must be at least 1, got {max_volumes}.")
-        self.max_volumes = int(max_volumes)
-        self._volumes: OrderedDict[str, tuple[int, CTVolume]] = OrderedDict()
-
-    @staticmethod
-    def _stamp(path: Path) -> int:
-        try:
-            return path.stat().st_mtime_ns
-        except OSError:
-            return -1
-
-    def get(self, path: str | os.PathLike) -> CTVolume:
-        """The volume at ``path`` (a DICOM series folder, a NIfTI file or a DICOM file), read on first use.
-
-        Raises:
-            CTReadError: see :py:func:`~himix_monai.data.ct.read_ct_volume`.
-        """
-        key = os.fspath(path)
-        stamp = self._stamp(Path(key))
-        entry = self._volumes.get(key)
-        if entry is not None and entry[0] == stamp:
-            self._volumes.move_to_end(key)
-            return entry[1]
-        volume = read_ct_volume(key, allow_single_slice=True)
-        self._volumes[key] = (stamp, volume)
-        self._volumes.move_to_end(key)
-        while len(self._volumes) > self.max_volumes:
-            self._volumes.popitem(last=False)
-        return volume
-
-    def clear(self) -> None:
-        """Forget all volumes."""
-        self._volumes.clear()
-
-    def __len__(self) -> int:
-        return len(self._volumes)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_volumes"] = OrderedDict()
-        return state
-
-
-class LoadVolumeSliced(MapTransform):
-    """
-    Load slice ``d["slice_index"]`` of the CT volume at ``d[key]``, windowed to [0, 1], as a ``(1, H, W)`` image.
-
-    For the slice items of :py:func:`~himix_monai.data.inference_items.build_inference_items`. The volume is read with
-    :py:func:`~himix_monai.data.ct.read_ct_volume` (HU, DICOM series sorted by position) through a
-    :py:class:`CTVolumeCache`, so consecutive slices of one volume read it once. The slice is taken along the
-    volume's slice axis in MONAI layout (for DICOM: axis 0 = image column, as ``PydicomReader`` and the demo
-    data) and mapped to [0, 1] with :py:func:`~himix_monai.data.ct.hu_window`. The output is a ``MetaTensor``
-    whose meta data hold ``filename_or_obj`` (the volume), ``slice_index`` and ``spatial_shape``, so MONAI's
-    invertible transforms (``Resized``) and ``Invertd`` work on it.
-
-    Args:
-        keys: key(s) of the volume path, usually ``"image"``.
-        window: CT window: a preset name (``"lung"``, ``"mediastinum"``, ``"abdomen"``, ``"bone"``), a
-            ``(low, high)`` HU pair or ``{"center": c, "width": w}``.
-        slice_index_key: key of the slice index.
-        num_slices_key: key of the expected number of slices (checked against the volume read), or None.
-        cache: the volume cache; a new one by default (share it with ``VolumeMaskWriter``).
+        keys: keys of the channel-first volumes (``MetaTensor`` with an affine).
         allow_missing_keys: don't raise when a key is missing.
 
-    Raises:
-        InferenceInputError: naming the volume, when it cannot be read, the slice index is out of range or the
-            number of slices differs from the item's.
+    Examples::
+
+        # axis 0 of the stored array runs superior-inferior: (1, 40, 128, 128) -> (1, 128, 128, 40)
+        volume = SliceAxisLastd(keys="image")({"image": volume})["image"]
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        window: WindowLike = DEFAULT_WINDOW,
-        slice_index_key: str = SLICE_INDEX_KEY,
-        num_slices_key: str | None = NUM_SLICES_KEY,
-        cache: CTVolumeCache | None = None,
-        allow_missing_keys: bool = False,
-    ) -> None:
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.window = resolve_window(window)
-        self.slice_index_key = slice_index_key
-        self.num_slices_key = num_slices_key
-        self.cache = cache if cache is not None else CTVolumeCache()
+        self.orientation = Orientation(axcodes="RAS", labels=_RAS_LABELS)  # axcodes set per volume; one instance,
+        # as MONAI's inverse checks that the transform popping a record is the one that pushed it
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        import nibabel as nib
+
         d = dict(data)
-        index = int(d[self.slice_index_key])
         for key in self.key_iterator(d):
-            path = os.fspath(d[key])
-            try:
-                volume = self.cache.get(path)
-            except CTReadError as err:
-                raise InferenceInputError(str(err)) from err
-            if not 0 <= index < volume.num_slices:
-                raise InferenceInputError(
-                    f"{path}: slice {index} requested, the volume has {volume.num_slices} slices"
+            image = d[key]
+            if not isinstance(image, MetaTensor) or image.ndim != 4:
+                raise ValueError(
+                    f"{source_name(image, d, key)}: SliceAxisLastd expects a channel-first 3-D volume (C, X, Y, Z) with "
+                    f"its affine, got {type(image).__name__} of shape {tuple(image.shape)}"
                 )
-            expected = d.get(self.num_slices_key) if self.num_slices_key is not None else None
-            if expected is not None and int(expected) != volume.num_slices:
-                raise InferenceInputError(
-                    f"{path}: the item expects {int(expected)} slices, the volume read has {volume.num_slices}"
-                )
-            slicer = [slice(None)] * volume.hu.ndim
-            slicer[volume.slice_axis] = index  # a view: np.take would copy the whole volume for every slice
-            plane = hu_window(volume.hu[tuple(slicer)], self.window)
-            meta = {
-                "filename_or_obj": path,
-                self.slice_index_key: index,
-                "spatial_shape": np.asarray(plane.shape),
-            }
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(plane[None])), meta=meta)
+            codes = nib.orientations.aff2axcodes(np.asarray(image.affine, dtype=np.float64), labels=_RAS_LABELS)
+            if None in codes:
+                raise ValueError(f"{source_name(image, d, key)}: degenerate affine (an axis of zero length), cannot tell the slice axis")
+            axis = axial_axis(image.affine)
+            order = [a for a in range(3) if a != axis] + [axis]
+            self.orientation.axcodes = "".join(codes[a] for a in order)
+            d[key] = self.orientation(image)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Undo the move (``Orientation``'s inverse, from the recorded original affine)."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.orientation.inverse(d[key])
         return d
 
 
