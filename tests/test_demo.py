@@ -11,11 +11,11 @@ import numpy as np
 import pydicom
 import pytest
 from monai.data import load_decathlon_datalist
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged, ScaleIntensityRanged
 from skimage.measure import label
 
 from data_prep.demo import main as demo_main
-from himix_monai.data.ct import read_ct_slice
+from himix_monai.data.ct import DicomSeriesReader
 from himix_monai.data.demo import (
     DemoDatasetMismatchError,
     ensure_demo_dataset,
@@ -24,7 +24,6 @@ from himix_monai.data.demo import (
     synthesize_chest_slice,
 )
 from himix_monai.data.reports import chest_report, read_mask
-from himix_monai.transforms.ct import CTWindowd, EnsureSingleSliced
 
 SIZE = 96
 
@@ -86,7 +85,7 @@ def test_monai_loading_is_aligned_and_windowed(demo):
     lesion_hu = float(image[mask > 0].mean())
     assert -550 < lesion_hu < -250  # the label covers the ground-glass lesions
     assert float(image.min()) >= -1024 and float(image.max()) > 300  # air and bone in HU
-    windowed = Compose([EnsureSingleSliced(keys=["image", "label"]), CTWindowd(keys="image")])(loaded)["image"]
+    windowed = ScaleIntensityRanged("image", a_min=-1000, a_max=400, b_min=0.0, b_max=1.0, clip=True)(loaded)["image"]
     assert windowed.shape == (1, SIZE, SIZE) and 0.0 <= float(windowed.min()) and float(windowed.max()) <= 1.0
     dicom = LoadImage(image_only=True, reader="PydicomReader")(item["image_dicom"])
     assert np.array_equal(dicom.numpy(), image[0].numpy()) and np.allclose(dicom.affine, image.affine)
@@ -102,7 +101,7 @@ def test_dicom_tags_and_hu(demo):
     assert dataset.pixel_array.dtype == np.uint16 and dataset.Modality == "CT"
     assert [float(v) for v in dataset.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
     nifti_hu = np.asarray(nib.load(item["image"]).dataobj)
-    assert np.array_equal(read_ct_slice(item["image_dicom"]).hu[..., 0], nifti_hu)
+    assert np.array_equal(LoadImage(reader=DicomSeriesReader(), image_only=True)(item["image_dicom"]).numpy(), nifti_hu)
     assert np.array_equal(dataset.pixel_array.astype(int) - 1024, nifti_hu.T)
 
 

@@ -1,5 +1,5 @@
-"""Tests of himix_monai.data.inference_items (inference item lists), himix_monai.transforms.volume (volume
-slices, picture layout) and himix_monai.handlers.VolumeMaskWriter."""
+"""Tests of himix_monai.data.inference_items (inference item lists, which inputs are volumes) and
+himix_monai.transforms.ToPictureLayoutd (picture layout of 2-D predictions)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,9 @@ from PIL import Image
 
 from monai.data import MetaTensor
 
-from himix_monai.data.ct import hu_window, read_ct_volume
 from himix_monai.data.demo import write_ct_dicom
-from himix_monai.data.inference_items import (
-    InferenceInputError,
-    build_inference_items,
-    read_text_sidecar,
-    volume_num_slices,
-)
-from himix_monai.handlers import VolumeMaskWriter
-from himix_monai.transforms import CTVolumeCache, LoadVolumeSliced, ToPictureLayoutd
-from himix_monai.transforms import volume as volume_transforms
+from himix_monai.data.inference_items import InferenceInputError, build_inference_items, is_volume, read_text_sidecar
+from himix_monai.transforms import ToPictureLayoutd
 
 TEXT_A = "Unilateral pulmonary infection, one infected area, upper left lung."
 TEXT_B = "Bilateral pulmonary infection, two infected areas, all left lung and all right lung."
@@ -206,7 +198,7 @@ def test_empty_missing_and_ambiguous_folder(tmp_path):
 # volumes
 
 
-def test_volumes_expand_into_slice_items(tmp_path):
+def test_one_item_per_input_volumes_included(tmp_path):
     _nifti(tmp_path / "vol.nii.gz", (6, 5, 4))
     _nifti(tmp_path / "flat.nii.gz", (6, 5))
     _nifti(tmp_path / "flat3d.nii", (6, 5, 1))
@@ -215,56 +207,24 @@ def test_volumes_expand_into_slice_items(tmp_path):
     texts = {"vol.nii.gz": TEXT_A, "flat.nii.gz": TEXT_B, "flat3d.nii": TEXT_B, "series": TEXT_B}
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     items = build_inference_items(input_dir=tmp_path)
-    summary = [(Path(i["image"]).name, i.get("slice_index"), i.get("num_slices")) for i in items]
-    assert summary == [
-        ("flat.nii.gz", None, None),
-        ("flat3d.nii", None, None),
-        *[("series", k, 3) for k in range(3)],
-        *[("vol.nii.gz", k, 4) for k in range(4)],
+    assert [(Path(i["image"]).name, i["text"], is_volume(i["image"])) for i in items] == [
+        ("flat.nii.gz", TEXT_B, False),
+        ("flat3d.nii", TEXT_B, False),
+        ("series", TEXT_B, True),
+        ("vol.nii.gz", TEXT_A, True),
     ]
-    assert all(i["text"] == TEXT_A for i in items if i["image"].endswith("vol.nii.gz"))
+    assert all(set(item) == {"image", "text"} for item in items)  # one item per volume, not per slice
 
 
-def test_volume_num_slices_follows_the_axial_axis(tmp_path):
-    # voxel axis 0 runs superior-inferior: slices are taken along it, as read_nifti_volume does
-    affine = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
-    path = _nifti(tmp_path / "sagittal_stack.nii.gz", (7, 5, 4), affine)
-    assert volume_num_slices(path) == 7 == read_ct_volume(path).num_slices
-    assert volume_num_slices(_png(tmp_path / "a.png")) is None
-    with pytest.raises(InferenceInputError, match="folder without DICOM files"):
-        (tmp_path / "d").mkdir() or volume_num_slices(tmp_path / "d")
-
-
-def test_load_volume_slice_reads_the_volume_once(tmp_path, monkeypatch):
-    series = _series(tmp_path / "series", num=3)
-    calls = []
-    original = volume_transforms.read_ct_volume
-    monkeypatch.setattr(volume_transforms, "read_ct_volume", lambda *a, **k: calls.append(a) or original(*a, **k))
-    cache = CTVolumeCache()
-    load = LoadVolumeSliced(keys="image", window="lung", cache=cache)
-    volume = read_ct_volume(series)
-    for k in range(3):
-        out = load({"image": str(series), "slice_index": k, "num_slices": 3, "text": TEXT_A})
-        assert isinstance(out["image"], MetaTensor) and out["image"].shape == (1, 16, 16)
-        assert out["image"].meta["filename_or_obj"] == str(series) and out["image"].meta["slice_index"] == k
-        np.testing.assert_allclose(out["image"][0].numpy(), hu_window(volume.hu[:, :, k], "lung"))
-    assert len(calls) == 1 and len(cache) == 1
-    with pytest.raises(InferenceInputError, match=r"series: slice 3 requested, the volume has 3 slices"):
-        load({"image": str(series), "slice_index": 3, "num_slices": 3})
-    with pytest.raises(InferenceInputError, match=r"series: the item expects 5 slices, the volume read has 3"):
-        load({"image": str(series), "slice_index": 0, "num_slices": 5})
-
-
-def test_volume_cache_is_small_and_not_pickled(tmp_path):
-    import pickle
-
-    paths = [_nifti(tmp_path / f"v{k}.nii.gz", (4, 4, 2)) for k in range(3)]
-    cache = CTVolumeCache(max_volumes=2)
-    first = cache.get(paths[0])
-    assert cache.get(paths[0]) is first
-    cache.get(paths[1]), cache.get(paths[2])
-    assert len(cache) == 2 and cache.get(paths[0]) is not first
-    assert len(pickle.loads(pickle.dumps(cache))) == 0
+def test_is_volume(tmp_path):
+    affine = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # axis 0 superior
+    assert is_volume(_nifti(tmp_path / "sagittal_stack.nii.gz", (7, 5, 4), affine))
+    assert not is_volume(_png(tmp_path / "a.png")) and not is_volume(_nifti(tmp_path / "one.nii", (7, 5, 1, 1)))
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(InferenceInputError, match=r"bad\.nii\.gz: cannot read the NIfTI header"):
+        is_volume(tmp_path / "bad.nii.gz")
+    with pytest.raises(InferenceInputError, match=r"4d\.nii\.gz: NIfTI image of shape \(4, 4, 3, 2\)"):
+        is_volume(_nifti(tmp_path / "4d.nii.gz", (4, 4, 3, 2)))
 
 
 def test_to_picture_layout():
@@ -276,32 +236,3 @@ def test_to_picture_layout():
     out = layout({"pred": image.clone(), "image": nifti})  # plain tensor pred: source from the image key
     assert out["pred"].shape == (1, 3, 2) and out["image"].shape == (1, 3, 2)
     torch.testing.assert_close(out["pred"][0], image[0].T)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# VolumeMaskWriter
-
-
-def test_volume_mask_writer_out_of_order_slices(tmp_path):
-    affine = np.array([[-0.8, 0, 0, 10], [0, 0.8, 0, -5], [0, 0, 2.5, 30], [0, 0, 0, 1]])
-    path = _nifti(tmp_path / "vol.nii.gz", (6, 5, 3), affine)
-    cache = CTVolumeCache()
-    writer = VolumeMaskWriter(tmp_path / "masks", volume_cache=cache)
-    planes = [np.random.RandomState(k).rand(1, 6, 5) for k in range(3)]
-    assert writer.add_slice(str(path), 2, 3, planes[2]) is None
-    assert writer.add_slice(str(path), 0, 3, torch.as_tensor(planes[0])) is None
-    out = writer.add_slice(str(path), 1, 3, planes[1])
-    assert out == tmp_path / "masks" / "vol_mask.nii.gz" and writer.written == [out]
-    mask = nib.load(str(out))
-    np.testing.assert_allclose(mask.affine, affine)
-    assert mask.get_data_dtype() == np.uint8
-    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.stack([p[0] > 0.5 for p in planes], -1).astype(np.uint8))
-
-
-def test_volume_mask_writer_reports_incomplete_volumes(tmp_path):
-    writer = VolumeMaskWriter(tmp_path)
-    writer.add_slice("/data/vol.nii.gz", 0, 3, np.zeros((4, 4)))
-    with pytest.raises(RuntimeError, match=r"/data/vol\.nii\.gz: 1 of 3 slices"):
-        writer._check_complete(None)
-    with pytest.raises(ValueError, match="output_ext"):
-        VolumeMaskWriter(tmp_path, output_ext=".png")

@@ -218,3 +218,79 @@ def test_a_second_inference_or_evaluation_into_the_same_folder_is_refused_unless
                      save_overlays=False, evaluate_report_conditions=False)
     assert isinstance(find_project_error(caught.value), RunGuardError)
     assert (out / "summary.json").read_bytes() == summary
+
+
+def test_nifti_volumes_give_one_mask_each_with_the_source_geometry(tmp_path):
+    """One item and one NIfTI mask per volume, on the source voxels: a volume stored with the axial axis last and
+    one stored with it first (slices taken along it, as the 2-D route lays a slice out); a link in the output
+    folder is replaced, not written through."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(1)
+    axial_last = (rng.random((20, 24, 3)) * 255).astype(np.int16)
+    axial_first = (rng.random((4, 20, 24)) * 255).astype(np.int16)
+    affines = {
+        "axial_last": np.array([[-0.8, 0, 0, 10], [0, 0.7, 0, -5], [0, 0, 2.5, 30], [0, 0, 0, 1]]),
+        "axial_first": np.array([[0, 0, -0.7, 10], [0, 0.8, 0, -5], [3.0, 0, 0, 30], [0, 0, 0, 1]]),
+    }
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, data in (("axial_last", axial_last), ("axial_first", axial_first)):
+        nib.save(nib.Nifti1Image(data, affines[name]), str(inputs / f"{name}.nii.gz"))
+    outside = tmp_path / "precious.nii.gz"
+    outside.write_bytes(b"a file the user keeps")
+    masks = tmp_path / "out" / "masks"
+    masks.mkdir(parents=True)
+    (masks / "axial_last_mask.nii.gz").symlink_to(outside)
+    datalist = write_datalist(tmp_path, [inputs / "axial_last.nii.gz", inputs / "axial_first.nii.gz"])
+    run_inference(tmp_path, input_datalist=str(datalist), output_dir=str(tmp_path / "out"), image_size=[20, 24])
+    assert sorted(p.name for p in masks.iterdir()) == ["axial_first_mask.nii.gz", "axial_last_mask.nii.gz"]
+    assert outside.read_bytes() == b"a file the user keeps" and not (masks / "axial_last_mask.nii.gz").is_symlink()
+    for name, data in (("axial_last", axial_last), ("axial_first", axial_first)):
+        mask = nib.load(str(masks / f"{name}_mask.nii.gz"))
+        assert mask.shape == data.shape and mask.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(mask.affine, affines[name], atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), (data > 127.5).astype(np.uint8))
+
+
+def test_a_dicom_series_gives_a_nifti_mask_with_the_series_geometry(tmp_path):
+    """Slices stacked by position (file names and InstanceNumber in another order), the mask's voxels at the world
+    positions of the DICOM pixels they were predicted from."""
+    import nibabel as nib
+
+    from tests.test_ct import _lps_world, _stored_image, _write_dicom
+
+    series = tmp_path / "series_002"
+    series.mkdir()
+    datasets = []
+    for k, z in enumerate((-40.0, -37.5, -35.0, -32.5)):
+        datasets.append(_write_dicom(series / f"IM{9 - k}.dcm", _stored_image(offset=40 * k), slope=1.0,
+                                     position=(-100.0, -80.0, z), instance=[2, 4, 1, 3][k]))  # fmt: skip
+    datalist = write_datalist(tmp_path, [series])
+    run_inference(tmp_path, input_datalist=str(datalist), output_dir=str(tmp_path / "out"), image_size=[5, 6],
+                  intensity_range=[-1024, 0])  # fmt: skip
+    assert [p.name for p in (tmp_path / "out" / "masks").iterdir()] == ["series_002_mask.nii.gz"]
+    mask_image = nib.load(str(tmp_path / "out" / "masks" / "series_002_mask.nii.gz"))
+    mask = np.asarray(mask_image.dataobj)
+    assert mask.shape == (5, 6, 4)
+    predicted = {tuple(np.round(mask_image.affine @ [i, j, k, 1], 4)[:3]) for i, j, k in zip(*np.nonzero(mask))}
+    expected = set()
+    for dataset in datasets:  # voxels above -512 HU straight from the DICOM files, in RAS world coordinates
+        for row, column in zip(*np.nonzero(dataset.pixel_array.astype(float) - 1024 > -512)):
+            x, y, z = _lps_world(dataset, row, column)
+            expected.add(tuple(np.round([-x, -y, z], 4)))
+    assert predicted == expected and 0 < len(expected) < mask.size
+
+
+def test_mixed_series_is_refused_through_the_bundle(tmp_path):
+    from tests.test_ct import _stored_image, _write_dicom
+
+    series = tmp_path / "two_series"
+    series.mkdir()
+    for k in range(3):
+        _write_dicom(series / f"IM{k}.dcm", _stored_image(), position=(0, 0, 2.0 * k), instance=k + 1,
+                     series_uid="1.2.3" if k < 2 else "1.2.9")  # fmt: skip
+    with pytest.raises(Exception) as info:
+        run_inference(tmp_path, input_datalist=str(write_datalist(tmp_path, [series])), output_dir=str(tmp_path / "o"))
+    error = find_project_error(info.value)
+    assert isinstance(error, CTReadError) and "two_series: mixed DICOM series, 2 SeriesInstanceUIDs" in str(error)
