@@ -243,3 +243,18 @@ def test_text_slice_inferer_gives_every_slice_the_text():
     assert [call[0] for call in network.calls] == [2, 2, 1] and all(len(set(call)) == 1 for call in network.calls)
     with pytest.raises(ValueError, match="one volume per batch"):
         TextSliceInferer(roi_size=(8, 6))(torch.rand(2, 1, 8, 6, 5), network, input_ids.repeat(2, 1), attention_mask)
+
+
+def test_files_without_the_dicom_preamble_are_read(tmp_path):
+    """Older DICOM files lack the 128-byte preamble and 'DICM' prefix; pydicom refuses them unless forced."""
+    series = tmp_path / "old"
+    series.mkdir()
+    for k in range(2):
+        dataset = _write_dicom(series / f"s{k}.dcm", _stored_image(offset=k), position=(0, 0, 2.0 * k), instance=k + 1)
+        dataset.preamble = None
+        del dataset.file_meta
+        dataset.is_little_endian, dataset.is_implicit_VR = True, True
+        dataset.save_as(series / f"s{k}.dcm", write_like_original=True)
+    assert not pydicom.misc.is_dicom(str(series / "s0.dcm"))
+    assert load(series).shape == (5, 6, 2)
+    assert np.array_equal(load(series / "s1.dcm").numpy(), _stored_image(offset=1).T.astype(np.float32) - 1024)

@@ -54,6 +54,18 @@ def _slice_normal(dataset: Any) -> np.ndarray:
     return np.cross(*_orientation(dataset))
 
 
+def _with_transfer_syntax(dataset: Any) -> Any:
+    """A dataset read with ``force=True`` lacks the file meta's TransferSyntaxUID that decoding its pixels needs:
+    set it from the encoding pydicom found (files without preamble are uncompressed little endian)."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if isinstance(dataset, list) or "TransferSyntaxUID" in getattr(dataset, "file_meta", {}):
+        return dataset
+    dataset.ensure_file_meta()
+    dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if dataset.is_implicit_VR else ExplicitVRLittleEndian
+    return dataset
+
+
 class DicomSeriesReader(PydicomReader):
     """
     ``monai.data.PydicomReader`` that reads a folder as one DICOM series only when it is one, in slice order.
@@ -74,8 +86,9 @@ class DicomSeriesReader(PydicomReader):
     - the affine's slice axis runs from the first to the last slice, as MONAI's (its
       ``lastImagePositionPatient``); HU as MONAI's (``RescaleSlope``/``RescaleIntercept`` of each slice).
 
-    A folder of one DICOM file gives a volume of one slice. Single files are read as by ``PydicomReader``
-    (pixel decoding errors name the file). Arguments as ``PydicomReader``.
+    A folder of one DICOM file gives a volume of one slice. Single files are read as by ``PydicomReader``.
+    Files without the DICOM preamble (older files) are read when they hold DICOM data, and pixel decoding errors
+    name the file. Arguments as ``PydicomReader``.
 
     Examples::
 
@@ -95,7 +108,12 @@ class DicomSeriesReader(PydicomReader):
         """
         names = ensure_tuple(data)
         if len(names) != 1 or not Path(names[0]).is_dir():
-            return super().read(data, **kwargs)
+            import pydicom
+
+            try:
+                return super().read(data, **kwargs)
+            except pydicom.errors.InvalidDicomError:  # no DICOM preamble (older files): read it if it is DICOM
+                return _with_transfer_syntax(super().read(data, **{**kwargs, "force": True}))
         self._series_kwargs = {**self.kwargs, **kwargs}
         return Path(names[0])
 
@@ -119,7 +137,13 @@ class DicomSeriesReader(PydicomReader):
         datasets = []
         for path in files:
             try:
-                datasets.append(pydicom.dcmread(path, **kwargs))
+                try:
+                    datasets.append(pydicom.dcmread(path, **kwargs))
+                except pydicom.errors.InvalidDicomError:  # a .dcm file without the preamble: read it if it is one
+                    forced = pydicom.dcmread(path, **{**kwargs, "force": True})
+                    if "PixelData" not in forced and "Rows" not in forced:
+                        raise ValueError("no DICOM preamble and no image attributes") from None
+                    datasets.append(_with_transfer_syntax(forced))
             except Exception as err:  # pydicom raises many types for truncated or garbled files
                 raise CTReadError(f"{path}: not a valid DICOM file or corrupt ({err}); remove it from {folder}") from err
         ordered = self._check_series(list(zip(datasets, files)), folder)
