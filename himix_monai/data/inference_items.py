@@ -196,9 +196,11 @@ def is_volume(path: str | os.PathLike) -> bool:
         raise InferenceInputError(f"{path}: cannot read the NIfTI header: {err}") from err
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
+    if len(shape) < 3 or shape[2] == 1:  # (H, W), (H, W, 1) or (H, W, 1, C): a 2-D image
+        return False
     if len(shape) > 3:
         raise InferenceInputError(f"{path}: NIfTI image of shape {shape} is not a 2-D image or a 3-D volume")
-    return len(shape) == 3 and shape[2] > 1
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------
