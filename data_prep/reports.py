@@ -14,7 +14,7 @@ or write an ``Image,Description`` CSV (the LViT/GuideDecoder sheet format) for a
 written atomically; a summary line is printed at the end.
 
 Like the other converters, every image and mask the output lists is checked first (present, readable, same
-size; :py:func:`himix_monai.data.datalist.check_datalist_files`): a bad item is left out with a warning naming
+size; :py:func:`data_prep._cli.check_datalist_files`): a bad item is left out with a warning naming
 it and counted in the summary; ``--strict`` stops at the first one and writes nothing.
 """
 
@@ -28,9 +28,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_prep._cli import LOGGER, configure_logging
-from himix_monai.data.datalist import DatalistError, SkipReason, SkipReport, check_datalist_files, write_datalist
+from data_prep._cli import LOGGER, check_datalist_files, configure_logging
+from himix_monai.data.datalist import DatalistError, write_datalist
 from himix_monai.data.reports import DEFAULT_MIN_SIZE, REPORT_STYLES, read_mask, report_from_mask
+from himix_monai.data.skip_report import SkipReason, SkipReport
 from himix_monai.files import IMAGE_EXTENSIONS, write_text_atomically
 
 __all__ = ["build_parser", "fill_datalist_reports", "main"]
@@ -112,7 +113,7 @@ def _run_datalist(args: argparse.Namespace, report_kwargs: dict, report: SkipRep
     if not isinstance(datalist, dict):
         raise ValueError(f"{source}: a datalist must be a JSON object")
     base_dir = source.absolute().parent
-    datalist = check_datalist_files(datalist, report, source, base_dir=base_dir, verify=args.verify)
+    datalist = check_datalist_files(datalist, report, source, verify=args.verify)
     if not any(isinstance(value, list) and value for value in datalist.values()):
         raise ValueError(f"{source}: no usable item; {report.summary()}")
     result, filled = fill_datalist_reports(

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from monai.data import NibabelReader, PILReader, PydicomReader
 from monai.transforms import LoadImage
@@ -17,7 +19,7 @@ from himix_monai.data.skip_report import SkipReason
 from himix_monai.errors import NonFiniteImageError, UnreadableImageError
 from himix_monai.files import DICOM_EXTENSIONS, is_nifti
 
-__all__ = ["UnreadableImageError", "PairProblem", "read_spatial_size", "check_image_label_pair", "format_size"]
+__all__ = ["PairProblem", "read_spatial_size", "check_image_label_pair", "format_size", "check_in_threads"]
 
 _PNG_END = b"IEND\xaeB`\x82"  # type and CRC of the IEND chunk that ends every complete PNG file
 
@@ -146,3 +148,27 @@ def check_image_label_pair(
         detail = f"image {image} is {format_size(sizes[0])}, mask {label} is {format_size(sizes[1])}"
         return PairProblem(SkipReason.SIZE_MISMATCH, detail)
     return None
+
+
+def check_in_threads(
+    check: Callable[[Any], PairProblem | None], items: Iterable[Any], num_workers: int | None = None
+) -> Iterator[PairProblem | None]:
+    """``check(item)`` for every item, in order, run in ``num_workers`` threads (file checks wait on the disk).
+
+    Closing the iterator early (a ``--strict`` converter stopping at the first bad item) cancels the checks not
+    started yet.
+
+    Args:
+        check: e.g. ``lambda pair: check_image_label_pair(*pair)``.
+        items: what to check.
+        num_workers: threads; default ``min(8, cpu count)``; 1 checks in the calling thread.
+    """
+    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+    if workers <= 1:
+        yield from map(check, items)
+        return
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datalist-check")
+    try:
+        yield from executor.map(check, items)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
