@@ -154,14 +154,10 @@ def _add_vessels(rng: np.random.Generator, hu: np.ndarray, lung_mask: np.ndarray
     return np.where(lung_mask, hu + vessels, hu)
 
 
-def _lung_field(lung_mask: np.ndarray) -> tuple[float, float]:
-    rows = np.flatnonzero(lung_mask.any(axis=1))
-    return float(rows[0]), float(rows[-1] + 1 - rows[0])
-
-
 def _zone_rows(lung_mask: np.ndarray, zone: str) -> tuple[float, float]:
-    """Row range [low, high) of a zone: the same thirds :py:func:`chest_report` uses."""
-    top, height = _lung_field(lung_mask)
+    """Row range [low, high) of a zone: the same thirds of the lung field :py:func:`chest_report` uses."""
+    rows = np.flatnonzero(lung_mask.any(axis=1))
+    top, height = float(rows[0]), float(rows[-1] + 1 - rows[0])
     index = LUNG_ZONES.index(zone)
     return top + index * height / 3.0 - 0.5, top + (index + 1) * height / 3.0 - 0.5
 
@@ -279,8 +275,25 @@ def _uid(seed: int, name: str, kind: str) -> str:
     return generate_uid(entropy_srcs=[_UID_NAMESPACE, str(seed), name, kind])
 
 
-def _dicom_dataset(hu: np.ndarray, seed: int, name: str, pixel_spacing: float) -> Any:
-    """A CT Image Storage dataset for a display-orientation HU slice."""
+def write_ct_dicom(hu: np.ndarray, path: str | os.PathLike, seed: int, name: str, pixel_spacing: float) -> Any:
+    """Write a display-orientation HU slice as a CT Image Storage DICOM file.
+
+    Stored values are ``uint16`` with ``RescaleIntercept`` -1024 and ``RescaleSlope`` 1; the slice is axial
+    (``ImageOrientationPatient`` 1/0/0/0/1/0) and centred on the scanner axis. UIDs are derived from
+    ``seed`` and ``name`` so the file is reproducible.
+
+    Args:
+        hu: int16 HU array (rows, columns), values >= -1024.
+        path: the ``.dcm`` file.
+        seed: dataset seed (for the UIDs).
+        name: case name (for the UIDs and the patient ID).
+        pixel_spacing: pixel spacing in mm (rounded to 6 decimals, as written to the file).
+
+    Returns:
+        The written ``pydicom.Dataset``.
+    """
+    if int(hu.min()) < RESCALE_INTERCEPT:
+        raise ValueError(f"HU values below {RESCALE_INTERCEPT} cannot be stored as uint16 with that intercept")
     from pydicom.dataset import FileMetaDataset, FileDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
@@ -315,29 +328,6 @@ def _dicom_dataset(hu: np.ndarray, seed: int, name: str, pixel_spacing: float) -
     ds.WindowCenter, ds.WindowWidth = -300, 1400
     stored = (hu.astype(np.int32) - RESCALE_INTERCEPT).astype(np.uint16)
     ds.PixelData = stored.tobytes()
-    return ds
-
-
-def write_ct_dicom(hu: np.ndarray, path: str | os.PathLike, seed: int, name: str, pixel_spacing: float) -> Any:
-    """Write a display-orientation HU slice as a CT Image Storage DICOM file.
-
-    Stored values are ``uint16`` with ``RescaleIntercept`` -1024 and ``RescaleSlope`` 1; the slice is axial
-    (``ImageOrientationPatient`` 1/0/0/0/1/0) and centred on the scanner axis. UIDs are derived from
-    ``seed`` and ``name`` so the file is reproducible.
-
-    Args:
-        hu: int16 HU array (rows, columns), values >= -1024.
-        path: the ``.dcm`` file.
-        seed: dataset seed (for the UIDs).
-        name: case name (for the UIDs and the patient ID).
-        pixel_spacing: pixel spacing in mm (rounded to 6 decimals, as written to the file).
-
-    Returns:
-        The written ``pydicom.Dataset``.
-    """
-    if int(hu.min()) < RESCALE_INTERCEPT:
-        raise ValueError(f"HU values below {RESCALE_INTERCEPT} cannot be stored as uint16 with that intercept")
-    ds = _dicom_dataset(hu, seed, name, pixel_spacing)
     write_dicom_file(ds, path)
     return ds
 
