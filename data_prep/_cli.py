@@ -39,6 +39,7 @@ __all__ = [
     "build_datalist",
     "check_datalist_files",
     "find_child",
+    "find_split_children",
     "image_mask_folders",
     "note_extension_mismatch",
     "note_unlisted_images",
@@ -219,7 +220,8 @@ def check_datalist_files(
             result[key] = items
             continue
         result[key] = []
-        checkable = [isinstance(i, Mapping) and all(isinstance(i.get(k), str) for k in ("image", "label")) for i in items]
+        checkable = [isinstance(i, Mapping) and isinstance(i.get("image"), str) and isinstance(i.get("label"), str)
+                     for i in items]
         pairs = [(base / i["image"], base / i["label"]) for i, ok in zip(items, checkable) if ok]
         problems = iter(list(check_in_threads(lambda pair: check_image_label_pair(*pair, verify=verify), pairs)))
         for number, (item, ok) in enumerate(zip(items, checkable), start=1):
@@ -227,7 +229,8 @@ def check_datalist_files(
             if problem is None:
                 result[key].append(item)
             else:
-                report.skip(f"{key}: {Path(item['image']).name}", problem.reason, source, number, problem.detail, "entry")
+                item_id = f"{key}: {Path(item['image']).name}"
+                report.skip(item_id, problem.reason, source, number, problem.detail, "entry")
     return result
 
 
@@ -257,6 +260,20 @@ def find_child(parent: Path, names: Iterable[str], want_dir: bool = True) -> Pat
             if entry.name.lower() == name.lower():
                 return entry
     return None
+
+
+def find_split_children(
+    parent: Path, names: Mapping[str, str | Sequence[str]], want_dir: bool = True
+) -> dict[str, Path]:
+    """The entry of ``parent`` for each split that has one (see :py:func:`find_child`).
+
+    Args:
+        parent: the folder to look in.
+        names: for each datalist split, its accepted name or names, most preferred first.
+        want_dir: look for folders (True) or files (False).
+    """
+    found = {split: find_child(parent, [n] if isinstance(n, str) else n, want_dir) for split, n in names.items()}
+    return {split: path for split, path in found.items() if path is not None}
 
 
 def image_mask_folders(folder: Path, image_folder: str, mask_folder: str) -> tuple[DirectoryIndex, DirectoryIndex]:

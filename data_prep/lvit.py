@@ -30,18 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep._cli import (
-    CandidateItem,
-    Located,
-    ProgressFn,
-    build_datalist,
-    build_parser,
-    find_child,
-    image_mask_folders,
-    note_unlisted_images,
-    run_converter,
-    sheet_candidates,
-)
+from data_prep._cli import CandidateItem, Located, ProgressFn, build_datalist, build_parser, find_split_children
+from data_prep._cli import image_mask_folders, note_unlisted_images, run_converter, sheet_candidates
 from himix_monai.data.datalist import DATALIST_SPLITS
 from himix_monai.data.file_matching import DirectoryIndex, find_image_file
 from himix_monai.data.sheets import read_description_sheet
@@ -123,11 +113,10 @@ def find_split_folders(root: Path) -> dict[str, SplitFolder]:
     Raises:
         DatalistError: when none is found, or one lacks ``img`` or ``labelcol``.
     """
-    folders = {}
-    for split, name in SPLIT_FOLDER_NAMES.items():
-        folder = find_child(root, [name])
-        if folder is not None:
-            folders[split] = SplitFolder(split, folder, *image_mask_folders(folder, IMAGE_FOLDER, MASK_FOLDER))
+    folders = {
+        split: SplitFolder(split, folder, *image_mask_folders(folder, IMAGE_FOLDER, MASK_FOLDER))
+        for split, folder in find_split_children(root, SPLIT_FOLDER_NAMES).items()
+    }
     if not folders:
         expected = ", ".join(SPLIT_FOLDER_NAMES.values())
         raise DatalistError(f"{root}: none of the LViT split folders ({expected}) found")
@@ -259,17 +248,9 @@ def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: ``python -m data_prep.lvit --root DIR --out DATALIST.json [--strict]``.
-
-    Args:
-        argv: the arguments, default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
+    """``python -m data_prep.lvit --root DIR --out DATALIST.json [--strict]``; returns the exit code."""
     parser = build_parser("python -m data_prep.lvit", (__doc__ or "").splitlines()[0])
-    args = parser.parse_args(argv)
-    return run_converter(args, convert)
+    return run_converter(parser.parse_args(argv), convert)
 
 
 if __name__ == "__main__":

@@ -27,17 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep._cli import (
-    CandidateItem,
-    ProgressFn,
-    build_datalist,
-    build_parser,
-    find_child,
-    image_mask_folders,
-    note_extension_mismatch,
-    note_unlisted_images,
-    run_converter,
-)
+from data_prep._cli import CandidateItem, ProgressFn, build_datalist, build_parser, find_child, image_mask_folders
+from data_prep._cli import find_split_children, note_extension_mismatch, note_unlisted_images, run_converter
 from himix_monai.data.file_matching import DirectoryIndex, find_image_file
 from himix_monai.data.skip_report import SkipReason, SkipReport
 from himix_monai.errors import DatalistError
@@ -221,11 +212,7 @@ def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) 
     annotation_folder = find_child(root, [ANNOTATION_FOLDER])
     if annotation_folder is None:
         raise DatalistError(f"{root}: lacks the {ANNOTATION_FOLDER!r} folder")
-    annotation_files = {
-        split: path
-        for split, name in ANNOTATION_FILES.items()
-        if (path := find_child(annotation_folder, [name], want_dir=False)) is not None
-    }
+    annotation_files = find_split_children(annotation_folder, ANNOTATION_FILES, want_dir=False)
     if not annotation_files:
         raise DatalistError(f"{annotation_folder}: none of {', '.join(ANNOTATION_FILES.values())} found")
     for split, name in ANNOTATION_FILES.items():
@@ -271,16 +258,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: ``python -m data_prep.medvlsm --root DIR --out DATALIST.json [--prompt p9]``.
-
-    Args:
-        argv: the arguments, default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
-    args = build_argument_parser().parse_args(argv)
-    return run_converter(args, convert)
+    """``python -m data_prep.medvlsm --root DIR --out DATALIST.json [--prompt p9]``; returns the exit code."""
+    return run_converter(build_argument_parser().parse_args(argv), convert)
 
 
 if __name__ == "__main__":

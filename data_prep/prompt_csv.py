@@ -32,19 +32,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep._cli import (
-    LOGGER,
-    CandidateItem,
-    Located,
-    ProgressFn,
-    build_datalist,
-    build_parser,
-    find_child,
-    image_mask_folders,
-    note_unlisted_images,
-    run_converter,
-    sheet_candidates,
-)
+from data_prep._cli import LOGGER, CandidateItem, Located, ProgressFn, build_datalist, build_parser, find_child
+from data_prep._cli import find_split_children, image_mask_folders, note_unlisted_images, run_converter
+from data_prep._cli import sheet_candidates
 from himix_monai.data.file_matching import MASK_PREFIX, DirectoryIndex, find_image_file
 from himix_monai.data.sheets import read_description_sheet
 from himix_monai.data.skip_report import SkipReport
@@ -116,11 +106,7 @@ def find_csv_files(root: Path) -> dict[str, Path]:
     prompt = find_child(root, [PROMPT_FOLDER])
     if prompt is None:
         raise DatalistError(f"{root}: lacks the {PROMPT_FOLDER!r} folder with train.csv/val.csv/test.csv")
-    csv_files = {}
-    for split, names in CSV_NAMES.items():
-        path = find_child(prompt, names, want_dir=False)
-        if path is not None:
-            csv_files[split] = path
+    csv_files = find_split_children(prompt, CSV_NAMES, want_dir=False)
     if not csv_files:
         raise DatalistError(f"{prompt}: none of train.csv, val.csv, test.csv found")
     return csv_files
@@ -265,16 +251,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: ``python -m data_prep.prompt_csv --root DIR --out DATALIST.json [--strict]``.
-
-    Args:
-        argv: the arguments, default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
-    args = build_argument_parser().parse_args(argv)
-    return run_converter(args, convert)
+    """``python -m data_prep.prompt_csv --root DIR --out DATALIST.json [--strict]``; returns the exit code."""
+    return run_converter(build_argument_parser().parse_args(argv), convert)
 
 
 if __name__ == "__main__":

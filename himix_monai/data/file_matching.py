@@ -43,10 +43,11 @@ class DirectoryIndex:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        names = sorted(entry.name for entry in os.scandir(self.folder) if entry.is_file()) if self.folder.is_dir() else []
+        names = [entry.name for entry in os.scandir(self.folder) if entry.is_file()] if self.folder.is_dir() else []
         self.names: frozenset[str] = frozenset(names)
         self._by_stem: dict[str, str] = {}  # stem -> the image file of the most preferred extension
-        for name in sorted(self.image_names(), key=lambda n: IMAGE_EXTENSIONS.index(split_image_extension(n)[1].lower())):
+        images = sorted(self.image_names(), key=lambda n: IMAGE_EXTENSIONS.index(split_image_extension(n)[1].lower()))
+        for name in images:
             self._by_stem.setdefault(split_image_extension(name)[0], name)
 
     def __contains__(self, name: object) -> bool:
@@ -71,8 +72,9 @@ class DirectoryIndex:
         exact = next((name for name in names if name in self.names), None)
         if exact is not None:
             return FileMatch(self.folder / exact, names[0], by_stem=False)
-        stem = next((self._by_stem[s] for s in (split_image_extension(n)[0] for n in names) if s in self._by_stem), None)
-        return None if stem is None else FileMatch(self.folder / stem, names[0], by_stem=True)
+        stems = (split_image_extension(name)[0] for name in names)
+        found = next((self._by_stem[stem] for stem in stems if stem in self._by_stem), None)
+        return None if found is None else FileMatch(self.folder / found, names[0], by_stem=True)
 
 
 def find_image_file(index: DirectoryIndex, name: str) -> FileMatch | None:

@@ -62,5 +62,6 @@ def read_description_sheet(
         found = ", ".join(repr(str(c)) for c in table.columns) or "none"
         raise DatalistError(f"{path}: lacks the column(s) {', '.join(map(repr, missing))} (found: {found})")
     cells = table[[by_name[image_column.lower()], by_name[text_column.lower()]]].fillna("")
-    rows = [SheetRow(offset + 2, str(image).strip(), str(text).strip()) for offset, (image, text) in enumerate(cells.values)]
+    rows = [SheetRow(offset + 2, str(image).strip(), str(text).strip()) for offset, (image, text) in
+            enumerate(cells.values)]
     return [row for row in rows if row.image or row.description]  # blank lines are left out

@@ -89,7 +89,13 @@ class SkipReport:
         return len(self.items)
 
     def skip(
-        self, item_id: str, reason: str, file: str | os.PathLike, row: int | None = None, detail: str = "", unit: str = "row"
+        self,
+        item_id: str,
+        reason: str,
+        file: str | os.PathLike,
+        row: int | None = None,
+        detail: str = "",
+        unit: str = "row",
     ) -> None:
         """Record a skipped item and log a warning; raise :py:class:`DatalistError` in strict mode.
 
@@ -117,7 +123,7 @@ class SkipReport:
         self._notes.setdefault(key, (summary, []))[1].append(example)
 
     def notes(self) -> list[str]:
-        """The summary notes, one line each, e.g. ``resolved 14 extension mismatches, e.g. sheet 'a.png' -> 'a.tif'``."""
+        """The summary notes, one line each: ``resolved 14 extension mismatches, e.g. sheet 'a.png' -> 'a.tif'``."""
         return [
             summary.replace("{count}", str(len(examples))) + (f", e.g. {examples[0]}" if examples[0] else "")
             for summary, examples in self._notes.values()
