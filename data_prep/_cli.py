@@ -40,6 +40,7 @@ __all__ = [
     "check_datalist_files",
     "find_child",
     "find_split_children",
+    "required_folder",
     "image_mask_folders",
     "note_extension_mismatch",
     "note_unlisted_images",
@@ -276,19 +277,21 @@ def find_split_children(
     return {split: path for split, path in found.items() if path is not None}
 
 
-def image_mask_folders(folder: Path, image_folder: str, mask_folder: str) -> tuple[DirectoryIndex, DirectoryIndex]:
-    """The listings of the image and mask sub-folders of ``folder`` (names matched ignoring case).
+def required_folder(parent: Path, name: str, holding: str = "") -> Path:
+    """The sub-folder ``name`` of ``parent`` (matched ignoring case).
 
     Raises:
-        DatalistError: naming ``folder`` and the sub-folder it lacks.
+        DatalistError: naming ``parent`` and the folder it lacks (with what it should hold, ``holding``).
     """
-    indexes = []
-    for name in (image_folder, mask_folder):
-        child = find_child(folder, [name])
-        if child is None:
-            raise DatalistError(f"{folder}: lacks the {name!r} folder")
-        indexes.append(DirectoryIndex(child))
-    return indexes[0], indexes[1]
+    folder = find_child(parent, [name])
+    if folder is None:
+        raise DatalistError(f"{parent}: lacks the {name!r} folder{holding}")
+    return folder
+
+
+def image_mask_folders(folder: Path, image_folder: str, mask_folder: str) -> tuple[DirectoryIndex, DirectoryIndex]:
+    """The listings of the image and mask sub-folders of ``folder`` (see :py:func:`required_folder`)."""
+    return DirectoryIndex(required_folder(folder, image_folder)), DirectoryIndex(required_folder(folder, mask_folder))
 
 
 def note_extension_mismatch(report: SkipReport, match: FileMatch, listed_in: str) -> None:

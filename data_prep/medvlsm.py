@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep._cli import CandidateItem, ProgressFn, build_datalist, build_parser, find_child, image_mask_folders
-from data_prep._cli import find_split_children, note_extension_mismatch, note_unlisted_images, run_converter
+from data_prep._cli import CandidateItem, ProgressFn, build_datalist, build_parser, image_mask_folders
+from data_prep._cli import find_split_children, note_extension_mismatch, note_unlisted_images, required_folder
+from data_prep._cli import run_converter
 from himix_monai.data.file_matching import DirectoryIndex, find_image_file
 from himix_monai.data.skip_report import SkipReason, SkipReport
 from himix_monai.errors import DatalistError
@@ -209,9 +210,7 @@ def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) 
         The datalist.
     """
     root = args.root
-    annotation_folder = find_child(root, [ANNOTATION_FOLDER])
-    if annotation_folder is None:
-        raise DatalistError(f"{root}: lacks the {ANNOTATION_FOLDER!r} folder")
+    annotation_folder = required_folder(root, ANNOTATION_FOLDER)
     annotation_files = find_split_children(annotation_folder, ANNOTATION_FILES, want_dir=False)
     if not annotation_files:
         raise DatalistError(f"{annotation_folder}: none of {', '.join(ANNOTATION_FILES.values())} found")

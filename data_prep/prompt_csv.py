@@ -34,7 +34,7 @@ from pathlib import Path
 
 from data_prep._cli import LOGGER, CandidateItem, Located, ProgressFn, build_datalist, build_parser, find_child
 from data_prep._cli import find_split_children, image_mask_folders, note_unlisted_images, run_converter
-from data_prep._cli import sheet_candidates
+from data_prep._cli import required_folder, sheet_candidates
 from himix_monai.data.file_matching import MASK_PREFIX, DirectoryIndex, find_image_file
 from himix_monai.data.sheets import read_description_sheet
 from himix_monai.data.skip_report import SkipReport
@@ -103,9 +103,7 @@ def find_csv_files(root: Path) -> dict[str, Path]:
     Raises:
         DatalistError: when there is no prompt folder or no csv in it.
     """
-    prompt = find_child(root, [PROMPT_FOLDER])
-    if prompt is None:
-        raise DatalistError(f"{root}: lacks the {PROMPT_FOLDER!r} folder with train.csv/val.csv/test.csv")
+    prompt = required_folder(root, PROMPT_FOLDER, " with train.csv/val.csv/test.csv")
     csv_files = find_split_children(prompt, CSV_NAMES, want_dir=False)
     if not csv_files:
         raise DatalistError(f"{prompt}: none of train.csv, val.csv, test.csv found")
