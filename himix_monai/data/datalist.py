@@ -28,10 +28,8 @@ from typing import Any
 
 from himix_monai.config_utils import as_bool
 from himix_monai.data.file_matching import DirectoryIndex, find_image_file  # noqa: F401 - inference_items' import
-from himix_monai.data.image_checks import PairProblem, check_image_label_pair, check_in_threads, format_size
-from himix_monai.data.image_checks import read_spatial_size
+from himix_monai.data.image_checks import PairProblem, check_image_label_pair, check_in_threads, read_spatial_size
 from himix_monai.data.sheets import read_description_sheet  # noqa: F401 - inference_items' import
-from himix_monai.data.skip_report import SkipReason
 from himix_monai.errors import DatalistError, NonFiniteImageError, UnreadableImageError
 from himix_monai.files import write_text_atomically
 
@@ -230,19 +228,7 @@ def _item_problem(item: Mapping[str, Any], verify: bool) -> PairProblem | None:
         files = [f for key in ("image", "label") for f in (item[key] if isinstance(item[key], list) else [item[key]])]
         absent = [str(f) for f in files if not Path(f).exists()]
         return PairProblem("missing file", ", ".join(absent) + " not found") if absent else None
-    problem = check_image_label_pair(image, label, verify=verify)
-    if problem is not None:
-        return problem
-    try:
-        size = read_spatial_size(image, verify=False)
-    except UnreadableImageError as err:  # decoded above; a header the header-only path cannot read
-        return PairProblem(SkipReason.UNREADABLE_IMAGE, str(err))
-    if len(size) > 2:
-        return PairProblem(
-            "3-D volume",
-            f"{image} is a volume of size {format_size(size)}; a 2-D image is expected (slice volumes first)",
-        )
-    return None
+    return check_image_label_pair(image, label, verify=verify, two_d=True)
 
 
 def _common_keys(items: list[dict], source: str) -> list[dict]:

@@ -120,7 +120,7 @@ def format_size(size: tuple[int, ...]) -> str:
 
 
 def check_image_label_pair(
-    image: str | os.PathLike, label: str | os.PathLike, verify: bool = True
+    image: str | os.PathLike, label: str | os.PathLike, verify: bool = True, two_d: bool = False
 ) -> PairProblem | None:
     """Check that an image and its mask exist, are readable and have the same spatial size.
 
@@ -129,6 +129,7 @@ def check_image_label_pair(
         label: the mask file.
         verify: decode the files to detect truncated or corrupt ones and NaN or infinite values; False reads
             headers only.
+        two_d: the image must be 2-D (a volume is a ``"3-D volume"`` problem).
 
     Returns:
         None if the pair is usable, else the problem.
@@ -147,6 +148,9 @@ def check_image_label_pair(
     if sizes[0] != sizes[1]:
         detail = f"image {image} is {format_size(sizes[0])}, mask {label} is {format_size(sizes[1])}"
         return PairProblem(SkipReason.SIZE_MISMATCH, detail)
+    if two_d and len(sizes[0]) > 2:
+        detail = f"{image} is a volume of size {format_size(sizes[0])}; a 2-D image is expected (slice volumes first)"
+        return PairProblem("3-D volume", detail)
     return None
 
 
