@@ -301,7 +301,7 @@ def test_directory_index_resolves_extension_mismatch(tmp_path):
     assert index.find("b.bmp").path.name == "b.png"  # preferred extension when several share the stem
     assert index.find("notes.png") is None
     assert index.image_names() == ["a.tif", "b.jpg", "b.png"]
-    assert len(DirectoryIndex(tmp_path / "missing")) == 0
+    assert DirectoryIndex(tmp_path / "missing").names == frozenset()
 
 
 def test_mask_prefix_handling(tmp_path):

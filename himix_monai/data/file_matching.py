@@ -50,12 +50,6 @@ class DirectoryIndex:
         for name in images:
             self._by_stem.setdefault(split_image_extension(name)[0], name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __len__(self) -> int:
-        return len(self.names)
-
     def image_names(self) -> list[str]:
         """The names of the image files in the folder, sorted."""
         return sorted(name for name in self.names if split_image_extension(name)[1].lower() in IMAGE_EXTENSIONS)

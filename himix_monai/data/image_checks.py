@@ -40,7 +40,7 @@ class PairProblem(NamedTuple):
 def _loader() -> LoadImage:
     """Training's loader (the readers of ``image_readers`` in ``train.json``), made once: making one logs."""
     readers = [PydicomReader(), NibabelReader(), PILReader(reverse_indexing=False)]
-    return LoadImage(reader=readers, image_only=True, ensure_channel_first=True)
+    return LoadImage(reader=readers, image_only=True, ensure_channel_first=True, dtype=None)
 
 
 def _header_size(path: Path) -> tuple[int, ...]:
