@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ __all__ = [
     "split_counts",
     "generate_demo_dataset",
     "ensure_demo_dataset",
+    "ensure_generated",
     "demo_settings",
     "DemoDatasetMismatchError",
 ]
@@ -497,15 +498,41 @@ def _check_demo_settings(datalist: Path, wanted: dict[str, Any]) -> None:
     if not isinstance(recorded, dict):
         what = "records no demo generator settings (it was not written by the demo generator)"
     else:
-        changed = ", ".join(
-            f"{key}={recorded.get(key)!r} (wanted {value!r})" for key, value in wanted.items() if recorded.get(key) != value
-        )
+        differing = [key for key, value in wanted.items() if recorded.get(key) != value]
+        changed = ", ".join(f"{key}={recorded.get(key)!r} (wanted {wanted[key]!r})" for key in differing)
         what = f"was generated with other settings: {changed}"
     raise DemoDatasetMismatchError(
         f"the demo folder {datalist.parent} {what}; it is not reused in silence and nothing in it is deleted. "
         "Give a new folder (--dataset_dir /path/to/new/folder), or delete this folder to regenerate it here, or "
         "ask for the settings it was made with (--demo_num_cases, --demo_image_size, --demo_decoys, --seed)."
     )
+
+
+def ensure_generated(
+    dataset_dir: str | os.PathLike, settings: dict[str, Any], generate: Callable[[Path], Path]
+) -> Path:
+    """Return the datalist of a generated dataset in ``dataset_dir``, running ``generate(dataset_dir)`` first if
+    there is no datalist yet (the demo generators' shared rule, see :py:func:`ensure_demo_dataset`).
+
+    Args:
+        dataset_dir: the dataset folder (created).
+        settings: the generator settings the datalist must record under ``"generator"``.
+        generate: writes the dataset into the folder and returns its datalist path.
+
+    Raises:
+        DemoDatasetMismatchError: ``dataset_dir`` holds a datalist made with other settings, or not by a generator.
+    """
+    dataset_dir = Path(dataset_dir).absolute()
+    datalist = dataset_dir / DATALIST_NAME
+    if datalist.is_file():
+        _check_demo_settings(datalist, settings)
+        return datalist
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(dataset_dir / ".himix_demo.lock"):
+        if datalist.is_file():
+            _check_demo_settings(datalist, settings)
+            return datalist
+        return generate(dataset_dir)
 
 
 def ensure_demo_dataset(
@@ -537,15 +564,5 @@ def ensure_demo_dataset(
 
         >>> datalist = ensure_demo_dataset("/tmp/himix_demo", num=20)  # doctest: +SKIP
     """
-    dataset_dir = Path(dataset_dir).absolute()
-    datalist = dataset_dir / DATALIST_NAME
-    wanted = demo_settings(num=num, seed=seed, size=size, decoys=decoys)
-    if datalist.is_file():
-        _check_demo_settings(datalist, wanted)
-        return datalist
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(dataset_dir / ".himix_demo.lock"):
-        if datalist.is_file():
-            _check_demo_settings(datalist, wanted)
-            return datalist
-        return generate_demo_dataset(dataset_dir, num=num, seed=seed, size=size, decoys=decoys)
+    settings = demo_settings(num=num, seed=seed, size=size, decoys=decoys)
+    return ensure_generated(dataset_dir, settings, lambda out: generate_demo_dataset(out, num, seed, size, decoys))

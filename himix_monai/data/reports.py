@@ -1,27 +1,15 @@
 """
-Structured lesion reports derived from binary masks, in the style of the published text annotations.
+Structured lesion reports written from binary masks, in the style of the published text annotations:
+QaTa-COV19/MosMedData+ (LViT, Li et al.), "Bilateral pulmonary infection, two infected areas, upper left lung and
+lower right lung.", by :py:func:`chest_report`, and Kvasir-SEG, "one small polyp located in right of the image",
+by :py:func:`generic_report`. Deterministic, so that datasets without text (and the synthetic demo,
+:py:mod:`himix_monai.data.demo`) can be used for text-guided segmentation; ``python -m data_prep.reports``
+applies them to a datalist or a folder of masks (:py:func:`read_mask`).
 
-The QaTa-COV19 and MosMedData+ annotations (LViT, Li et al.) describe whether one or both lungs are
-infected, how many infected areas there are and roughly where they are::
-
-    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
-
-The Kvasir-SEG annotations describe the number, size and position of the polyps::
-
-    "one small polyp located in right of the image"
-
-This module writes such reports from a mask, deterministically, so that datasets without text (or
-synthetic ones, see :py:mod:`himix_monai.data.demo`) can be used for text-guided segmentation:
-:py:func:`find_lesions` counts lesions (8-connected components of at least ``min_size`` pixels),
-:py:func:`chest_report` (QaTa/MosMed style) and :py:func:`generic_report` (Kvasir style) write the text and
-:py:func:`read_mask` reads a mask file (``python -m data_prep.reports`` applies them to a datalist or a folder).
-
-Orientation conventions. All report functions take a 2-D mask in *display orientation*: ``mask[row, column]``
-with rows running from the top of the image to the bottom and columns from the image left to the image right,
-i.e. the array of a PNG read with PIL or the ``pixel_array`` of a DICOM file. Chest images follow the
-radiological convention: the patient's RIGHT lung is on the IMAGE LEFT, so a lesion in the image left half is
-reported in the "right lung". Masks are binarized as training binarizes them
-(:py:class:`~himix_monai.transforms.BinarizeMask`).
+The report functions take a 2-D mask in *display orientation* (``mask[row, column]``, rows top to bottom,
+columns image left to right: a PNG read with PIL, a DICOM ``pixel_array``), binarized as training binarizes masks
+(:py:class:`~himix_monai.transforms.BinarizeMask`). Chest images follow the radiological convention: the
+patient's RIGHT lung is on the IMAGE LEFT, so a lesion in the image left half is reported in the "right lung".
 """
 
 from __future__ import annotations
