@@ -1,9 +1,10 @@
-"""Command-line plumbing shared by the dataset converters in ``data_prep``.
+"""What the dataset converters in ``data_prep`` share.
 
 Each converter module defines how to turn one published layout into candidate items; this module gives
-them the common arguments (``--root``, ``--out``, ``--strict``, ``--seed`` ...), logging of skipped items
-(one warning per item, naming its file and row), progress bars, the atomic write of the datalist and the
-summary line printed at the end::
+them the common arguments (``--root``, ``--out``, ``--strict``, ``--seed`` ...), the folder lookups, the reading
+of ``Image``/``Description`` sheets into candidates (:py:func:`sheet_candidates`), the file checks
+(:py:func:`build_datalist`), logging of skipped items (one warning per item, naming its file and row), progress
+bars, the atomic write of the datalist and the summary line printed at the end::
 
     wrote /x/datalist.json: training=80 validation=10 test=10; skipped 3 (missing mask: 2, empty description: 1)
 

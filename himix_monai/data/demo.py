@@ -512,11 +512,17 @@ def ensure_generated(
     dataset_dir: str | os.PathLike, settings: dict[str, Any], generate: Callable[[Path], Path]
 ) -> Path:
     """Return the datalist of a generated dataset in ``dataset_dir``, running ``generate(dataset_dir)`` first if
-    there is no datalist yet (the demo generators' shared rule, see :py:func:`ensure_demo_dataset`).
+    there is no datalist yet: the rule of the demo generators.
+
+    Safe when several processes call it at once (e.g. the ranks of a ``torchrun`` job): generation runs under an
+    exclusive file lock (``dataset_dir/.himix_demo.lock``, ``filelock``) and the others wait, then find the
+    datalist. An existing datalist is reused only when it records ``settings`` under ``"generator"``; otherwise
+    :py:class:`DemoDatasetMismatchError` says which settings differ and what to do. Nothing in an existing folder
+    is deleted or overwritten.
 
     Args:
         dataset_dir: the dataset folder (created).
-        settings: the generator settings the datalist must record under ``"generator"``.
+        settings: the generator settings, e.g. :py:func:`demo_settings`.
         generate: writes the dataset into the folder and returns its datalist path.
 
     Raises:
@@ -540,11 +546,8 @@ def ensure_demo_dataset(
 ) -> Path:
     """Return the demo datalist in ``dataset_dir``, generating the dataset first if there is no datalist yet.
 
-    Safe when several processes call it at once (e.g. the ranks of a ``torchrun`` job): generation runs under
-    an exclusive file lock (``dataset_dir/.himix_demo.lock``, ``filelock``) and the others wait, then find the datalist.
-    An existing datalist is reused only when the settings it records (its ``"generator"`` entry, see
-    :py:func:`demo_settings`) are the ones asked for; otherwise :py:class:`DemoDatasetMismatchError` says which
-    settings differ and what to do. Nothing in an existing folder is deleted or overwritten.
+    Under a file lock, and reusing an existing datalist only when it was made with these settings: see
+    :py:func:`ensure_generated`.
 
     Args:
         dataset_dir: the dataset folder (created).
