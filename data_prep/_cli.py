@@ -42,7 +42,8 @@ __all__ = [
     "find_child",
     "find_split_children",
     "required_folder",
-    "image_mask_folders",
+    "ImageMaskFolder",
+    "image_mask_folder",
     "note_extension_mismatch",
     "note_unlisted_images",
     "sheet_candidates",
@@ -290,9 +291,25 @@ def required_folder(parent: Path, name: str, holding: str = "") -> Path:
     return folder
 
 
-def image_mask_folders(folder: Path, image_folder: str, mask_folder: str) -> tuple[DirectoryIndex, DirectoryIndex]:
-    """The listings of the image and mask sub-folders of ``folder`` (see :py:func:`required_folder`)."""
-    return DirectoryIndex(required_folder(folder, image_folder)), DirectoryIndex(required_folder(folder, mask_folder))
+@dataclass(frozen=True)
+class ImageMaskFolder:
+    """A folder and the listings of its image and mask sub-folders.
+
+    Args:
+        folder: e.g. ``ROOT/Train_Folder``.
+        images: listing of the image folder (``img``, ``Images``, ...).
+        masks: listing of the mask folder (``labelcol``, ``GTs``, ...).
+    """
+
+    folder: Path
+    images: DirectoryIndex
+    masks: DirectoryIndex
+
+
+def image_mask_folder(folder: Path, image_folder: str, mask_folder: str) -> ImageMaskFolder:
+    """``folder`` with the listings of its image and mask sub-folders (see :py:func:`required_folder`)."""
+    images, masks = (DirectoryIndex(required_folder(folder, name)) for name in (image_folder, mask_folder))
+    return ImageMaskFolder(folder, images, masks)
 
 
 def note_extension_mismatch(report: SkipReport, match: FileMatch, listed_in: str) -> None:

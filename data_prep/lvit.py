@@ -30,10 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep._cli import CandidateItem, Located, ProgressFn, build_datalist, build_parser, find_split_children
-from data_prep._cli import image_mask_folders, note_unlisted_images, run_converter, sheet_candidates
+from data_prep._cli import CandidateItem, ImageMaskFolder, Located, ProgressFn, build_datalist, build_parser
+from data_prep._cli import find_split_children, image_mask_folder, note_unlisted_images, run_converter, sheet_candidates
 from himix_monai.data.datalist import DATALIST_SPLITS
-from himix_monai.data.file_matching import DirectoryIndex, find_image_file
+from himix_monai.data.file_matching import find_image_file
 from himix_monai.data.sheets import read_description_sheet
 from himix_monai.data.skip_report import SkipReport
 from himix_monai.errors import DatalistError
@@ -42,7 +42,6 @@ __all__ = [
     "SPLIT_FOLDER_NAMES",
     "IMAGE_FOLDER",
     "MASK_FOLDER",
-    "SplitFolder",
     "TextSheet",
     "find_split_folders",
     "sheet_splits",
@@ -72,23 +71,6 @@ _SHEET_TEXT_WORD = "text"
 
 
 @dataclass(frozen=True)
-class SplitFolder:
-    """A split folder and the listings of its image and mask folders.
-
-    Args:
-        split: the datalist split.
-        folder: e.g. ``ROOT/Train_Folder``.
-        images: listing of ``img``.
-        masks: listing of ``labelcol``.
-    """
-
-    split: str
-    folder: Path
-    images: DirectoryIndex
-    masks: DirectoryIndex
-
-
-@dataclass(frozen=True)
 class TextSheet:
     """A text sheet and the splits it covers (``Train_Val_text.xlsx`` covers training and validation).
 
@@ -101,7 +83,7 @@ class TextSheet:
     splits: tuple[str, ...]
 
 
-def find_split_folders(root: Path) -> dict[str, SplitFolder]:
+def find_split_folders(root: Path) -> dict[str, ImageMaskFolder]:
     """Find ``Train_Folder``, ``Val_Folder`` and ``Test_Folder`` (any case) with their ``img``/``labelcol``.
 
     Args:
@@ -114,7 +96,7 @@ def find_split_folders(root: Path) -> dict[str, SplitFolder]:
         DatalistError: when none is found, or one lacks ``img`` or ``labelcol``.
     """
     folders = {
-        split: SplitFolder(split, folder, *image_mask_folders(folder, IMAGE_FOLDER, MASK_FOLDER))
+        split: image_mask_folder(folder, IMAGE_FOLDER, MASK_FOLDER)
         for split, folder in find_split_children(root, SPLIT_FOLDER_NAMES).items()
     }
     if not folders:
@@ -147,7 +129,7 @@ def sheet_splits(path: Path, folder_split: str | None = None) -> tuple[str, ...]
     return tuple(split for split in DATALIST_SPLITS if split in covered) or None
 
 
-def find_text_sheets(root: Path, folders: dict[str, SplitFolder]) -> list[TextSheet]:
+def find_text_sheets(root: Path, folders: dict[str, ImageMaskFolder]) -> list[TextSheet]:
     """Find the text sheets in ``root`` and in the split folders.
 
     Args:
@@ -168,7 +150,7 @@ def find_text_sheets(root: Path, folders: dict[str, SplitFolder]) -> list[TextSh
     return sheets
 
 
-def _sheet_preference(sheet: TextSheet, folder: SplitFolder) -> tuple:
+def _sheet_preference(sheet: TextSheet, folder: ImageMaskFolder) -> tuple:
     """Sort key: split-specific sheets first, then sheets in the split folder, then xlsx before csv."""
     in_split_folder = sheet.path.parent == folder.folder
     extension_rank = _SHEET_EXTENSIONS.index(sheet.path.suffix.lower())
@@ -176,7 +158,7 @@ def _sheet_preference(sheet: TextSheet, folder: SplitFolder) -> tuple:
 
 
 def assign_sheets(
-    sheets: Sequence[TextSheet], folders: dict[str, SplitFolder], root: Path
+    sheets: Sequence[TextSheet], folders: dict[str, ImageMaskFolder], root: Path
 ) -> list[tuple[TextSheet, tuple[str, ...]]]:
     """Choose one sheet per split folder: the most specific one (``Train_text`` before ``Train_Val_text``).
 
@@ -205,7 +187,7 @@ def assign_sheets(
     return [(by_path[path], tuple(splits)) for path, splits in used_for.items()]
 
 
-def _image_locator(sheet: TextSheet, folders: dict[str, SplitFolder]):
+def _image_locator(sheet: TextSheet, folders: dict[str, ImageMaskFolder]):
     """Find a row's image in the split folders the sheet covers; exact names before stem matches."""
 
     def locate(name: str) -> Located | str:

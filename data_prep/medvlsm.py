@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep._cli import CandidateItem, ProgressFn, build_datalist, build_parser, image_mask_folders
+from data_prep._cli import CandidateItem, ProgressFn, build_datalist, build_parser, image_mask_folder
 from data_prep._cli import find_split_children, note_extension_mismatch, note_unlisted_images, required_folder
 from data_prep._cli import run_converter
 from himix_monai.data.file_matching import DirectoryIndex, find_image_file
@@ -217,7 +217,8 @@ def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) 
     for split, name in ANNOTATION_FILES.items():
         if split not in annotation_files:
             report.add_note(f"no {name}", f"no {annotation_folder / name}: the {split} split is empty")
-    images, masks = image_mask_folders(root, IMAGE_FOLDER, MASK_FOLDER)
+    folder = image_mask_folder(root, IMAGE_FOLDER, MASK_FOLDER)
+    images, masks = folder.images, folder.masks
     choice = PromptChoice(args.prompt, args.variant, random.Random(args.seed))
     candidates: list[CandidateItem] = []
     listed_images: set[Path] = set()

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep._cli import LOGGER, CandidateItem, Located, ProgressFn, build_datalist, build_parser, find_child
-from data_prep._cli import find_split_children, image_mask_folders, note_unlisted_images, run_converter
-from data_prep._cli import required_folder, sheet_candidates
-from himix_monai.data.file_matching import MASK_PREFIX, DirectoryIndex, find_image_file
+from data_prep._cli import LOGGER, CandidateItem, ImageMaskFolder, Located, ProgressFn, build_datalist, build_parser
+from data_prep._cli import find_child, find_split_children, image_mask_folder, note_unlisted_images, required_folder
+from data_prep._cli import run_converter, sheet_candidates
+from himix_monai.data.file_matching import MASK_PREFIX, find_image_file
 from himix_monai.data.sheets import read_description_sheet
 from himix_monai.data.skip_report import SkipReport
 from himix_monai.errors import DatalistError
@@ -47,7 +46,6 @@ __all__ = [
     "IMAGE_FOLDER",
     "MASK_FOLDER",
     "DEFAULT_VAL_FRACTION",
-    "ImageFolder",
     "find_csv_files",
     "find_image_folder",
     "validation_rows",
@@ -76,21 +74,6 @@ MASK_FOLDER = "GTs"
 DEFAULT_VAL_FRACTION = 0.2
 
 
-@dataclass(frozen=True)
-class ImageFolder:
-    """A split folder and the listings of its ``Images`` and ``GTs`` folders.
-
-    Args:
-        folder: e.g. ``ROOT/Train``.
-        images: listing of ``Images``.
-        masks: listing of ``GTs``.
-    """
-
-    folder: Path
-    images: DirectoryIndex
-    masks: DirectoryIndex
-
-
 def find_csv_files(root: Path) -> dict[str, Path]:
     """Find ``prompt/{train,val,test}.csv`` (any case).
 
@@ -110,7 +93,7 @@ def find_csv_files(root: Path) -> dict[str, Path]:
     return csv_files
 
 
-def find_image_folder(root: Path, split: str) -> ImageFolder | None:
+def find_image_folder(root: Path, split: str) -> ImageMaskFolder | None:
     """Find the image folder of a split (``Train``/``train`` ...) with its ``Images`` and ``GTs``.
 
     Args:
@@ -124,7 +107,7 @@ def find_image_folder(root: Path, split: str) -> ImageFolder | None:
         DatalistError: when the folder lacks ``Images`` or ``GTs``.
     """
     folder = find_child(root, SPLIT_FOLDER_NAMES[split])
-    return None if folder is None else ImageFolder(folder, *image_mask_folders(folder, IMAGE_FOLDER, MASK_FOLDER))
+    return None if folder is None else image_mask_folder(folder, IMAGE_FOLDER, MASK_FOLDER)
 
 
 def validation_rows(num_rows: int, fraction: float, seed: int | None = None) -> set[int]:
@@ -147,7 +130,7 @@ def validation_rows(num_rows: int, fraction: float, seed: int | None = None) -> 
     return set(random.Random(seed).sample(range(num_rows), num_rows - num_train))
 
 
-def _image_locator(folder: ImageFolder, split: str):
+def _image_locator(folder: ImageMaskFolder, split: str):
     """Find a row's image in ``folder``: as written, else without its ``mask_`` prefix (GuideDecoder's QaTa csv)."""
 
     def locate(name: str) -> Located | str:
@@ -160,7 +143,7 @@ def _image_locator(folder: ImageFolder, split: str):
     return locate
 
 
-def _csv_image_folder(root: Path, split: str, csv_file: Path, report: SkipReport) -> ImageFolder:
+def _csv_image_folder(root: Path, split: str, csv_file: Path, report: SkipReport) -> ImageMaskFolder:
     """The image folder of a csv file; val.csv falls back to the train folder when there is no val folder.
 
     Raises:
