@@ -30,33 +30,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep._cli import build_parser, check_candidates, find_child, run_converter
-from himix_monai.data.datalist import (
-    DATALIST_SPLITS,
-    CandidateItem,
-    DatalistError,
-    DirectoryIndex,
-    FileMatch,
-    ProgressFn,
-    SkipReason,
-    SkipReport,
-    find_image_file,
-    find_mask_file,
-    mask_name_candidates,
-    read_description_sheet,
-)
+from data_prep._cli import CandidateItem, ImageMaskFolder, Located, ProgressFn, build_datalist, build_parser
+from data_prep._cli import find_split_children, image_mask_folder, note_unlisted_images, run_converter, sheet_candidates
+from himix_monai.data.datalist import DATALIST_SPLITS
+from himix_monai.data.file_matching import find_image_file
+from himix_monai.data.sheets import read_description_sheet
+from himix_monai.data.skip_report import SkipReport
+from himix_monai.errors import DatalistError
 
 __all__ = [
     "SPLIT_FOLDER_NAMES",
     "IMAGE_FOLDER",
     "MASK_FOLDER",
-    "SplitFolder",
     "TextSheet",
     "find_split_folders",
     "sheet_splits",
     "find_text_sheets",
     "assign_sheets",
-    "sheet_candidates",
     "convert",
     "main",
 ]
@@ -81,23 +71,6 @@ _SHEET_TEXT_WORD = "text"
 
 
 @dataclass(frozen=True)
-class SplitFolder:
-    """A split folder and the listings of its image and mask folders.
-
-    Args:
-        split: the datalist split.
-        folder: e.g. ``ROOT/Train_Folder``.
-        images: listing of ``img``.
-        masks: listing of ``labelcol``.
-    """
-
-    split: str
-    folder: Path
-    images: DirectoryIndex
-    masks: DirectoryIndex
-
-
-@dataclass(frozen=True)
 class TextSheet:
     """A text sheet and the splits it covers (``Train_Val_text.xlsx`` covers training and validation).
 
@@ -110,7 +83,7 @@ class TextSheet:
     splits: tuple[str, ...]
 
 
-def find_split_folders(root: Path) -> dict[str, SplitFolder]:
+def find_split_folders(root: Path) -> dict[str, ImageMaskFolder]:
     """Find ``Train_Folder``, ``Val_Folder`` and ``Test_Folder`` (any case) with their ``img``/``labelcol``.
 
     Args:
@@ -122,18 +95,10 @@ def find_split_folders(root: Path) -> dict[str, SplitFolder]:
     Raises:
         DatalistError: when none is found, or one lacks ``img`` or ``labelcol``.
     """
-    folders = {}
-    for split, name in SPLIT_FOLDER_NAMES.items():
-        folder = find_child(root, [name])
-        if folder is None:
-            continue
-        parts = {}
-        for part in (IMAGE_FOLDER, MASK_FOLDER):
-            part_folder = find_child(folder, [part])
-            if part_folder is None:
-                raise DatalistError(f"{folder}: lacks the {part!r} folder")
-            parts[part] = DirectoryIndex(part_folder)
-        folders[split] = SplitFolder(split, folder, parts[IMAGE_FOLDER], parts[MASK_FOLDER])
+    folders = {
+        split: image_mask_folder(folder, IMAGE_FOLDER, MASK_FOLDER)
+        for split, folder in find_split_children(root, SPLIT_FOLDER_NAMES).items()
+    }
     if not folders:
         expected = ", ".join(SPLIT_FOLDER_NAMES.values())
         raise DatalistError(f"{root}: none of the LViT split folders ({expected}) found")
@@ -164,7 +129,7 @@ def sheet_splits(path: Path, folder_split: str | None = None) -> tuple[str, ...]
     return tuple(split for split in DATALIST_SPLITS if split in covered) or None
 
 
-def find_text_sheets(root: Path, folders: dict[str, SplitFolder]) -> list[TextSheet]:
+def find_text_sheets(root: Path, folders: dict[str, ImageMaskFolder]) -> list[TextSheet]:
     """Find the text sheets in ``root`` and in the split folders.
 
     Args:
@@ -185,7 +150,7 @@ def find_text_sheets(root: Path, folders: dict[str, SplitFolder]) -> list[TextSh
     return sheets
 
 
-def _sheet_preference(sheet: TextSheet, folder: SplitFolder) -> tuple:
+def _sheet_preference(sheet: TextSheet, folder: ImageMaskFolder) -> tuple:
     """Sort key: split-specific sheets first, then sheets in the split folder, then xlsx before csv."""
     in_split_folder = sheet.path.parent == folder.folder
     extension_rank = _SHEET_EXTENSIONS.index(sheet.path.suffix.lower())
@@ -193,7 +158,7 @@ def _sheet_preference(sheet: TextSheet, folder: SplitFolder) -> tuple:
 
 
 def assign_sheets(
-    sheets: Sequence[TextSheet], folders: dict[str, SplitFolder], root: Path
+    sheets: Sequence[TextSheet], folders: dict[str, ImageMaskFolder], root: Path
 ) -> list[tuple[TextSheet, tuple[str, ...]]]:
     """Choose one sheet per split folder: the most specific one (``Train_text`` before ``Train_Val_text``).
 
@@ -222,86 +187,22 @@ def assign_sheets(
     return [(by_path[path], tuple(splits)) for path, splits in used_for.items()]
 
 
-def _locate_image(name: str, sheet: TextSheet, folders: dict[str, SplitFolder]) -> tuple[str, FileMatch] | None:
-    """The split folder holding the image ``name`` among the sheet's splits; exact names before stem matches."""
-    matches = []
-    for split in sheet.splits:
-        if split in folders:
+def _image_locator(sheet: TextSheet, folders: dict[str, ImageMaskFolder]):
+    """Find a row's image in the split folders the sheet covers; exact names before stem matches."""
+
+    def locate(name: str) -> Located | str:
+        matches = []
+        for split in (s for s in sheet.splits if s in folders):
             match = find_image_file(folders[split].images, name)
             if match is not None:
-                matches.append((split, match))
-    exact = [m for m in matches if not m[1].by_stem]
-    return (exact or matches or [None])[0]
+                matches.append((split, match, folders[split].masks))
+        exact = [m for m in matches if not m[1].by_stem]
+        if exact or matches:
+            return (exact or matches)[0]
+        searched = ", ".join(str(folders[s].images.folder) for s in sheet.splits if s in folders)
+        return f"no {name!r} in {searched}"
 
-
-def _note_extension_mismatch(report: SkipReport, match: FileMatch) -> None:
-    if match.by_stem:
-        example = f"sheet {match.requested!r} -> {match.path.name!r}"
-        report.add_note("extension mismatch", "resolved {count} extension mismatches", example)
-
-
-def sheet_candidates(
-    sheet: TextSheet,
-    targets: tuple[str, ...],
-    folders: dict[str, SplitFolder],
-    report: SkipReport,
-    listed_images: set[Path],
-) -> list[CandidateItem]:
-    """The candidate items of one sheet for the splits in ``targets``; bad rows are reported to ``report``.
-
-    Args:
-        sheet: the text sheet.
-        targets: the splits this sheet is used for (a combined sheet may cover splits that use another sheet).
-        folders: the split folders.
-        report: collects skipped rows.
-        listed_images: updated with every image file a row of the sheet refers to.
-
-    Returns:
-        The candidates, in sheet order.
-    """
-    candidates = []
-    first_row_by_name: dict[str, int] = {}
-    for row in read_description_sheet(sheet.path):
-        name = row.image
-        if not name:
-            report.skip(name, SkipReason.MISSING_IMAGE, sheet.path, row.row, "the Image cell is empty")
-            continue
-        if name in first_row_by_name:
-            detail = f"already listed in row {first_row_by_name[name]}; keeping the first"
-            report.skip(name, SkipReason.DUPLICATE_ID, sheet.path, row.row, detail)
-            continue
-        first_row_by_name[name] = row.row
-        located = _locate_image(name, sheet, folders)
-        if located is not None:
-            listed_images.add(located[1].path)
-        if located is not None and located[0] not in targets:
-            continue  # the image's folder takes its descriptions from another sheet
-        if not row.description:
-            report.skip(name, SkipReason.EMPTY_DESCRIPTION, sheet.path, row.row, "the Description cell is empty")
-            continue
-        if located is None:
-            searched = ", ".join(str(folders[s].images.folder) for s in sheet.splits if s in folders)
-            report.skip(name, SkipReason.MISSING_IMAGE, sheet.path, row.row, f"no {name!r} in {searched}")
-            continue
-        split, image = located
-        _note_extension_mismatch(report, image)
-        mask = find_mask_file(folders[split].masks, name, image.path.name)
-        if mask is None:
-            tried = " or ".join(map(repr, mask_name_candidates(name, image.path.name)))
-            detail = f"no {tried} in {folders[split].masks.folder}"
-            report.skip(name, SkipReason.MISSING_MASK, sheet.path, row.row, detail)
-            continue
-        _note_extension_mismatch(report, mask)
-        candidates.append(CandidateItem(split, name, image.path, mask.path, row.description, sheet.path, row.row))
-    return candidates
-
-
-def _note_unlisted_images(folders: dict[str, SplitFolder], listed_images: set[Path], report: SkipReport) -> None:
-    for folder in folders.values():
-        for name in folder.images.image_names():
-            if folder.images.folder / name not in listed_images:
-                summary = f"{{count}} image(s) in {folder.images.folder} are not listed in any text sheet"
-                report.add_note(f"unlisted {folder.split}", summary, repr(name))
+    return locate
 
 
 def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) -> dict:
@@ -321,23 +222,17 @@ def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) 
     candidates: list[CandidateItem] = []
     listed_images: set[Path] = set()
     for sheet, targets in assignments:
-        candidates.extend(sheet_candidates(sheet, targets, folders, report, listed_images))
-    _note_unlisted_images(folders, listed_images, report)
-    return check_candidates(candidates, args, report, progress)
+        rows = read_description_sheet(sheet.path)
+        locate = _image_locator(sheet, folders)
+        candidates.extend(sheet_candidates(sheet.path, rows, locate, report, listed_images, targets))
+    note_unlisted_images((f.images for f in folders.values()), listed_images, report, "text sheet")
+    return build_datalist(candidates, args, report, progress)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: ``python -m data_prep.lvit --root DIR --out DATALIST.json [--strict]``.
-
-    Args:
-        argv: the arguments, default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
+    """``python -m data_prep.lvit --root DIR --out DATALIST.json [--strict]``; returns the exit code."""
     parser = build_parser("python -m data_prep.lvit", (__doc__ or "").splitlines()[0])
-    args = parser.parse_args(argv)
-    return run_converter(args, convert)
+    return run_converter(parser.parse_args(argv), convert)
 
 
 if __name__ == "__main__":

@@ -27,17 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep._cli import build_parser, check_candidates, find_child, run_converter
-from himix_monai.data.datalist import (
-    CandidateItem,
-    DatalistError,
-    DirectoryIndex,
-    FileMatch,
-    ProgressFn,
-    SkipReason,
-    SkipReport,
-    find_image_file,
-)
+from data_prep._cli import CandidateItem, ProgressFn, build_datalist, build_parser, image_mask_folder
+from data_prep._cli import find_split_children, note_extension_mismatch, note_unlisted_images, required_folder
+from data_prep._cli import run_converter
+from himix_monai.data.file_matching import DirectoryIndex, find_image_file
+from himix_monai.data.skip_report import SkipReason, SkipReport
+from himix_monai.errors import DatalistError
 
 __all__ = [
     "ANNOTATION_FOLDER",
@@ -141,12 +136,6 @@ def _entry_names(entry: Any) -> tuple[str, str] | str:
     return names[0], names[1]
 
 
-def _note_extension_mismatch(report: SkipReport, match: FileMatch) -> None:
-    if match.by_stem:
-        example = f"annotation {match.requested!r} -> {match.path.name!r}"
-        report.add_note("extension mismatch", "resolved {count} extension mismatches", example)
-
-
 def annotation_candidates(
     path: Path,
     split: str,
@@ -198,29 +187,15 @@ def annotation_candidates(
             detail = f"no {image_name!r} in {images.folder}"
             report.skip(image_name, SkipReason.MISSING_IMAGE, path, number, detail, unit="entry")
             continue
-        _note_extension_mismatch(report, image)
+        note_extension_mismatch(report, image, "annotation")
         mask = masks.find(mask_name)
         if mask is None:
             detail = f"no {mask_name!r} in {masks.folder}"
             report.skip(image_name, SkipReason.MISSING_MASK, path, number, detail, unit="entry")
             continue
-        _note_extension_mismatch(report, mask)
+        note_extension_mismatch(report, mask, "annotation")
         candidates.append(CandidateItem(split, image_name, image.path, mask.path, text, path, number, unit="entry"))
     return candidates
-
-
-def _required_folder(root: Path, name: str) -> Path:
-    folder = find_child(root, [name])
-    if folder is None:
-        raise DatalistError(f"{root}: lacks the {name!r} folder")
-    return folder
-
-
-def _note_unlisted_images(images: DirectoryIndex, listed_images: set[Path], report: SkipReport) -> None:
-    for name in images.image_names():
-        if images.folder / name not in listed_images:
-            summary = f"{{count}} image(s) in {images.folder} are not listed in any annotation file"
-            report.add_note("unlisted", summary, repr(name))
 
 
 def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) -> dict:
@@ -235,26 +210,22 @@ def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) 
         The datalist.
     """
     root = args.root
-    annotation_folder = _required_folder(root, ANNOTATION_FOLDER)
-    annotation_files = {
-        split: path
-        for split, name in ANNOTATION_FILES.items()
-        if (path := find_child(annotation_folder, [name], want_dir=False)) is not None
-    }
+    annotation_folder = required_folder(root, ANNOTATION_FOLDER)
+    annotation_files = find_split_children(annotation_folder, ANNOTATION_FILES, want_dir=False)
     if not annotation_files:
         raise DatalistError(f"{annotation_folder}: none of {', '.join(ANNOTATION_FILES.values())} found")
     for split, name in ANNOTATION_FILES.items():
         if split not in annotation_files:
             report.add_note(f"no {name}", f"no {annotation_folder / name}: the {split} split is empty")
-    images = DirectoryIndex(_required_folder(root, IMAGE_FOLDER))
-    masks = DirectoryIndex(_required_folder(root, MASK_FOLDER))
+    folder = image_mask_folder(root, IMAGE_FOLDER, MASK_FOLDER)
+    images, masks = folder.images, folder.masks
     choice = PromptChoice(args.prompt, args.variant, random.Random(args.seed))
     candidates: list[CandidateItem] = []
     listed_images: set[Path] = set()
     for split, path in annotation_files.items():
         candidates.extend(annotation_candidates(path, split, images, masks, choice, report, listed_images))
-    _note_unlisted_images(images, listed_images, report)
-    return check_candidates(candidates, args, report, progress)
+    note_unlisted_images([images], listed_images, report, "annotation file")
+    return build_datalist(candidates, args, report, progress)
 
 
 def _prompt_key(text: str) -> str:
@@ -287,16 +258,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: ``python -m data_prep.medvlsm --root DIR --out DATALIST.json [--prompt p9]``.
-
-    Args:
-        argv: the arguments, default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
-    args = build_argument_parser().parse_args(argv)
-    return run_converter(args, convert)
+    """``python -m data_prep.medvlsm --root DIR --out DATALIST.json [--prompt p9]``; returns the exit code."""
+    return run_converter(build_argument_parser().parse_args(argv), convert)
 
 
 if __name__ == "__main__":

@@ -29,26 +29,15 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep._cli import LOGGER, build_parser, check_candidates, find_child, run_converter
-from himix_monai.data.datalist import (
-    MASK_PREFIX,
-    CandidateItem,
-    DatalistError,
-    DirectoryIndex,
-    FileMatch,
-    ProgressFn,
-    SheetRow,
-    SkipReason,
-    SkipReport,
-    find_image_file,
-    find_mask_file,
-    mask_name_candidates,
-    read_description_sheet,
-)
+from data_prep._cli import LOGGER, CandidateItem, ImageMaskFolder, Located, ProgressFn, build_datalist, build_parser
+from data_prep._cli import find_child, find_split_children, image_mask_folder, note_unlisted_images, required_folder
+from data_prep._cli import run_converter, sheet_candidates
+from himix_monai.data.file_matching import MASK_PREFIX, find_image_file
+from himix_monai.data.sheets import read_description_sheet
+from himix_monai.data.skip_report import SkipReport
+from himix_monai.errors import DatalistError
 
 __all__ = [
     "PROMPT_FOLDER",
@@ -57,11 +46,9 @@ __all__ = [
     "IMAGE_FOLDER",
     "MASK_FOLDER",
     "DEFAULT_VAL_FRACTION",
-    "ImageFolder",
     "find_csv_files",
     "find_image_folder",
     "validation_rows",
-    "csv_candidates",
     "convert",
     "build_argument_parser",
     "main",
@@ -87,21 +74,6 @@ MASK_FOLDER = "GTs"
 DEFAULT_VAL_FRACTION = 0.2
 
 
-@dataclass(frozen=True)
-class ImageFolder:
-    """A split folder and the listings of its ``Images`` and ``GTs`` folders.
-
-    Args:
-        folder: e.g. ``ROOT/Train``.
-        images: listing of ``Images``.
-        masks: listing of ``GTs``.
-    """
-
-    folder: Path
-    images: DirectoryIndex
-    masks: DirectoryIndex
-
-
 def find_csv_files(root: Path) -> dict[str, Path]:
     """Find ``prompt/{train,val,test}.csv`` (any case).
 
@@ -114,20 +86,14 @@ def find_csv_files(root: Path) -> dict[str, Path]:
     Raises:
         DatalistError: when there is no prompt folder or no csv in it.
     """
-    prompt = find_child(root, [PROMPT_FOLDER])
-    if prompt is None:
-        raise DatalistError(f"{root}: lacks the {PROMPT_FOLDER!r} folder with train.csv/val.csv/test.csv")
-    csv_files = {}
-    for split, names in CSV_NAMES.items():
-        path = find_child(prompt, names, want_dir=False)
-        if path is not None:
-            csv_files[split] = path
+    prompt = required_folder(root, PROMPT_FOLDER, " with train.csv/val.csv/test.csv")
+    csv_files = find_split_children(prompt, CSV_NAMES, want_dir=False)
     if not csv_files:
         raise DatalistError(f"{prompt}: none of train.csv, val.csv, test.csv found")
     return csv_files
 
 
-def find_image_folder(root: Path, split: str) -> ImageFolder | None:
+def find_image_folder(root: Path, split: str) -> ImageMaskFolder | None:
     """Find the image folder of a split (``Train``/``train`` ...) with its ``Images`` and ``GTs``.
 
     Args:
@@ -141,15 +107,7 @@ def find_image_folder(root: Path, split: str) -> ImageFolder | None:
         DatalistError: when the folder lacks ``Images`` or ``GTs``.
     """
     folder = find_child(root, SPLIT_FOLDER_NAMES[split])
-    if folder is None:
-        return None
-    parts = {}
-    for part in (IMAGE_FOLDER, MASK_FOLDER):
-        part_folder = find_child(folder, [part])
-        if part_folder is None:
-            raise DatalistError(f"{folder}: lacks the {part!r} folder")
-        parts[part] = DirectoryIndex(part_folder)
-    return ImageFolder(folder, parts[IMAGE_FOLDER], parts[MASK_FOLDER])
+    return None if folder is None else image_mask_folder(folder, IMAGE_FOLDER, MASK_FOLDER)
 
 
 def validation_rows(num_rows: int, fraction: float, seed: int | None = None) -> set[int]:
@@ -172,73 +130,20 @@ def validation_rows(num_rows: int, fraction: float, seed: int | None = None) -> 
     return set(random.Random(seed).sample(range(num_rows), num_rows - num_train))
 
 
-def _note_extension_mismatch(report: SkipReport, match: FileMatch) -> None:
-    if match.by_stem:
-        example = f"csv {match.requested!r} -> {match.path.name!r}"
-        report.add_note("extension mismatch", "resolved {count} extension mismatches", example)
+def _image_locator(folder: ImageMaskFolder, split: str):
+    """Find a row's image in ``folder``: as written, else without its ``mask_`` prefix (GuideDecoder's QaTa csv)."""
 
-
-def _missing_image_detail(name: str, folder: ImageFolder) -> str:
-    names = [name]
-    if name.startswith(MASK_PREFIX):
-        names.append(name[len(MASK_PREFIX) :])
-    return f"no {' or '.join(map(repr, names))} in {folder.images.folder}"
-
-
-def csv_candidates(
-    csv_file: Path,
-    rows: Sequence[SheetRow],
-    splits: Sequence[str],
-    folder: ImageFolder,
-    report: SkipReport,
-    listed_images: set[Path],
-) -> list[CandidateItem]:
-    """The candidate items of one csv file; bad rows are reported to ``report``.
-
-    Args:
-        csv_file: the csv file.
-        rows: its rows.
-        splits: the datalist split of each row.
-        folder: the image folder of the csv file.
-        report: collects skipped rows.
-        listed_images: updated with every image file a row refers to.
-
-    Returns:
-        The candidates, in csv order.
-    """
-    candidates = []
-    first_row_by_name: dict[str, int] = {}
-    for row, split in zip(rows, splits):
-        name = row.image
-        if not name:
-            report.skip(name, SkipReason.MISSING_IMAGE, csv_file, row.row, "the Image cell is empty")
-            continue
-        if name in first_row_by_name:
-            detail = f"already listed in row {first_row_by_name[name]}; keeping the first"
-            report.skip(name, SkipReason.DUPLICATE_ID, csv_file, row.row, detail)
-            continue
-        first_row_by_name[name] = row.row
+    def locate(name: str) -> Located | str:
         image = find_image_file(folder.images, name)
         if image is not None:
-            listed_images.add(image.path)
-        if not row.description:
-            report.skip(name, SkipReason.EMPTY_DESCRIPTION, csv_file, row.row, "the Description cell is empty")
-            continue
-        if image is None:
-            report.skip(name, SkipReason.MISSING_IMAGE, csv_file, row.row, _missing_image_detail(name, folder))
-            continue
-        _note_extension_mismatch(report, image)
-        mask = find_mask_file(folder.masks, name, image.path.name)
-        if mask is None:
-            tried = " or ".join(map(repr, mask_name_candidates(name, image.path.name)))
-            report.skip(name, SkipReason.MISSING_MASK, csv_file, row.row, f"no {tried} in {folder.masks.folder}")
-            continue
-        _note_extension_mismatch(report, mask)
-        candidates.append(CandidateItem(split, name, image.path, mask.path, row.description, csv_file, row.row))
-    return candidates
+            return split, image, folder.masks
+        names = [name, name[len(MASK_PREFIX) :]] if name.startswith(MASK_PREFIX) else [name]
+        return f"no {' or '.join(map(repr, names))} in {folder.images.folder}"
+
+    return locate
 
 
-def _csv_image_folder(root: Path, split: str, csv_file: Path, report: SkipReport) -> ImageFolder:
+def _csv_image_folder(root: Path, split: str, csv_file: Path, report: SkipReport) -> ImageMaskFolder:
     """The image folder of a csv file; val.csv falls back to the train folder when there is no val folder.
 
     Raises:
@@ -253,27 +158,6 @@ def _csv_image_folder(root: Path, split: str, csv_file: Path, report: SkipReport
         names = "/".join(SPLIT_FOLDER_NAMES[split])
         raise DatalistError(f"{csv_file} lists {split} items but {root} has no {names} folder (any case)")
     return folder
-
-
-def _split_plan(
-    csv_files: dict[str, Path], args: argparse.Namespace
-) -> tuple[list[tuple[str, Path, list[SheetRow], list[str]]], float]:
-    """Read the csv files and assign each row its split.
-
-    Returns:
-        ``(csv split, csv file, rows, datalist split of each row)`` for each csv file, and the fraction of the
-        usable train.csv items to carve out as validation after the files are checked (0 when there is a val.csv).
-    """
-    plan = []
-    fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
-    if "validation" in csv_files:
-        if args.val_fraction is not None:
-            LOGGER.warning("--val-fraction ignored: %s exists", csv_files["validation"])
-        fraction = 0.0
-    for split, csv_file in csv_files.items():
-        rows = read_description_sheet(csv_file)
-        plan.append((split, csv_file, rows, [split] * len(rows)))
-    return plan, fraction
 
 
 def _carve_validation(datalist: dict, fraction: float, seed: int | None, csv_name: str, report: SkipReport) -> None:
@@ -294,14 +178,6 @@ def _carve_validation(datalist: dict, fraction: float, seed: int | None, csv_nam
     report.add_note("val fraction", message)
 
 
-def _note_unlisted_images(folders: Sequence[ImageFolder], listed_images: set[Path], report: SkipReport) -> None:
-    for folder in {f.images.folder: f for f in folders}.values():
-        for name in folder.images.image_names():
-            if folder.images.folder / name not in listed_images:
-                summary = f"{{count}} image(s) in {folder.images.folder} are not listed in any csv"
-                report.add_note(f"unlisted {folder.images.folder}", summary, repr(name))
-
-
 def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) -> dict:
     """Convert the csv-layout dataset at ``args.root`` to a datalist.
 
@@ -315,16 +191,21 @@ def convert(args: argparse.Namespace, report: SkipReport, progress: ProgressFn) 
     """
     root = args.root
     csv_files = find_csv_files(root)
+    val_fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+    if "validation" in csv_files:
+        if args.val_fraction is not None:
+            LOGGER.warning("--val-fraction ignored: %s exists", csv_files["validation"])
+        val_fraction = 0.0
     candidates: list[CandidateItem] = []
     listed_images: set[Path] = set()
     folders = []
-    plan, val_fraction = _split_plan(csv_files, args)
-    for csv_split, csv_file, rows, splits in plan:
-        folder = _csv_image_folder(root, csv_split, csv_file, report)
-        folders.append(folder)
-        candidates.extend(csv_candidates(csv_file, rows, splits, folder, report, listed_images))
-    _note_unlisted_images(folders, listed_images, report)
-    datalist = check_candidates(candidates, args, report, progress)
+    all_rows = {split: read_description_sheet(csv_file) for split, csv_file in csv_files.items()}
+    for split, csv_file in csv_files.items():
+        folders.append(_csv_image_folder(root, split, csv_file, report))
+        locate, rows = _image_locator(folders[-1], split), all_rows[split]
+        candidates.extend(sheet_candidates(csv_file, rows, locate, report, listed_images, listed_in="csv"))
+    note_unlisted_images((f.images for f in folders), listed_images, report, "csv")
+    datalist = build_datalist(candidates, args, report, progress)
     if val_fraction > 0 and "training" in csv_files:
         _carve_validation(datalist, val_fraction, args.seed, csv_files["training"].name, report)
     return datalist
@@ -351,16 +232,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point: ``python -m data_prep.prompt_csv --root DIR --out DATALIST.json [--strict]``.
-
-    Args:
-        argv: the arguments, default ``sys.argv[1:]``.
-
-    Returns:
-        The exit code.
-    """
-    args = build_argument_parser().parse_args(argv)
-    return run_converter(args, convert)
+    """``python -m data_prep.prompt_csv --root DIR --out DATALIST.json [--strict]``; returns the exit code."""
+    return run_converter(build_argument_parser().parse_args(argv), convert)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ from monai.data import NibabelWriter, PILWriter
 
 __all__ = [
     "PICTURE_EXTENSIONS",
-    "JPEG_EXTENSIONS",
-    "TIFF_EXTENSIONS",
     "NIFTI_EXTENSIONS",
     "DICOM_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -42,9 +40,6 @@ __all__ = [
 
 PICTURE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 """Extensions of picture files, read with PIL (MONAI's ``PILReader``)."""
-
-JPEG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg")
-TIFF_EXTENSIONS: tuple[str, ...] = (".tif", ".tiff")
 
 NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 """Extensions of NIfTI files (the two-part one first)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -12,24 +13,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from himix_monai.data.datalist import (
-    CandidateItem,
-    DatalistError,
-    DirectoryIndex,
-    SkipReason,
-    SkipReport,
-    UnreadableImageError,
-    build_datalist,
-    check_image_label_pair,
-    find_image_file,
-    find_mask_file,
-    load_datalist,
-    read_description_sheet,
-    read_spatial_size,
-    split_image_extension,
-    validate_datalist,
-    write_datalist,
-)
+from data_prep._cli import CandidateItem, build_datalist
+from himix_monai.data.datalist import DatalistError, load_datalist, validate_datalist, write_datalist
+from himix_monai.data.file_matching import DirectoryIndex, find_image_file, find_mask_file
+from himix_monai.data.image_checks import check_image_label_pair, read_spatial_size
+from himix_monai.data.sheets import read_description_sheet
+from himix_monai.data.skip_report import SkipReason, SkipReport
+from himix_monai.errors import UnreadableImageError
+from himix_monai.files import split_image_extension
 
 
 def save_image(path: Path, height: int = 16, width: int = 16, channels: int = 3) -> Path:
@@ -282,13 +273,14 @@ def test_build_datalist_keeps_order_and_reports(tmp_path):
         candidates.append(CandidateItem(split, f"{name}.png", image, mask, f"text {name}", sheet, number + 2))
     (tmp_path / "mask_c.png").unlink()
     report = SkipReport()
-    datalist = build_datalist(candidates, report, num_workers=2)
+    args = argparse.Namespace(verify=True, workers=2)
+    datalist = build_datalist(candidates, args, report, lambda checks, total, description: checks)
     assert [Path(i["image"]).name for i in datalist["training"]] == ["a.png", "b.png", "d.png"]
     assert [i["text"] for i in datalist["test"]] == ["text e"]
     assert datalist["validation"] == []
     assert [(s.item_id, s.reason, s.row) for s in report.items] == [("c.png", "missing mask", 4)]
     with pytest.raises(DatalistError, match=r"row 4 of .*Train_text\.xlsx \('c\.png'\): missing mask"):
-        build_datalist(candidates, SkipReport(strict=True), num_workers=2)
+        build_datalist(candidates, args, SkipReport(strict=True), lambda checks, total, description: checks)
 
 
 # ---------------------------------------------------------------- names and sheets
@@ -309,7 +301,7 @@ def test_directory_index_resolves_extension_mismatch(tmp_path):
     assert index.find("b.bmp").path.name == "b.png"  # preferred extension when several share the stem
     assert index.find("notes.png") is None
     assert index.image_names() == ["a.tif", "b.jpg", "b.png"]
-    assert len(DirectoryIndex(tmp_path / "missing")) == 0
+    assert DirectoryIndex(tmp_path / "missing").names == frozenset()
 
 
 def test_mask_prefix_handling(tmp_path):

@@ -13,7 +13,6 @@ from PIL import Image
 from data_prep.reports import main as reports_main
 from himix_monai.data.reports import (
     NO_CHEST_FINDING,
-    binarize_mask,
     chest_report,
     count_word,
     describe_chest_findings,
@@ -96,10 +95,19 @@ def test_empty_masks():
     assert generic_report(empty) == "no polyp found in the image"
 
 
-def test_binarize_mask_conventions():
-    assert binarize_mask(np.array([0, 100, 128, 255])).tolist() == [False, False, True, True]
-    assert binarize_mask(np.array([0.0, 0.4, 0.6, 1.0])).tolist() == [False, False, True, True]
-    assert binarize_mask(np.array([0, 1, 2])).tolist() == [False, True, True]
+def test_masks_are_binarized_as_training_binarizes_them(tmp_path):
+    """As ``BinarizeMask``: 0..255 masks above 127, probabilities above 0.5, every label of a label map, and a
+    colour mask by any of its channels (a red lesion is a lesion, as in training)."""
+    for background, lesion in ((100, 128), (0.4, 0.6), (0, 2)):
+        mask = np.full((90, 90), background, np.float32)
+        mask[5:20, 10:25] = lesion
+        assert len(find_lesions(mask, min_size=10)) == 1, (background, lesion)
+    red = np.zeros((90, 90, 3), np.uint8)
+    red[5:20, 10:25, 0] = 255
+    Image.fromarray(red).save(tmp_path / "red.png")
+    assert chest_report(read_mask(tmp_path / "red.png")) == (
+        "Unilateral pulmonary infection, one infected area, upper right lung."
+    )
 
 
 def test_generic_positions_and_sizes():

@@ -1,4 +1,4 @@
-"""MONAI datalists for text-guided segmentation: validation, atomic writing, loading and input checks.
+"""MONAI datalists for text-guided segmentation: the schema, atomic writing, loading and checked loading.
 
 A HiMix datalist is a MONAI (Decathlon-style) datalist JSON file::
 
@@ -8,26 +8,12 @@ A HiMix datalist is a MONAI (Decathlon-style) datalist JSON file::
         "test":       [...]
     }
 
-readable by :py:func:`monai.data.load_decathlon_datalist`. This module holds the datalist itself (schema,
-reading, writing, the checked loading of its files); the names of the helpers it uses are re-exported here, so
-``data_prep`` and the bundle configs import from one place:
-
-- :py:func:`write_datalist` validates a datalist and writes it atomically, so a crash or a failed
-  conversion never leaves a half-written file behind;
-- :py:func:`load_datalist` loads one split with clear errors that name the file;
-- :py:class:`SkipReport` (:py:mod:`~himix_monai.data.skip_report`) collects the items a converter skipped (item id, file, row, reason) and
-  raises :py:class:`DatalistError` on the first one in ``strict`` mode;
-- :py:func:`read_spatial_size` and :py:func:`check_image_label_pair` (:py:mod:`~himix_monai.data.image_checks`) check that an image/mask pair
-  exists, is readable (truncated files included) and has the same spatial size;
-- :py:class:`DirectoryIndex`, :py:func:`find_image_file` and :py:func:`find_mask_file`
-  (:py:mod:`~himix_monai.data.file_matching`) resolve the
-  file names written in annotation sheets to files on disk (extension mismatches, ``mask_`` prefixes);
-- :py:func:`read_description_sheet` (:py:mod:`~himix_monai.data.sheets`) reads ``Image``/``Description`` tables from ``.xlsx``/``.csv``;
-- :py:func:`build_datalist` turns checked candidate items into a datalist; :py:func:`check_datalist_files`
-  runs the same check on the items of an existing datalist (``data_prep.reports``);
-- :py:func:`load_checked_datalist` loads a split for training and checks its files up front (missing,
-  unreadable, size mismatch, 3-D volume), raising one :py:class:`DatalistError` that lists the bad items, or
-  skipping and counting them.
+readable by :py:func:`monai.data.load_decathlon_datalist`. :py:func:`write_datalist` validates and writes one
+atomically, :py:func:`load_datalist` loads a split with errors that name the file, and
+:py:func:`load_checked_datalist` (training, evaluation) and :py:func:`drop_unusable_images` (inference) check
+the files of a split before the run starts (:py:mod:`~himix_monai.data.image_checks`). The converters'
+helpers live in their own modules (:py:mod:`~himix_monai.data.skip_report`,
+:py:mod:`~himix_monai.data.file_matching`, :py:mod:`~himix_monai.data.sheets`).
 """
 
 from __future__ import annotations
@@ -36,55 +22,24 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from himix_monai.config_utils import as_bool
-from himix_monai.data.file_matching import (
-    MASK_PREFIX,
-    DirectoryIndex,
-    FileMatch,
-    find_image_file,
-    find_mask_file,
-    mask_name_candidates,
-)
-from himix_monai.data.image_checks import PairProblem, check_image_label_pair, format_size, read_spatial_size
-from himix_monai.data.sheets import SheetRow, read_description_sheet
-from himix_monai.data.skip_report import SkippedItem, SkipReason, SkipReport
+from himix_monai.data.file_matching import DirectoryIndex, find_image_file  # noqa: F401 - inference_items' import
+from himix_monai.data.image_checks import PairProblem, check_image_label_pair, check_in_threads, read_spatial_size
+from himix_monai.data.sheets import read_description_sheet  # noqa: F401 - inference_items' import
 from himix_monai.errors import DatalistError, NonFiniteImageError, UnreadableImageError
-from himix_monai.files import IMAGE_EXTENSIONS, split_image_extension, write_text_atomically
+from himix_monai.files import write_text_atomically
 
 __all__ = [
     "DATALIST_SPLITS",
     "REQUIRED_ITEM_KEYS",
-    "IMAGE_EXTENSIONS",
-    "MASK_PREFIX",
-    "ProgressFn",
     "DatalistError",
-    "UnreadableImageError",
-    "SkipReason",
-    "SkippedItem",
-    "SkipReport",
-    "SheetRow",
-    "FileMatch",
-    "PairProblem",
-    "CandidateItem",
-    "DirectoryIndex",
-    "split_image_extension",
-    "find_image_file",
-    "mask_name_candidates",
-    "find_mask_file",
-    "read_description_sheet",
     "validate_datalist",
     "write_datalist",
     "load_datalist",
-    "read_spatial_size",
-    "check_image_label_pair",
-    "build_datalist",
-    "check_datalist_files",
     "drop_unusable_images",
     "load_checked_datalist",
 ]
@@ -98,38 +53,6 @@ REQUIRED_ITEM_KEYS: tuple[str, ...] = ("image", "label", "text")
 """The keys every datalist item must have."""
 
 _MAX_LISTED_ITEMS = 10  # bad datalist items shown in an error message
-
-ProgressFn = Callable[[Iterable[Any], int, str], Iterable[Any]]
-"""``progress(iterable, total, description)`` wraps an iterable to show progress (e.g. with tqdm)."""
-
-
-@dataclass(frozen=True)
-class CandidateItem:
-    """An item a converter wants to put into the datalist, before its files are checked.
-
-    Args:
-        split: the datalist split, one of :py:data:`DATALIST_SPLITS`.
-        item_id: the item's id, usually the image name as written in the annotation file.
-        image: the image file.
-        label: the mask file.
-        text: the text prompt.
-        source_file: the annotation file that lists the item.
-        row: the item's human row number or 1-based entry number in ``source_file``.
-        unit: ``"row"`` or ``"entry"``, what ``row`` counts.
-    """
-
-    split: str
-    item_id: str
-    image: Path
-    label: Path
-    text: str
-    source_file: Path
-    row: int | None
-    unit: str = "row"
-
-    def to_datalist_item(self) -> dict[str, str]:
-        """The datalist item, with absolute resolved paths."""
-        return {"image": str(Path(self.image).resolve()), "label": str(Path(self.label).resolve()), "text": self.text}
 
 
 def _validate_item(item: Any, split: str, position: int, source: str) -> None:
@@ -245,149 +168,23 @@ def load_datalist(
     if split not in raw:
         found = ", ".join(map(repr, raw)) or "none"
         raise DatalistError(f"{path}: lacks the key {split!r} (found: {found})")
-    keep = [True] * len(raw[split]) if isinstance(raw[split], list) else []
-    if skip_empty_text and isinstance(raw[split], list):
-        for position, item in enumerate(raw[split], start=1):
-            if isinstance(item, Mapping) and isinstance(item.get("text", ""), str) and not item.get("text", "").strip():
-                keep[position - 1] = False
-                _LOGGER.warning(
-                    "%s: skipped item %d of %r: empty text (image %s)", path, position, split, item.get("image")
-                )
-        raw = {**raw, split: [item for item, kept in zip(raw[split], keep) if kept]}
+    entries = raw[split]
+    if skip_empty_text and isinstance(entries, list):
+        keep = [not (isinstance(e, Mapping) and isinstance(e.get("text", ""), str) and not e.get("text", "").strip())
+                for e in entries]
+        for position in (number for number, kept in enumerate(keep, start=1) if not kept):
+            image = entries[position - 1].get("image")
+            _LOGGER.warning("%s: skipped item %d of %r: empty text (image %s)", path, position, split, image)
+        raw = {**raw, split: [entry for entry, kept in zip(entries, keep) if kept]}
     _validate_split(raw, split, str(path))
     if not raw[split]:
         return []
     items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=base_dir)
-    items = [item for item, kept in zip(items, keep) if kept]
+    if len(items) != len(raw[split]):
+        items = [item for item, kept in zip(items, keep) if kept]
     for item, raw_item in zip(items, raw[split]):
-        item["text"] = raw_item["text"]
+        item["text"] = raw_item["text"]  # MONAI turns a text that names an existing file into a path
     return items
-
-
-def _no_progress(iterable: Iterable[Any], total: int, description: str) -> Iterable[Any]:
-    return iterable
-
-
-def _checked_pairs(
-    candidates: Sequence[CandidateItem], verify: bool, num_workers: int
-) -> Iterator[PairProblem | None]:
-    if num_workers <= 1:
-        yield from (check_image_label_pair(c.image, c.label, verify) for c in candidates)
-        return
-    executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="datalist-check")
-    try:
-        yield from executor.map(lambda c: check_image_label_pair(c.image, c.label, verify), candidates)
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
-def build_datalist(
-    candidates: Sequence[CandidateItem],
-    report: SkipReport,
-    verify: bool = True,
-    num_workers: int | None = None,
-    progress: ProgressFn | None = None,
-) -> dict[str, list[dict[str, str]]]:
-    """Check the files of each candidate and collect the usable ones into a datalist.
-
-    Candidates whose pair fails :py:func:`check_image_label_pair` are reported to ``report`` with their
-    source file and row. Item order follows ``candidates``.
-
-    Args:
-        candidates: the items, in order.
-        report: collects skipped items; raises in strict mode.
-        verify: decode the files to detect truncated or corrupt ones and NaN or infinite values.
-        num_workers: threads used to check files; default ``min(8, cpu count)``.
-        progress: wraps the checks to show progress, see :py:data:`ProgressFn`.
-
-    Returns:
-        ``{"training": [...], "validation": [...], "test": [...]}``.
-
-    Raises:
-        DatalistError: from ``report`` in strict mode.
-    """
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-    progress = progress or _no_progress
-    datalist: dict[str, list[dict[str, str]]] = {split: [] for split in DATALIST_SPLITS}
-    checks = _checked_pairs(candidates, verify, num_workers)
-    try:
-        for candidate, problem in zip(candidates, progress(checks, len(candidates), "checking files")):
-            if problem is not None:
-                c = candidate
-                report.skip(c.item_id, problem.reason, c.source_file, c.row, problem.detail, c.unit)
-                continue
-            datalist[candidate.split].append(candidate.to_datalist_item())
-    finally:
-        checks.close()  # stops the worker threads at once when strict mode raises
-    return datalist
-
-
-def check_datalist_files(
-    datalist: Mapping[str, Any],
-    report: SkipReport,
-    source: str | os.PathLike,
-    base_dir: str | os.PathLike | None = None,
-    verify: bool = True,
-    num_workers: int | None = None,
-) -> dict[str, Any]:
-    """Check the image and mask of every item of an existing datalist; leave out (and report) the bad ones.
-
-    The check is :py:func:`check_image_label_pair`, the one every converter runs (through
-    :py:func:`build_datalist`): both files present and readable (the header always; decoded with ``verify``, so
-    truncated files and NaN or infinite values are found), of the same spatial size. Each bad item goes to
-    ``report`` with its entry number in ``source`` (so ``--strict`` stops at the first one). Items without
-    string ``image`` and ``label`` paths and top-level keys that are not lists are kept unchanged.
-
-    Args:
-        datalist: a parsed datalist.
-        report: collects skipped items; raises :py:class:`DatalistError` in strict mode.
-        source: the datalist file, for the report.
-        base_dir: the folder relative paths are resolved against (default: the folder of ``source``).
-        verify: decode the files; False reads the headers only.
-        num_workers: threads used to check files; default ``min(8, cpu count)``.
-
-    Returns:
-        The datalist without the bad items.
-
-    Raises:
-        DatalistError: from ``report`` in strict mode.
-
-    Examples::
-
-        report = SkipReport(strict=False)
-        checked = check_datalist_files(json.loads(path.read_text()), report, source=path)
-        print(report.summary())  # e.g. "skipped 1 (unreadable image: 1)"
-    """
-    base = Path(base_dir) if base_dir is not None else Path(source).absolute().parent
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-
-    def resolve(path: str) -> Path:
-        return Path(path) if Path(path).is_absolute() else base / path
-
-    result: dict[str, Any] = {}
-    for key, items in datalist.items():
-        if not isinstance(items, list):
-            result[key] = items
-            continue
-        checkable = [
-            isinstance(item, Mapping) and isinstance(item.get("image"), str) and isinstance(item.get("label"), str)
-            for item in items
-        ]
-        pairs = [(resolve(item["image"]), resolve(item["label"])) for item, ok in zip(items, checkable) if ok]
-        with ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="datalist-check") as executor:
-            problems = iter(list(executor.map(lambda pair: check_image_label_pair(*pair, verify=verify), pairs)))
-        kept = []
-        for number, (item, ok) in enumerate(zip(items, checkable), start=1):
-            problem = next(problems) if ok else None
-            if problem is None:
-                kept.append(item)
-                continue
-            item_id = f"{key}: {Path(item['image']).name}"
-            report.skip(item_id, problem.reason, source, number, problem.detail, unit="entry")
-        result[key] = kept
-    return result
 
 
 def drop_unusable_images(
@@ -431,19 +228,7 @@ def _item_problem(item: Mapping[str, Any], verify: bool) -> PairProblem | None:
         files = [f for key in ("image", "label") for f in (item[key] if isinstance(item[key], list) else [item[key]])]
         absent = [str(f) for f in files if not Path(f).exists()]
         return PairProblem("missing file", ", ".join(absent) + " not found") if absent else None
-    problem = check_image_label_pair(image, label, verify=verify)
-    if problem is not None:
-        return problem
-    try:
-        size = read_spatial_size(image, verify=False)
-    except UnreadableImageError as err:  # pragma: no cover - read just before
-        return PairProblem(SkipReason.UNREADABLE_IMAGE, str(err))
-    if len(size) > 2:
-        return PairProblem(
-            "3-D volume",
-            f"{image} is a volume of size {format_size(size)}; a 2-D image is expected (slice volumes first)",
-        )
-    return None
+    return check_image_label_pair(image, label, verify=verify, two_d=True)
 
 
 def _common_keys(items: list[dict], source: str) -> list[dict]:
@@ -505,12 +290,7 @@ def load_checked_datalist(
     items = _common_keys(items, f"{path} ({split!r})")
     if not as_bool(check_files, "check_files") or not items:
         return items
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="datalist-check") as executor:
-            problems = list(executor.map(lambda item: _item_problem(item, verify), items))
-    else:
-        problems = [_item_problem(item, verify) for item in items]
+    problems = list(check_in_threads(lambda item: _item_problem(item, verify), items, num_workers))
     bad = [(number, problem) for number, problem in enumerate(problems, start=1) if problem is not None]
     if not bad:
         return items

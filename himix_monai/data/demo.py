@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ __all__ = [
     "split_counts",
     "generate_demo_dataset",
     "ensure_demo_dataset",
+    "ensure_generated",
     "demo_settings",
     "DemoDatasetMismatchError",
 ]
@@ -154,14 +155,10 @@ def _add_vessels(rng: np.random.Generator, hu: np.ndarray, lung_mask: np.ndarray
     return np.where(lung_mask, hu + vessels, hu)
 
 
-def _lung_field(lung_mask: np.ndarray) -> tuple[float, float]:
-    rows = np.flatnonzero(lung_mask.any(axis=1))
-    return float(rows[0]), float(rows[-1] + 1 - rows[0])
-
-
 def _zone_rows(lung_mask: np.ndarray, zone: str) -> tuple[float, float]:
-    """Row range [low, high) of a zone: the same thirds :py:func:`chest_report` uses."""
-    top, height = _lung_field(lung_mask)
+    """Row range [low, high) of a zone: the same thirds of the lung field :py:func:`chest_report` uses."""
+    rows = np.flatnonzero(lung_mask.any(axis=1))
+    top, height = float(rows[0]), float(rows[-1] + 1 - rows[0])
     index = LUNG_ZONES.index(zone)
     return top + index * height / 3.0 - 0.5, top + (index + 1) * height / 3.0 - 0.5
 
@@ -279,8 +276,25 @@ def _uid(seed: int, name: str, kind: str) -> str:
     return generate_uid(entropy_srcs=[_UID_NAMESPACE, str(seed), name, kind])
 
 
-def _dicom_dataset(hu: np.ndarray, seed: int, name: str, pixel_spacing: float) -> Any:
-    """A CT Image Storage dataset for a display-orientation HU slice."""
+def write_ct_dicom(hu: np.ndarray, path: str | os.PathLike, seed: int, name: str, pixel_spacing: float) -> Any:
+    """Write a display-orientation HU slice as a CT Image Storage DICOM file.
+
+    Stored values are ``uint16`` with ``RescaleIntercept`` -1024 and ``RescaleSlope`` 1; the slice is axial
+    (``ImageOrientationPatient`` 1/0/0/0/1/0) and centred on the scanner axis. UIDs are derived from
+    ``seed`` and ``name`` so the file is reproducible.
+
+    Args:
+        hu: int16 HU array (rows, columns), values >= -1024.
+        path: the ``.dcm`` file.
+        seed: dataset seed (for the UIDs).
+        name: case name (for the UIDs and the patient ID).
+        pixel_spacing: pixel spacing in mm (rounded to 6 decimals, as written to the file).
+
+    Returns:
+        The written ``pydicom.Dataset``.
+    """
+    if int(hu.min()) < RESCALE_INTERCEPT:
+        raise ValueError(f"HU values below {RESCALE_INTERCEPT} cannot be stored as uint16 with that intercept")
     from pydicom.dataset import FileMetaDataset, FileDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
@@ -315,29 +329,6 @@ def _dicom_dataset(hu: np.ndarray, seed: int, name: str, pixel_spacing: float) -
     ds.WindowCenter, ds.WindowWidth = -300, 1400
     stored = (hu.astype(np.int32) - RESCALE_INTERCEPT).astype(np.uint16)
     ds.PixelData = stored.tobytes()
-    return ds
-
-
-def write_ct_dicom(hu: np.ndarray, path: str | os.PathLike, seed: int, name: str, pixel_spacing: float) -> Any:
-    """Write a display-orientation HU slice as a CT Image Storage DICOM file.
-
-    Stored values are ``uint16`` with ``RescaleIntercept`` -1024 and ``RescaleSlope`` 1; the slice is axial
-    (``ImageOrientationPatient`` 1/0/0/0/1/0) and centred on the scanner axis. UIDs are derived from
-    ``seed`` and ``name`` so the file is reproducible.
-
-    Args:
-        hu: int16 HU array (rows, columns), values >= -1024.
-        path: the ``.dcm`` file.
-        seed: dataset seed (for the UIDs).
-        name: case name (for the UIDs and the patient ID).
-        pixel_spacing: pixel spacing in mm (rounded to 6 decimals, as written to the file).
-
-    Returns:
-        The written ``pydicom.Dataset``.
-    """
-    if int(hu.min()) < RESCALE_INTERCEPT:
-        raise ValueError(f"HU values below {RESCALE_INTERCEPT} cannot be stored as uint16 with that intercept")
-    ds = _dicom_dataset(hu, seed, name, pixel_spacing)
     write_dicom_file(ds, path)
     return ds
 
@@ -507,9 +498,8 @@ def _check_demo_settings(datalist: Path, wanted: dict[str, Any]) -> None:
     if not isinstance(recorded, dict):
         what = "records no demo generator settings (it was not written by the demo generator)"
     else:
-        changed = ", ".join(
-            f"{key}={recorded.get(key)!r} (wanted {value!r})" for key, value in wanted.items() if recorded.get(key) != value
-        )
+        differing = [key for key, value in wanted.items() if recorded.get(key) != value]
+        changed = ", ".join(f"{key}={recorded.get(key)!r} (wanted {wanted[key]!r})" for key in differing)
         what = f"was generated with other settings: {changed}"
     raise DemoDatasetMismatchError(
         f"the demo folder {datalist.parent} {what}; it is not reused in silence and nothing in it is deleted. "
@@ -518,16 +508,46 @@ def _check_demo_settings(datalist: Path, wanted: dict[str, Any]) -> None:
     )
 
 
+def ensure_generated(
+    dataset_dir: str | os.PathLike, settings: dict[str, Any], generate: Callable[[Path], Path]
+) -> Path:
+    """Return the datalist of a generated dataset in ``dataset_dir``, running ``generate(dataset_dir)`` first if
+    there is no datalist yet: the rule of the demo generators.
+
+    Safe when several processes call it at once (e.g. the ranks of a ``torchrun`` job): generation runs under an
+    exclusive file lock (``dataset_dir/.himix_demo.lock``, ``filelock``) and the others wait, then find the
+    datalist. An existing datalist is reused only when it records ``settings`` under ``"generator"``; otherwise
+    :py:class:`DemoDatasetMismatchError` says which settings differ and what to do. Nothing in an existing folder
+    is deleted or overwritten.
+
+    Args:
+        dataset_dir: the dataset folder (created).
+        settings: the generator settings, e.g. :py:func:`demo_settings`.
+        generate: writes the dataset into the folder and returns its datalist path.
+
+    Raises:
+        DemoDatasetMismatchError: ``dataset_dir`` holds a datalist made with other settings, or not by a generator.
+    """
+    dataset_dir = Path(dataset_dir).absolute()
+    datalist = dataset_dir / DATALIST_NAME
+    if datalist.is_file():
+        _check_demo_settings(datalist, settings)
+        return datalist
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(dataset_dir / ".himix_demo.lock"):
+        if datalist.is_file():
+            _check_demo_settings(datalist, settings)
+            return datalist
+        return generate(dataset_dir)
+
+
 def ensure_demo_dataset(
     dataset_dir: str | os.PathLike, num: int = 100, seed: int = 0, size: int = 128, decoys: bool = True
 ) -> Path:
     """Return the demo datalist in ``dataset_dir``, generating the dataset first if there is no datalist yet.
 
-    Safe when several processes call it at once (e.g. the ranks of a ``torchrun`` job): generation runs under
-    an exclusive file lock (``dataset_dir/.himix_demo.lock``, ``filelock``) and the others wait, then find the datalist.
-    An existing datalist is reused only when the settings it records (its ``"generator"`` entry, see
-    :py:func:`demo_settings`) are the ones asked for; otherwise :py:class:`DemoDatasetMismatchError` says which
-    settings differ and what to do. Nothing in an existing folder is deleted or overwritten.
+    Under a file lock, and reusing an existing datalist only when it was made with these settings: see
+    :py:func:`ensure_generated`.
 
     Args:
         dataset_dir: the dataset folder (created).
@@ -547,15 +567,5 @@ def ensure_demo_dataset(
 
         >>> datalist = ensure_demo_dataset("/tmp/himix_demo", num=20)  # doctest: +SKIP
     """
-    dataset_dir = Path(dataset_dir).absolute()
-    datalist = dataset_dir / DATALIST_NAME
-    wanted = demo_settings(num=num, seed=seed, size=size, decoys=decoys)
-    if datalist.is_file():
-        _check_demo_settings(datalist, wanted)
-        return datalist
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(dataset_dir / ".himix_demo.lock"):
-        if datalist.is_file():
-            _check_demo_settings(datalist, wanted)
-            return datalist
-        return generate_demo_dataset(dataset_dir, num=num, seed=seed, size=size, decoys=decoys)
+    settings = demo_settings(num=num, seed=seed, size=size, decoys=decoys)
+    return ensure_generated(dataset_dir, settings, lambda out: generate_demo_dataset(out, num, seed, size, decoys))

@@ -9,7 +9,6 @@ missing extension (by stem, in the order of :py:data:`~himix_monai.files.IMAGE_E
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,10 +34,6 @@ class FileMatch(NamedTuple):
     by_stem: bool
 
 
-def _is_image_name(name: str) -> bool:
-    return split_image_extension(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 class DirectoryIndex:
     """The files of one folder, listed once, for fast name lookups with extension-mismatch resolution.
 
@@ -48,46 +43,32 @@ class DirectoryIndex:
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        self.exists = self.folder.is_dir()
-        names = sorted(entry.name for entry in os.scandir(self.folder) if entry.is_file()) if self.exists else []
+        names = [entry.name for entry in os.scandir(self.folder) if entry.is_file()] if self.folder.is_dir() else []
         self.names: frozenset[str] = frozenset(names)
-        self._names_by_stem: dict[str, list[str]] = {}
-        for name in names:
-            stem, extension = split_image_extension(name)
-            if extension.lower() in IMAGE_EXTENSIONS:
-                self._names_by_stem.setdefault(stem, []).append(name)
-        for candidates in self._names_by_stem.values():
-            candidates.sort(key=lambda n: IMAGE_EXTENSIONS.index(split_image_extension(n)[1].lower()))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __len__(self) -> int:
-        return len(self.names)
+        self._by_stem: dict[str, str] = {}  # stem -> the image file of the most preferred extension
+        images = sorted(self.image_names(), key=lambda n: IMAGE_EXTENSIONS.index(split_image_extension(n)[1].lower()))
+        for name in images:
+            self._by_stem.setdefault(split_image_extension(name)[0], name)
 
     def image_names(self) -> list[str]:
         """The names of the image files in the folder, sorted."""
-        return sorted(name for name in self.names if _is_image_name(name))
+        return sorted(name for name in self.names if split_image_extension(name)[1].lower() in IMAGE_EXTENSIONS)
 
-    def find(self, name: str) -> FileMatch | None:
-        """Find the file for ``name``: the exact name, else an image file with the same stem.
+    def find(self, *names: str) -> FileMatch | None:
+        """Find the file for the first of ``names`` present: exact names first, then image files with their stem.
 
         Args:
-            name: a file name as written in an annotation file.
+            names: file names to try in order; the first is the name as written in the annotation file.
 
         Returns:
-            The match, or None if neither the name nor its stem is in the folder.
+            The match (``requested`` is ``names[0]``), or None if no name nor stem is in the folder.
         """
-        if name in self.names:
-            return FileMatch(self.folder / name, name, by_stem=False)
-        candidates = self._names_by_stem.get(split_image_extension(name)[0], [])
-        if candidates:
-            return FileMatch(self.folder / candidates[0], name, by_stem=True)
-        return None
-
-
-def _unique(names: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(name for name in names if name))
+        exact = next((name for name in names if name in self.names), None)
+        if exact is not None:
+            return FileMatch(self.folder / exact, names[0], by_stem=False)
+        stems = (split_image_extension(name)[0] for name in names)
+        found = next((self._by_stem[stem] for stem in stems if stem in self._by_stem), None)
+        return None if found is None else FileMatch(self.folder / found, names[0], by_stem=True)
 
 
 def find_image_file(index: DirectoryIndex, name: str) -> FileMatch | None:
@@ -99,26 +80,8 @@ def find_image_file(index: DirectoryIndex, name: str) -> FileMatch | None:
     Args:
         index: the image folder.
         name: the image name as written in the annotation file.
-
-    Returns:
-        The match (its ``requested`` is ``name``), or None.
     """
-    candidates = [name]
-    if name.startswith(MASK_PREFIX):
-        candidates.append(name[len(MASK_PREFIX) :])
-    return _first_match(index, name, candidates)
-
-
-def _first_match(index: DirectoryIndex, name: str, candidates: list[str]) -> FileMatch | None:
-    """The first candidate file name found in ``index``: exact names first, then by stem."""
-    for candidate in candidates:
-        if candidate in index:
-            return FileMatch(index.folder / candidate, name, by_stem=False)
-    for candidate in candidates:
-        match = index.find(candidate)
-        if match is not None:
-            return FileMatch(match.path, name, match.by_stem)
-    return None
+    return index.find(name, *([name[len(MASK_PREFIX) :]] if name.startswith(MASK_PREFIX) else []))
 
 
 def mask_name_candidates(name: str, image_name: str) -> list[str]:
@@ -128,7 +91,7 @@ def mask_name_candidates(name: str, image_name: str) -> list[str]:
         name: the item's name as written in the annotation file.
         image_name: the name of the image file found for the item.
     """
-    return _unique([name, image_name, MASK_PREFIX + image_name, MASK_PREFIX + name])
+    return list(dict.fromkeys(n for n in (name, image_name, MASK_PREFIX + image_name, MASK_PREFIX + name) if n))
 
 
 def find_mask_file(index: DirectoryIndex, name: str, image_name: str) -> FileMatch | None:
@@ -138,9 +101,5 @@ def find_mask_file(index: DirectoryIndex, name: str, image_name: str) -> FileMat
         index: the mask folder.
         name: the item's name as written in the annotation file.
         image_name: the name of the image file found for the item.
-
-    Returns:
-        The match (its ``requested`` is ``name``), or None.
     """
-    candidates = mask_name_candidates(name, image_name)
-    return _first_match(index, name, candidates)
+    return index.find(*mask_name_candidates(name, image_name))

@@ -1,47 +1,28 @@
 """
-Structured lesion reports derived from binary masks, in the style of the published text annotations.
+Structured lesion reports written from binary masks, in the style of the published text annotations:
+QaTa-COV19/MosMedData+ (LViT, Li et al.), "Bilateral pulmonary infection, two infected areas, upper left lung and
+lower right lung.", by :py:func:`chest_report`, and Kvasir-SEG, "one small polyp located in right of the image",
+by :py:func:`generic_report`. Deterministic, so that datasets without text (and the synthetic demo,
+:py:mod:`himix_monai.data.demo`) can be used for text-guided segmentation; ``python -m data_prep.reports``
+applies them to a datalist or a folder of masks (:py:func:`read_mask`).
 
-The QaTa-COV19 and MosMedData+ annotations (LViT, Li et al.) describe whether one or both lungs are
-infected, how many infected areas there are and roughly where they are::
-
-    "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
-
-The Kvasir-SEG annotations describe the number, size and position of the polyps::
-
-    "one small polyp located in right of the image"
-
-This module writes such reports from a mask, deterministically, so that datasets without text (or
-synthetic ones, see :py:mod:`himix_monai.data.demo`) can be used for text-guided segmentation:
-
-- :py:func:`find_lesions` counts lesions as 8-connected components of at least ``min_size`` pixels;
-- :py:func:`chest_report` (QaTa/MosMed style) and :py:func:`generic_report` (Kvasir style) write the text;
-- :py:func:`read_mask` reads a mask file (PNG/JPEG/TIFF/BMP, DICOM, NIfTI, NumPy) in display orientation;
-- :py:func:`fill_datalist_reports` and :py:func:`mask_folder_reports` apply them to a datalist or a folder
-  (used by the ``python -m data_prep.reports`` command line tool).
-
-Orientation conventions. All report functions take a 2-D mask in *display orientation*: ``mask[row, column]``
-with rows running from the top of the image to the bottom and columns from the image left to the image right,
-i.e. the array of a PNG read with PIL or the ``pixel_array`` of a DICOM file. Chest images follow the
-radiological convention: the patient's RIGHT lung is on the IMAGE LEFT, so a lesion in the image left half is
-reported in the "right lung". (MONAI's readers return the transpose of the display array, see
-:py:func:`himix_monai.data.ct.radiological_view`.)
+The report functions take a 2-D mask in *display orientation* (``mask[row, column]``, rows top to bottom,
+columns image left to right: a PNG read with PIL, a DICOM ``pixel_array``), binarized as training binarizes masks
+(:py:class:`~himix_monai.transforms.BinarizeMask`). Chest images follow the radiological convention: the
+patient's RIGHT lung is on the IMAGE LEFT, so a lesion in the image left half is reported in the "right lung".
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
-from himix_monai.files import DICOM_EXTENSIONS, NIFTI_EXTENSIONS, PICTURE_EXTENSIONS, write_text_atomically
 
 __all__ = [
     "REPORT_STYLES",
@@ -51,10 +32,8 @@ __all__ = [
     "LUNG_SIDES",
     "LUNG_ZONES",
     "NO_CHEST_FINDING",
-    "Lesion",
     "ChestFindings",
     "count_word",
-    "binarize_mask",
     "resolve_min_size",
     "find_lesions",
     "describe_chest_findings",
@@ -65,9 +44,6 @@ __all__ = [
     "generic_report",
     "report_from_mask",
     "read_mask",
-    "fill_datalist_reports",
-    "mask_folder_reports",
-    "write_reports_csv",
 ]
 
 REPORT_STYLES: tuple[str, ...] = ("chest", "generic")
@@ -92,23 +68,6 @@ NO_CHEST_FINDING = "No pulmonary infection."
 """The chest report of a mask without lesions."""
 
 _COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-
-
-@dataclass(frozen=True)
-class Lesion:
-    """One connected lesion of a mask.
-
-    Args:
-        rows: row index of each of its pixels.
-        columns: column index of each of its pixels.
-        area: number of pixels.
-        centroid: (row, column) centre of mass.
-    """
-
-    rows: np.ndarray = field(repr=False)
-    columns: np.ndarray = field(repr=False)
-    area: int
-    centroid: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -145,24 +104,14 @@ def count_word(count: int) -> str:
     return _COUNT_WORDS[count] if count < len(_COUNT_WORDS) else str(count)
 
 
-def binarize_mask(mask: Any) -> np.ndarray:
-    """Foreground of a mask as a boolean array.
+def _foreground(mask: Any, name: str = "mask") -> np.ndarray:
+    """The 2-D boolean foreground of ``mask`` (singleton dimensions squeezed), by training's ``BinarizeMask``."""
+    from himix_monai.transforms.mask import BinarizeMask  # here: the transforms package imports data
 
-    The threshold of :py:class:`himix_monai.transforms.BinarizeMask` (``"auto"``): 8-bit style masks (maximum
-    above 127, e.g. 0/255 PNGs) are foreground above 127; other masks (0/1 labels, probabilities) above 0.5.
-    Boolean masks are returned as they are; the shape is kept.
-
-    Args:
-        mask: array-like mask (NumPy array, torch tensor, nested lists).
-    """
-    array = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask)
-    if array.dtype == bool:
-        return array.copy()
-    if array.size == 0:
-        return np.zeros(array.shape, dtype=bool)
-    from himix_monai.transforms.mask import BinarizeMask  # the one threshold rule (import here: transforms import data)
-
-    return array > BinarizeMask().resolve_threshold(torch.as_tensor(array.max()))
+    array = np.squeeze(np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask))
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D image, got shape {tuple(np.shape(mask))}")
+    return BinarizeMask()(array[None].astype(np.float32))[0] > 0
 
 
 def resolve_min_size(min_size: float, num_pixels: int) -> int:
@@ -179,41 +128,28 @@ def resolve_min_size(min_size: float, num_pixels: int) -> int:
     return int(math.ceil(min_size))
 
 
-def _as_2d(mask: np.ndarray, name: str = "mask") -> np.ndarray:
-    squeezed = np.squeeze(mask)
-    if squeezed.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D image, got shape {tuple(mask.shape)}")
-    return squeezed
-
-
-def find_lesions(mask: Any, min_size: float = DEFAULT_MIN_SIZE) -> list[Lesion]:
+def find_lesions(mask: Any, min_size: float = DEFAULT_MIN_SIZE) -> list:
     """The lesions of a mask: 8-connected foreground components of at least ``min_size`` pixels.
 
     Args:
-        mask: 2-D mask (singleton dimensions are squeezed), binarized with :py:func:`binarize_mask`.
+        mask: 2-D mask (singleton dimensions are squeezed), binarized as training binarizes masks.
         min_size: minimum size in pixels (>= 1) or as a fraction of the image (< 1).
 
     Returns:
-        The lesions in raster order of their first pixel.
+        The lesions as ``skimage.measure.regionprops`` regions (``coords``, ``area``, ``centroid``), in raster
+        order of their first pixel.
     """
     from skimage.measure import label, regionprops
 
-    foreground = _as_2d(binarize_mask(mask))
+    foreground = _foreground(mask)
     minimum = resolve_min_size(min_size, foreground.size)
-    lesions = []
-    for region in regionprops(label(foreground, connectivity=2)):
-        if region.area < minimum:
-            continue
-        rows, columns = region.coords[:, 0], region.coords[:, 1]
-        centroid = (float(rows.mean()), float(columns.mean()))
-        lesions.append(Lesion(rows=rows, columns=columns, area=int(rows.size), centroid=centroid))
-    return lesions
+    return [region for region in regionprops(label(foreground, connectivity=2)) if region.area >= minimum]
 
 
 def _lung_field(shape: tuple[int, int], lung_mask: Any | None) -> tuple[float, float, float]:
     """(top, height, midline column) of the lung field: the lung mask's bounding box, else the image."""
     if lung_mask is not None:
-        lungs = _as_2d(binarize_mask(lung_mask), "lung_mask")
+        lungs = _foreground(lung_mask, "lung_mask")
         if lungs.shape != shape:
             raise ValueError(f"lung_mask shape {lungs.shape} differs from the mask shape {shape}")
         rows, columns = np.nonzero(lungs)
@@ -244,15 +180,16 @@ def describe_chest_findings(
         min_size: minimum lesion size in pixels (>= 1) or as a fraction of the image (< 1).
         min_zone_fraction: fraction of a lesion's pixels that makes a zone count as involved.
     """
-    foreground = _as_2d(binarize_mask(mask))
+    foreground = _foreground(mask)
     lesions = find_lesions(foreground, min_size)
     top, height, midline = _lung_field(foreground.shape, lung_mask)
     involved: dict[str, set[int]] = {side: set() for side in LUNG_SIDES}
     for lesion in lesions:
-        zone = np.clip(np.floor((lesion.rows + 0.5 - top) / height * 3), 0, 2).astype(int)
-        side = np.where(lesion.columns + 0.5 < midline, 1, 0)  # image left -> patient right (index 1)
+        rows, columns = lesion.coords[:, 0], lesion.coords[:, 1]
+        zone = np.clip(np.floor((rows + 0.5 - top) / height * 3), 0, 2).astype(int)
+        side = np.where(columns + 0.5 < midline, 1, 0)  # image left -> patient right (index 1)
         cells = np.bincount(side * 3 + zone, minlength=6)
-        chosen = cells >= min_zone_fraction * lesion.area
+        chosen = cells >= min_zone_fraction * rows.size
         chosen[int(np.argmax(cells))] = True
         for cell in np.flatnonzero(chosen & (cells > 0)):
             involved[LUNG_SIDES[cell // 3]].add(int(cell % 3))
@@ -369,7 +306,7 @@ def generic_report(
         >>> generic_report(mask)
         'one small polyp located in right of the image'
     """
-    foreground = _as_2d(binarize_mask(mask))
+    foreground = _foreground(mask)
     lesions = sorted(find_lesions(foreground, min_size), key=lambda lesion: -lesion.area)
     plural = plural or f"{noun}s"
     if not lesions:
@@ -403,45 +340,22 @@ def report_from_mask(mask: Any, style: str = "chest", lung_mask: Any | None = No
     raise ValueError(f"unknown report style {style!r}, expected one of {REPORT_STYLES}")
 
 
-def _read_pil(path: Path) -> np.ndarray:
-    from PIL import Image
+@functools.cache
+def _mask_loader() -> Any:
+    """``LoadImage`` with MONAI's layout for every format, made once (making one logs a reader warning)."""
+    from monai.data import NibabelReader, PILReader, PydicomReader
+    from monai.transforms import LoadImage
 
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
-            image = image.convert("L")
-        return np.asarray(image)
-
-
-def _read_dicom(path: Path) -> np.ndarray:
-    import pydicom
-
-    dataset = pydicom.dcmread(path)
-    if "PixelData" not in dataset:
-        raise ValueError("the DICOM file has no pixel data")
-    return dataset.pixel_array
-
-
-def _read_nifti(path: Path) -> np.ndarray:
-    import nibabel as nib
-
-    from himix_monai.data.ct import radiological_view
-
-    image = nib.load(str(path))
-    data = np.asanyarray(image.dataobj)
-    spatial = data.reshape(data.shape[:2] + tuple(size for size in data.shape[2:] if size != 1))
-    if spatial.ndim != 2:
-        raise ValueError(f"expected a 2-D mask, got a volume of shape {data.shape}")
-    return radiological_view(spatial, image.affine)
+    return LoadImage(reader=[PydicomReader(), NibabelReader(), PILReader()], image_only=True, ensure_channel_first=True)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """Read a 2-D mask file as a boolean array in display orientation.
 
-    PNG/JPEG/TIFF/BMP are read with PIL (colour images are converted to grey), DICOM with pydicom
-    (``pixel_array``), NIfTI with nibabel (MONAI layout, turned to display orientation with
-    :py:func:`himix_monai.data.ct.radiological_view`), ``.npy`` with NumPy. The foreground is found
-    with :py:func:`binarize_mask` (above 127 for 0..255 masks, else above 0.5).
+    The file is loaded with MONAI's ``LoadImage`` (PIL for pictures, nibabel for NIfTI, pydicom for DICOM),
+    binarized as training binarizes masks (:py:class:`~himix_monai.transforms.BinarizeMask`: any colour channel,
+    above 127 for 0..255 masks, else above 0.5) and turned to display orientation with the file's affine
+    (:py:func:`himix_monai.data.ct.radiological_view`).
 
     Args:
         path: the mask file.
@@ -449,144 +363,14 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     Raises:
         ValueError: naming the file, when it is missing, unreadable or not a 2-D image.
     """
+    from himix_monai.data.ct import radiological_view
+    from himix_monai.transforms.mask import BinarizeMask  # here: the transforms package imports data
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: mask file not found")
-    name = path.name.lower()
     try:
-        if name.endswith(PICTURE_EXTENSIONS):
-            array = _read_pil(path)
-        elif name.endswith(NIFTI_EXTENSIONS):
-            array = _read_nifti(path)
-        elif name.endswith(".npy"):
-            array = np.load(path, allow_pickle=False)
-        else:
-            array = _read_dicom(path)
-        return _as_2d(binarize_mask(array))
+        mask = BinarizeMask()(_mask_loader()(path))
+        return radiological_view(mask[0].numpy() > 0, mask.affine.numpy())
     except Exception as err:  # any reader failure becomes an error naming the file
         raise ValueError(f"{path}: cannot read mask: {err}") from err
-
-
-def _resolve(path: str, base_dir: Path) -> Path:
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() else base_dir / candidate
-
-
-def fill_datalist_reports(
-    datalist: Mapping[str, Any],
-    style: str = "chest",
-    min_size: float = DEFAULT_MIN_SIZE,
-    overwrite: bool = False,
-    base_dir: str | os.PathLike = ".",
-    lung_key: str | None = None,
-    source: str = "datalist",
-    **report_kwargs: Any,
-) -> tuple[dict[str, Any], int]:
-    """Write the report of each item's ``label`` mask into its ``text``.
-
-    Every list of items in the datalist (``training``, ``validation``, ``test``, ...) is processed; other
-    top-level keys are copied unchanged.
-
-    Args:
-        datalist: a MONAI datalist; items need a ``label`` path (relative paths are resolved against ``base_dir``).
-        style: one of :py:data:`REPORT_STYLES`.
-        min_size: minimum lesion size in pixels (>= 1) or as a fraction of the image (< 1).
-        overwrite: replace existing non-empty texts too (by default only missing/empty texts are filled).
-        base_dir: folder relative paths are resolved against, usually the datalist's folder.
-        lung_key: item key of an optional lung mask (chest style), e.g. ``"lung_mask"``.
-        source: how to name the datalist in error messages.
-        report_kwargs: passed to :py:func:`report_from_mask`.
-
-    Returns:
-        The new datalist and the number of texts written.
-
-    Raises:
-        ValueError: naming the datalist, split, item and file for a missing ``label`` or an unreadable mask.
-    """
-    base = Path(base_dir)
-    filled = 0
-    result: dict[str, Any] = {}
-    for key, value in datalist.items():
-        if not isinstance(value, list):
-            result[key] = value
-            continue
-        items = []
-        for position, item in enumerate(value, start=1):
-            where = f"{source}: {key!r} item {position}"
-            if not isinstance(item, Mapping) or not item.get("label"):
-                raise ValueError(f"{where}: has no 'label' mask path")
-            item = dict(item)
-            if overwrite or not str(item.get("text") or "").strip():
-                try:
-                    mask = read_mask(_resolve(item["label"], base))
-                    lungs = read_mask(_resolve(item[lung_key], base)) if lung_key and item.get(lung_key) else None
-                    item["text"] = report_from_mask(mask, style, lung_mask=lungs, min_size=min_size, **report_kwargs)
-                except ValueError as err:
-                    raise ValueError(f"{where}: {err}") from err
-                filled += 1
-            items.append(item)
-        result[key] = items
-    return result, filled
-
-
-def mask_folder_reports(
-    folder: str | os.PathLike,
-    style: str = "chest",
-    min_size: float = DEFAULT_MIN_SIZE,
-    on_unreadable: Callable[[Path, str], None] | None = None,
-    **report_kwargs: Any,
-) -> list[tuple[str, str]]:
-    """Reports for every mask file of a folder, sorted by file name.
-
-    Args:
-        folder: folder of 2-D masks (hidden files and non-image files are skipped).
-        style: one of :py:data:`REPORT_STYLES`.
-        min_size: minimum lesion size in pixels (>= 1) or as a fraction of the image (< 1).
-        on_unreadable: called with the file and the error message for a mask that cannot be read, which is
-            then left out; None raises the error instead.
-        report_kwargs: passed to :py:func:`report_from_mask`.
-
-    Returns:
-        ``(file name, report)`` pairs.
-
-    Raises:
-        ValueError: naming the file of an unreadable mask, unless ``on_unreadable`` is given.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: mask folder not found")
-    suffixes = PICTURE_EXTENSIONS + NIFTI_EXTENSIONS + DICOM_EXTENSIONS + (".npy",)
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    rows = []
-    for name in names:
-        if name.lower().endswith(suffixes):
-            try:
-                mask = read_mask(folder / name)
-            except ValueError as err:
-                if on_unreadable is None:
-                    raise
-                on_unreadable(folder / name, str(err))
-                continue
-            rows.append((name, report_from_mask(mask, style, min_size=min_size, **report_kwargs)))
-    return rows
-
-
-def write_reports_csv(rows: Sequence[tuple[str, str]], path: str | os.PathLike) -> Path:
-    """Write ``(image, description)`` rows as an ``Image,Description`` CSV (the LViT/GuideDecoder sheet format).
-
-    The file is written to a temporary file next to ``path`` and moved over it, so it is never half-written.
-
-    Args:
-        rows: ``(image name, description)`` pairs.
-        path: the CSV file.
-
-    Returns:
-        The absolute path written.
-    """
-    path = Path(path).absolute()
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["Image", "Description"])
-    writer.writerows(rows)
-    write_text_atomically(path, buffer.getvalue(), newline="")
-    return path

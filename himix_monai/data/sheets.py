@@ -4,11 +4,9 @@ Sheet readers: ``Image``/``Description`` tables (``.xlsx``, ``.csv``) as :py:cla
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from himix_monai.errors import DatalistError
 
@@ -27,21 +25,6 @@ class SheetRow(NamedTuple):
     row: int
     image: str
     description: str
-
-
-def _cell_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    return str(value).strip()
-
-
-def _find_column(columns: Sequence[Any], wanted: str) -> Any | None:
-    for column in columns:
-        if str(column).strip().lower() == wanted.lower():
-            return column
-    return None
 
 
 def read_description_sheet(
@@ -73,16 +56,12 @@ def read_description_sheet(
             table = pd.read_csv(path, dtype=str, skip_blank_lines=False, encoding="utf-8-sig")
     except Exception as err:  # pandas/openpyxl raise many types for corrupt files
         raise DatalistError(f"{path}: cannot read the sheet: {type(err).__name__}: {err}") from err
-    columns = list(table.columns)
-    image_key, text_key = _find_column(columns, image_column), _find_column(columns, text_column)
-    missing = [name for name, key in ((image_column, image_key), (text_column, text_key)) if key is None]
+    by_name = {str(column).strip().lower(): column for column in reversed(table.columns)}  # the first one wins
+    missing = [name for name in (image_column, text_column) if name.lower() not in by_name]
     if missing:
-        found = ", ".join(repr(str(c)) for c in columns) or "none"
+        found = ", ".join(repr(str(c)) for c in table.columns) or "none"
         raise DatalistError(f"{path}: lacks the column(s) {', '.join(map(repr, missing))} (found: {found})")
-    rows = []
-    for offset, (image, text) in enumerate(zip(table[image_key].tolist(), table[text_key].tolist())):
-        image, text = _cell_text(image), _cell_text(text)
-        if not image and not text:
-            continue  # blank line
-        rows.append(SheetRow(row=offset + 2, image=image, description=text))
-    return rows
+    cells = table[[by_name[image_column.lower()], by_name[text_column.lower()]]].fillna("")
+    rows = [SheetRow(offset + 2, str(image).strip(), str(text).strip()) for offset, (image, text) in
+            enumerate(cells.values)]
+    return [row for row in rows if row.image or row.description]  # blank lines are left out

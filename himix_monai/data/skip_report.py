@@ -81,16 +81,12 @@ class SkipReport:
     def __init__(self, strict: bool = False, logger: logging.Logger | None = None) -> None:
         self.strict = strict
         self.logger = logger if logger is not None else _LOGGER
-        self._items: list[SkippedItem] = []
+        self.items: list[SkippedItem] = []
+        """The skipped items, in the order they were reported."""
         self._notes: dict[str, tuple[str, list[str]]] = {}
 
-    @property
-    def items(self) -> list[SkippedItem]:
-        """The skipped items, in the order they were reported."""
-        return list(self._items)
-
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     def skip(
         self,
@@ -104,18 +100,13 @@ class SkipReport:
         """Record a skipped item and log a warning; raise :py:class:`DatalistError` in strict mode.
 
         Args:
-            item_id: the item's id, usually the image name as written in the annotation file.
-            reason: one of the :py:class:`SkipReason` values.
-            file: the annotation file that lists the item.
-            row: the item's human row number (header is row 1) or 1-based entry number.
-            detail: a free-text explanation.
-            unit: ``"row"`` or ``"entry"``, what ``row`` counts.
+            item_id, reason, file, row, detail, unit: as :py:class:`SkippedItem`.
 
         Raises:
             DatalistError: in strict mode.
         """
         item = SkippedItem(str(item_id), str(file), row, reason, detail, unit)
-        self._items.append(item)
+        self.items.append(item)
         if self.strict:
             raise DatalistError(f"{item.message()} (--strict: stopping at the first bad item)")
         self.logger.warning("skipped %s", item.message())
@@ -129,32 +120,22 @@ class SkipReport:
                 e.g. ``"resolved {count} extension mismatches"``.
             example: an example of the event; the first one is shown.
         """
-        if key not in self._notes:
-            self._notes[key] = (summary, [])
-        self._notes[key][1].append(example)
+        self._notes.setdefault(key, (summary, []))[1].append(example)
 
     def notes(self) -> list[str]:
-        """The summary notes, one line each.
-
-        For example ``resolved 14 extension mismatches, e.g. sheet 'a.png' -> 'a.tif'``.
-        """
-        lines = []
-        for summary, examples in self._notes.values():
-            line = summary.replace("{count}", str(len(examples)))
-            if examples[0]:
-                line += f", e.g. {examples[0]}"
-            lines.append(line)
-        return lines
+        """The summary notes, one line each: ``resolved 14 extension mismatches, e.g. sheet 'a.png' -> 'a.tif'``."""
+        return [
+            summary.replace("{count}", str(len(examples))) + (f", e.g. {examples[0]}" if examples[0] else "")
+            for summary, examples in self._notes.values()
+        ]
 
     def counts_by_reason(self) -> dict[str, int]:
         """Number of skipped items per reason, most frequent first (ties in order of first occurrence)."""
-        counts = Counter(item.reason for item in self._items)
-        first_seen = {reason: index for index, reason in reversed(list(enumerate(i.reason for i in self._items)))}
-        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], first_seen[kv[0]])))
+        return dict(Counter(item.reason for item in self.items).most_common())
 
     def summary(self) -> str:
         """E.g. ``skipped 3 (missing mask: 2, empty description: 1)`` or ``skipped 0``."""
-        if not self._items:
+        if not self.items:
             return "skipped 0"
         counts = ", ".join(f"{reason}: {count}" for reason, count in self.counts_by_reason().items())
-        return f"skipped {len(self._items)} ({counts})"
+        return f"skipped {len(self.items)} ({counts})"

@@ -51,19 +51,15 @@ def source_name(img: Any, data: Mapping[Hashable, Any] | None = None, key: Hasha
     """
     Name of the file an array came from, for error messages.
 
-    Looks in ``MetaTensor.meta["filename_or_obj"]``, then in ``data[f"{key}_meta_dict"]``, then falls back to
-    ``data["image"]`` (the datalist path) and finally to ``"<unknown source>"``.
+    Looks in ``MetaTensor.meta["filename_or_obj"]``, then in ``data[f"{key}_meta_dict"]`` (see
+    :py:func:`meta_filename`), then falls back to ``data["image"]`` (the datalist path) and finally to
+    ``"<unknown source>"``.
     """
-    if isinstance(img, MetaTensor):
-        name = img.meta.get("filename_or_obj")
-        if name:
-            return str(name)
-    if data is not None:
-        meta = data.get(f"{key}_meta_dict") if key is not None else None
-        if isinstance(meta, Mapping) and meta.get("filename_or_obj"):
-            return str(meta["filename_or_obj"])
-        if isinstance(data.get("image"), str):
-            return f"the item with image {data['image']}"
+    name = meta_filename({key: img}, key) or (meta_filename(data, key) if data is not None else None)
+    if name:
+        return name
+    if data is not None and isinstance(data.get("image"), str):
+        return f"the item with image {data['image']}"
     return "<unknown source>"
 
 
