@@ -18,6 +18,8 @@ load with ``weights_only=True``.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import pickle
@@ -54,6 +56,11 @@ __all__ = [
     "save_checkpoint_atomically",
     "load_checkpoint_file",
     "network_signature",
+    "SETTINGS_KEY",
+    "CheckpointSettingsError",
+    "setting_override",
+    "describe_settings_mismatch",
+    "check_settings_record",
     "describe_state_mismatch",
     "load_network_weights",
     "check_and_load_network",
@@ -67,6 +74,32 @@ META_KEY = "meta"
 CHECKPOINT_FORMAT = 1
 """Version of the training-state checkpoint layout written under :py:data:`META_KEY`."""
 _STATE_DICT_KEYS = ("model", "network", "net", "state_dict")
+SETTINGS_KEY = "_extra_state"
+"""Entry of a HiMix state dict that records the network's constructor and preprocessing settings
+(:py:meth:`himix_monai.networks.HiMix.get_extra_state`)."""
+NOT_COMPARED = (
+    "pretrained",
+    "image_encoder_checkpoint",
+    "text_encoder",
+    "text_cache_size",
+    "text_encoder_dtype",
+    "gradient_checkpointing",
+)
+"""Recorded network settings that are not compared: initialisation only (``pretrained``,
+``image_encoder_checkpoint``), run-time only (cache, storage dtype, gradient checkpointing) or compared otherwise
+(``text_encoder``: a path differs between machines; its fingerprint is compared, and ``use_text`` is)."""
+BUNDLE_OPTIONS = {
+    "in_channels": "in_channels",
+    "image_encoder": "image_encoder",
+    "text_length": "max_text_length",
+    "layer_grouping": "layer_grouping",
+    "removed_layer_group": "removed_layer_group",
+    "use_asrm": "use_asrm",
+}
+"""The bundle's command-line option of each network argument that is a top-level setting of its configs; any
+other argument is set with ``--network_def#<argument>``. Preprocessing settings are top-level settings."""
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(HiMixError, RuntimeError):
@@ -75,6 +108,11 @@ class CheckpointError(HiMixError, RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the network (other keys, shapes or settings); the message lists the differences."""
+
+
+class CheckpointSettingsError(CheckpointMismatchError):
+    """The settings recorded in a checkpoint differ from the network's; the message names each one, both values
+    and the command-line override that gives the recorded value."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,6 +261,123 @@ def _strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> Mapping[
     return state
 
 
+def setting_override(option: str, value: Any) -> str:
+    """The ``python -m monai.bundle run`` option that sets ``option`` to ``value``.
+
+    Args:
+        option: the config id, e.g. ``"image_size"`` or ``"network_def#num_heads"``.
+        value: a JSON value.
+
+    Examples::
+
+        setting_override("image_size", [64, 64])  # '--image_size "[64,64]"'
+        setting_override("use_asrm", False)       # '--use_asrm false'
+    """
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "None"
+    elif isinstance(value, (list, dict)):
+        text = '"' + json.dumps(value, separators=(",", ":")).replace('"', "'") + '"'
+    else:
+        text = str(value)
+        text = f'"{text}"' if any(c.isspace() for c in text) else text
+    return f"--{option} {text}"
+
+
+def _comparable(record: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """``{name: (command-line option, value)}`` of a settings record, for comparison."""
+    network = dict(record.get("network") or {})
+    out = {
+        name: (BUNDLE_OPTIONS.get(name, f"network_def#{name}"), value)
+        for name, value in network.items()
+        if name not in NOT_COMPARED
+    }
+    if "text_encoder" in network:
+        out["use_text"] = ("use_text", network["text_encoder"] is not None)
+    out.update({name: (name, value) for name, value in dict(record.get("preprocessing") or {}).items()})
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def describe_settings_mismatch(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], source: str = "the checkpoint"
+) -> str | None:
+    """Compare a checkpoint's settings record with the network's own, naming every difference.
+
+    Settings present in only one of the records (e.g. an argument added to the network later) are not compared;
+    neither are those of :py:data:`NOT_COMPARED`.
+
+    Args:
+        recorded: the record found in the checkpoint (``{"network": {...}, "preprocessing": {...}}``).
+        current: the record of the network it is loaded into (built from this run's config).
+        source: how to name the checkpoint in the message.
+
+    Returns:
+        None when every shared setting is equal, else a report: one line per setting with both values and the
+        command-line override that gives the checkpoint's value, then all overrides on one line.
+    """
+    saved, now = _comparable(recorded), _comparable(current)
+    differing = [name for name in saved if name in now and not _same(saved[name][1], now[name][1])]
+    if not differing:
+        return None
+    overrides = [setting_override(saved[name][0], saved[name][1]) for name in differing]
+    lines = [
+        f"{source} was trained with other settings than this run's config: {len(differing)} differ "
+        "(in the checkpoint -> in this config):"
+    ]
+    lines += [
+        f"  {name}: {json.dumps(saved[name][1])} -> {json.dumps(now[name][1])}  (fix: {override})"
+        for name, override in zip(differing, overrides)
+    ]
+    lines.append(
+        "Run with the settings the model was trained with (the same dataset preset and overrides), e.g. add: "
+        + " ".join(overrides)
+    )
+    return "\n".join(lines)
+
+
+def check_settings_record(network: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """Compare the settings recorded in ``state`` with ``network``'s own, before anything is loaded.
+
+    For networks that record their settings (:py:class:`~himix_monai.networks.HiMix`: ``settings_record()`` and
+    ``decode_settings()``, the record under :py:data:`SETTINGS_KEY`). A state dict saved before settings were
+    recorded (no entry, or an empty record) is completed in place with an empty record and loads with a warning.
+
+    Args:
+        network: the network (wrappers are unwrapped).
+        state: the state dict to load (modified in place for an old one).
+        source: the file, for the messages.
+
+    Raises:
+        CheckpointSettingsError: naming every differing setting, both values and the override that fixes it.
+    """
+    network = unwrap_network(network)
+    if not (hasattr(network, "settings_record") and hasattr(network, "decode_settings")):
+        return
+    recorded = network.decode_settings(state.get(SETTINGS_KEY))
+    if not recorded:
+        own = network.state_dict().get(SETTINGS_KEY)
+        if isinstance(own, torch.Tensor):
+            state[SETTINGS_KEY] = torch.zeros_like(own)
+        logger.warning(
+            f"{source} records no network or preprocessing settings (saved before they were recorded): they are "
+            "not checked; make sure this config's settings (image_size, intensity_range, in_channels, "
+            "max_text_length, text_encoder, use_text, ...) are those it was trained with."
+        )
+        return
+    report = describe_settings_mismatch(recorded, network.settings_record(), source)
+    if report is not None:
+        raise CheckpointSettingsError(report)
+
+
 def describe_state_mismatch(
     expected: Mapping[str, Any],
     found: Mapping[str, Any],
@@ -268,7 +423,7 @@ def describe_state_mismatch(
         lines.append(f"  not in the network: {_listed(unexpected, limit)}")
     parts = Counter(_group(k) for k in missing + unexpected + reshaped)
     lines.append("  parts concerned: " + ", ".join(f"{part} ({count})" for part, count in parts.most_common()))
-    first = next(iter(expected), None)
+    first = next((k for k, v in expected.items() if _shape(v) is not None and len(_shape(v)) > 1), None)
     if first in reshaped and len(_shape(expected[first]) or ()) > 1:
         old, new = _shape(found[first]), _shape(expected[first])
         if old and new and len(old) == len(new) and old[0] == new[0] and old[1] != new[1]:
@@ -341,10 +496,12 @@ def check_and_load_network(
         target: the name of the network in the messages (its class name by default).
 
     Raises:
+        CheckpointSettingsError: the recorded settings differ (checked first, see :py:func:`check_settings_record`).
         CheckpointMismatchError: listing the missing, unexpected and reshaped entries or signature differences.
     """
     network = unwrap_network(network)
     state = OrderedDict(state)
+    check_settings_record(network, state, source)
     _check_text_encoders(network, state, source, frozen)
     expected = network.state_dict()
     report = describe_state_mismatch(expected, state, source=source, target=target or type(network).__name__)
