@@ -1,5 +1,12 @@
 """
-Ignite handlers of the HiMix bundle: training state, loud failures and loss logging; CT volume masks.
+Ignite handlers of the HiMix bundle: checkpoints, training state, loud failures and loss logging; CT volume masks.
+
+Checkpoints (the file format, atomic writing and the checks are in :py:mod:`himix_monai.checkpoints`):
+
+- :py:class:`SafeCheckpointLoader` is MONAI's ``CheckpointLoader`` with ``weights_only=True`` and one readable
+  error (recorded settings, text encoder, keys and shapes) before anything is loaded;
+- :py:class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` with atomic writes (MONAI's own writes in
+  place and deletes the previous best model before writing the new one).
 
 Training (the MONAI ``SupervisedTrainer`` runs the loop; these add what a long run on real data needs):
 
@@ -35,7 +42,8 @@ import torch
 
 from monai.config import PathLike
 from monai.data import decollate_batch
-from monai.handlers import CheckpointSaver, EarlyStopHandler
+from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
+from monai.networks.utils import copy_model_state
 from monai.utils import CommonKeys, IgniteInfo, convert_to_numpy, min_version, optional_import
 
 from himix_monai.checkpoints import (
@@ -45,7 +53,9 @@ from himix_monai.checkpoints import (
     check_and_load_network,
     load_checkpoint_file,
     network_signature,
+    network_state_from_checkpoint,
     save_checkpoint_atomically,
+    strip_module_prefix,
 )
 from himix_monai.config_utils import as_bool, unwrap_network
 from himix_monai.data.ct import slices_to_nifti
@@ -55,6 +65,10 @@ from himix_monai.transforms.volume import CTVolumeCache
 from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
+BaseSaveHandler, _ = optional_import(
+    "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
+)
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -62,6 +76,8 @@ else:
 
 __all__ = [
     "NonFiniteLossError",
+    "SafeCheckpointLoader",
+    "AtomicCheckpointSaver",
     "TrainingStateCheckpoint",
     "StopOnNonFiniteLoss",
     "LossCSVWriter",
@@ -74,6 +90,142 @@ logger = logging.getLogger(__name__)
 class NonFiniteLossError(HiMixError, RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and the iteration."""
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoint loading and atomic best-model saving
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SafeCheckpointLoader(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` that loads with ``weights_only=True`` and reports configuration mismatches.
+
+    A drop-in replacement (same arguments). Every ``torch.nn.Module`` in ``load_dict`` is compared with its
+    checkpoint entry before anything is loaded (:py:func:`~himix_monai.checkpoints.check_and_load_network`: recorded settings first, then keys and shapes): with ``strict=True`` and ``strict_shape=True`` (the defaults) a
+    checkpoint of another configuration raises one :py:class:`CheckpointMismatchError` (counts, the first few
+    keys with shapes, a hint) instead of PyTorch's list of every missing key. A missing, truncated or unsafe file
+    raises :py:class:`CheckpointError` naming it.
+
+    Args:
+        load_path: the checkpoint file.
+        load_dict: the objects to load, e.g. ``{"model": network}``; a single network entry also loads a
+            checkpoint that is directly its state dict (``models/model.pt``) or that holds it under ``model``,
+            ``network``, ``net`` or ``state_dict`` (``models/checkpoint_latest.pt``, whose recorded settings and
+            text-encoder fingerprint are checked too).
+        name: logger name; None uses the engine's logger.
+        map_location: passed to ``torch.load``.
+        strict: require the same keys (see ``CheckpointLoader``).
+        strict_shape: require the same shapes; False loads the matching weights only and skips non-network
+            objects (transfer learning, see ``CheckpointLoader``).
+
+    Examples::
+
+        {
+            "_target_": "himix_monai.handlers.SafeCheckpointLoader",
+            "load_path": "$@ckpt_dir + '/model.pt'",
+            "load_dict": {"model": "@network"},
+            "map_location": "@device"
+        }
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: the ignite engine (trainer, evaluator or inference engine).
+        """
+        source = str(self.load_path)
+        checkpoint = load_checkpoint_file(self.load_path, map_location=self.map_location)
+        meta = checkpoint.get(META_KEY) if isinstance(checkpoint, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        first_key, first = next(iter(self.load_dict.items()))
+        if len(self.load_dict) == 1 and (not isinstance(checkpoint, Mapping) or first_key not in checkpoint):
+            if isinstance(first, torch.nn.Module):  # a plain state dict, or one under "model", "network", ...
+                checkpoint = {first_key: network_state_from_checkpoint(checkpoint, None, source)}
+            else:
+                checkpoint = {first_key: checkpoint}
+        missing = [k for k in self.load_dict if k not in checkpoint]
+        if missing and self.strict:
+            raise CheckpointError(
+                f"{source}: no entries {missing} (found: {', '.join(map(repr, checkpoint))}); "
+                "the load_dict names must match the names the checkpoint was saved with."
+            )
+        load_dict = {k: v for k, v in self.load_dict.items() if k in checkpoint}
+        checkpoint = dict(checkpoint)
+        for k, obj in list(load_dict.items()):
+            if not isinstance(obj, torch.nn.Module):
+                continue
+            state = strip_module_prefix(checkpoint[k]) if isinstance(checkpoint[k], Mapping) else checkpoint[k]
+            if not self.strict_shape:
+                checkpoint[k] = copy_model_state(unwrap_network(obj), state, inplace=False)[0]
+            elif self.strict:  # compare keys, shapes and recorded settings, then load
+                target = f"{k!r} ({type(unwrap_network(obj)).__name__})"
+                check_and_load_network(
+                    obj, state, source, meta.get("network_signature"), meta.get("frozen_weights"), target
+                )
+                del load_dict[k]
+            else:
+                checkpoint[k] = state
+        if not self.strict_shape:
+            skipped = [k for k, obj in load_dict.items() if not isinstance(obj, torch.nn.Module)]
+            if skipped:
+                self.logger.warning(f"strict_shape is False: loading networks only, skipping {skipped}.")
+            load_dict = {k: v for k, v in load_dict.items() if k not in skipped}
+        prior_max_epochs = engine.state.max_epochs
+        if load_dict:
+            Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint, strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise CheckpointError(
+                f"{self.load_path}: the checkpoint is at epoch {engine.state.epoch}, beyond this run's max_epochs "
+                f"({prior_max_epochs}); raise the number of epochs to continue training from it."
+            )
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored {sorted(self.load_dict)} from {self.load_path}")
+
+
+class _AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler: atomic writes with normal permissions; an optional fixed file name."""
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        self.dirname = Path(dirname)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        save_checkpoint_atomically(checkpoint, self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if self.filename is not None:
+            return  # the next save replaces the fixed file atomically; deleting it first would risk losing it
+        (self.dirname / filename).unlink(missing_ok=True)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose files are written atomically.
+
+    MONAI's ``CheckpointSaver`` writes with ignite's ``DiskSaver(atomic=False)`` (for group-readable files),
+    and with a fixed ``key_metric_filename`` it deletes the previous best model before writing the new one: a
+    kill in between leaves no ``model.pt`` or a truncated one. This subclass writes every file through
+    :py:func:`save_checkpoint_atomically` (temporary file, fsync, ``os.replace``, the usual permissions) and
+    overwrites a fixed file name in place instead of deleting it first. Arguments and file names are those of
+    ``CheckpointSaver``.
+
+    Args:
+        save_dir: the folder of the checkpoints.
+        save_dict: the objects to save, e.g. ``{"model": network}``.
+        kwargs: the other ``CheckpointSaver`` arguments (``save_key_metric``, ``key_metric_filename``,
+            ``save_interval``, ...).
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        fixed = {
+            "_final_checkpoint": kwargs.get("final_filename"),
+            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+            "_interval_checkpoint": None,
+        }
+        for attribute, filename in fixed.items():
+            checkpoint = getattr(self, attribute)
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(save_dir, filename)
 
 
 # ----------------------------------------------------------------------------------------------------------------

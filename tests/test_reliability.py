@@ -46,15 +46,13 @@ from monai.bundle import ConfigParser
 
 from himix_monai.data.datalist import DatalistError
 from himix_monai.checkpoints import (
-    AtomicCheckpointSaver,
     CheckpointError,
     CheckpointMismatchError,
-    SafeCheckpointLoader,
     load_checkpoint_file,
     load_network_weights,
     save_checkpoint_atomically,
 )
-from himix_monai.handlers import TrainingStateCheckpoint
+from himix_monai.handlers import AtomicCheckpointSaver, SafeCheckpointLoader, TrainingStateCheckpoint
 from tests.test_training_bundle import (  # noqa: F401 - fixtures shared with the end-to-end tests
     EPOCHS,
     TINY,
