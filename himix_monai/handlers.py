@@ -19,16 +19,25 @@ Training (the MONAI ``SupervisedTrainer`` runs the loop; these add what a long r
 - :py:class:`LossCSVWriter` logs every iteration's loss to a CSV file (full precision, for plots and
   reproducibility checks).
 
+Evaluation:
+
+- :py:class:`SegmentationMetricsSaver` is MONAI's ``MetricsSaver`` writing the bundle's ``per_image_metrics.csv``
+  (file names, Dice, IoU) and ``summary.json`` (mean ± std, global Dice/IoU; scores as defined in
+  :py:mod:`himix_monai.metrics`).
+
 Inference:
 
 - :py:class:`VolumeMaskWriter` collects the 2-D slice predictions of CT volumes during inference and writes
   one NIfTI mask per volume, with the source geometry, when the volume's last slice arrives.
 
-The overlay and per-image metric handlers are in :py:mod:`himix_monai.visualize`.
+The overlay handler is in :py:mod:`himix_monai.visualize`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import math
 import os
@@ -42,9 +51,9 @@ import torch
 
 from monai.config import PathLike
 from monai.data import decollate_batch
-from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler
+from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler, MetricsSaver
 from monai.networks.utils import copy_model_state
-from monai.utils import CommonKeys, IgniteInfo, convert_to_numpy, min_version, optional_import
+from monai.utils import CommonKeys, IgniteInfo, convert_to_numpy, min_version, optional_import, string_list_all_gather
 
 from himix_monai.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -61,10 +70,13 @@ from himix_monai.config_utils import as_bool, unwrap_network
 from himix_monai.data.ct import slices_to_nifti
 from himix_monai.data.inference_items import NUM_SLICES_KEY, SLICE_INDEX_KEY, OutputNames
 from himix_monai.errors import HiMixError
+from himix_monai.files import write_text_atomically
+from himix_monai.metrics import SCORE_KEYS, summarize_scores
 from himix_monai.transforms.volume import CTVolumeCache
 from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
 BaseSaveHandler, _ = optional_import(
     "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
@@ -81,6 +93,7 @@ __all__ = [
     "TrainingStateCheckpoint",
     "StopOnNonFiniteLoss",
     "LossCSVWriter",
+    "SegmentationMetricsSaver",
     "VolumeMaskWriter",
 ]
 
@@ -691,6 +704,188 @@ class LossCSVWriter:
         os.replace(temp, self.filename)
         logger.info(f"{self.filename}: dropped {len(lines) - len(kept)} rows from iteration {iteration} on.")
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-image metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _image_meta(image_key: str) -> Callable[[Any], list[dict[str, Any]]]:
+    """``MetricsSaver``'s ``batch_transform``: the file name of every item's image (MetaTensor meta or
+    ``<key>_meta_dict``), from the decollated ``engine.state.batch``."""
+
+    def transform(batch: Any) -> list[dict[str, Any]]:
+        items = list(decollate_batch(batch, detach=True)) if isinstance(batch, Mapping) else list(batch or [])
+        return [{"filename_or_obj": meta_filename(item, image_key) if isinstance(item, Mapping) else None} for item in items]
+
+    return transform
+
+
+class SegmentationMetricsSaver(MetricsSaver):
+    """
+    MONAI ``MetricsSaver`` that writes the bundle's evaluation files: per-image Dice/IoU with file names, their
+    mean ± std and the global Dice/IoU.
+
+    ``MetricsSaver`` collects the image file names at every iteration (``batch_transform``), gathers them across
+    ranks and writes on ``save_rank`` only; this subclass keeps all of that and replaces the writing, for what
+    ``MetricsSaver`` lacks: its files are ``metrics.csv`` / ``<metric>_raw.csv`` / ``<metric>_summary.csv``, one
+    per metric, written in place with 4 decimals, and its summary has no global scores. At ``EPOCH_COMPLETED``
+    (after the metrics, which the engine attaches before its handlers) this one writes, atomically:
+
+    - ``<save_dir>/<csv_filename>``: columns ``image,dice,iou``, one row per image (6 decimals; multi-channel
+      scores averaged over channels);
+    - ``<save_dir>/<summary_filename>``: ``n_images``, ``n_scored`` (rows whose Dice, else IoU, entered the
+      mean), ``dice_mean``, ``dice_std``, ``iou_mean``, ``iou_std`` (population std), ``global_dice``,
+      ``global_iou``: the definitions of :py:mod:`himix_monai.metrics`; with ``original_metrics`` also
+      ``"resolution": "network"`` and an ``"original_resolution"`` object with the same keys, whose per-image
+      scores go to ``<original_csv_filename>``;
+
+    and logs one line per resolution: ``Dice mean ± std, IoU mean ± std (over N images); global Dice, global
+    IoU``. Rows scored NaN (a metric with ``ignore_empty=True``) are written as ``nan``, left out of mean and std
+    and named in a warning. The summary is kept in ``self.summary``.
+
+    Args:
+        save_dir: folder of the files (created).
+        dice_metric: the engine's per-image Dice metric (``save_details=True``); None leaves it out.
+        iou_metric: the engine's per-image IoU metric; None leaves it out.
+        global_dice_metric: the engine's global Dice (``ConfusionMatrix("f1 score", reduction="sum")``); None
+            leaves it out.
+        global_iou_metric: the engine's global IoU (``ConfusionMatrix("threat score", reduction="sum")``); None
+            leaves it out.
+        image_key: key of the image in the batch items (source of the file names).
+        csv_filename: name of the per-image CSV.
+        summary_filename: name of the summary JSON.
+        save_rank: rank that writes the files.
+        original_metrics: the same four metrics at the images' original resolution (the prediction inverted to
+            the input's size, against the label as loaded), under the keys ``dice``, ``iou``, ``global_dice``,
+            ``global_iou``.
+        original_csv_filename: name of the per-image CSV at the original resolution.
+
+    Examples::
+
+        from himix_monai.metrics import segmentation_metrics
+
+        metrics = segmentation_metrics()
+        evaluator = SupervisedEvaluator(
+            ...,
+            key_val_metric={"val_mean_dice": metrics.pop("val_mean_dice")},
+            additional_metrics=metrics,
+            val_handlers=[SegmentationMetricsSaver("eval")],
+        )
+        evaluator.run()  # eval/per_image_metrics.csv, eval/summary.json
+    """
+
+    def __init__(
+        self,
+        save_dir: PathLike,
+        dice_metric: str | None = "val_mean_dice",
+        iou_metric: str | None = "val_mean_iou",
+        global_dice_metric: str | None = "val_global_dice",
+        global_iou_metric: str | None = "val_global_iou",
+        image_key: str = "image",
+        csv_filename: str = "per_image_metrics.csv",
+        summary_filename: str = "summary.json",
+        save_rank: int = 0,
+        original_metrics: Mapping[str, str] | None = None,
+        original_csv_filename: str = "per_image_metrics_original_resolution.csv",
+    ) -> None:
+        unknown = sorted(set(original_metrics or {}) - set(SCORE_KEYS))
+        if unknown:
+            raise ValueError(f"original_metrics: unknown keys {unknown}; use {', '.join(SCORE_KEYS)}.")
+        self.scores = dict(zip(SCORE_KEYS, (dice_metric, iou_metric, global_dice_metric, global_iou_metric)))
+        self.original_metrics = dict(original_metrics or {})
+        names = [n for n in [*self.scores.values(), *self.original_metrics.values()] if n is not None]
+        super().__init__(
+            save_dir=os.fspath(save_dir),
+            metrics=names,
+            metric_details=names,
+            batch_transform=_image_meta(image_key),
+            save_rank=save_rank,
+        )
+        self.csv_filename = csv_filename
+        self.summary_filename = summary_filename
+        self.original_csv_filename = original_csv_filename
+        self.summary: dict[str, Any] = {}
+
+    def _scores(self, engine: Engine, metrics: Mapping[str, str | None], names: list[str]) -> tuple[dict, list[str]]:
+        try:
+            scores = summarize_scores(engine, metrics)
+        except KeyError as err:
+            raise KeyError(f"SegmentationMetricsSaver: {err.args[0]}") from err
+        if scores["per_image"] and len(names) != scores["n_images"]:
+            logger.warning(
+                "SegmentationMetricsSaver: %d image names for %d metric rows; writing row numbers instead.",
+                len(names),
+                scores["n_images"],
+            )
+            names = [str(i) for i in range(scores["n_images"])]
+        scored = scores["per_image"].get("dice", scores["per_image"].get("iou"))
+        if scored is not None and scores["n_scored"] < scores["n_images"]:
+            unscored = [name for name, value in zip(names, scored) if np.isnan(value)]
+            logger.warning(
+                "SegmentationMetricsSaver: %d of %d images have no score (NaN; a metric with ignore_empty=True "
+                "scores empty masks so) and are left out of mean and std: %s%s",
+                len(unscored),
+                scores["n_images"],
+                ", ".join(unscored[:10]),
+                ", ..." if len(unscored) > 10 else "",
+            )
+        return scores, names
+
+    def _write_csv(self, filename: str, names: list[str], per_image: Mapping[str, np.ndarray]) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(["image", *per_image])
+        for i, name in enumerate(names):
+            writer.writerow([name, *(f"{values[i]:.6f}" for values in per_image.values())])
+        write_text_atomically(Path(self.save_dir) / filename, buffer.getvalue(), newline="")
+
+    def __call__(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: Ignite Engine at ``EPOCH_COMPLETED``.
+        """
+        world_size = idist.get_world_size()
+        if self.save_rank >= world_size:
+            raise ValueError("save_rank is greater than the distributed group size.")
+        names = string_list_all_gather(strings=self._filenames) if world_size > 1 else list(self._filenames)
+        results = [("network resolution", self.csv_filename, *self._scores(engine, self.scores, names))]
+        if self.original_metrics:
+            results.append(("original resolution", self.original_csv_filename, *self._scores(engine, self.original_metrics, names)))
+        if idist.get_rank() != self.save_rank:
+            return
+        summaries = []
+        for _, filename, scores, rows in results:
+            self._write_csv(filename, rows, scores["per_image"])
+            summaries.append({k: v for k, v in scores.items() if k != "per_image"})
+        self.summary = dict(summaries[0])
+        if len(summaries) > 1:
+            self.summary["resolution"] = "network"
+            self.summary["original_resolution"] = summaries[1]
+
+        def number(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {k: number(v) for k, v in value.items()}
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        write_text_atomically(Path(self.save_dir) / self.summary_filename, json.dumps(number(self.summary), indent=2))
+
+        def fmt(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
+        for (label, *_), scores in zip(results, summaries):
+            logger.info(
+                "Dice %s ± %s, IoU %s ± %s (mean ± std over %d images); global Dice %s, global IoU %s (all pixels)%s",
+                fmt(scores["dice_mean"]),
+                fmt(scores["dice_std"]),
+                fmt(scores["iou_mean"]),
+                fmt(scores["iou_std"]),
+                scores["n_scored"],
+                fmt(scores["global_dice"]),
+                fmt(scores["global_iou"]),
+                f" at the {label}" if len(results) > 1 else "",
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
