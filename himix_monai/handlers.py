@@ -196,18 +196,20 @@ class SafeCheckpointLoader(CheckpointLoader):
 
 
 class _AtomicDiskSaver(BaseSaveHandler):
-    """ignite save handler: atomic writes with normal permissions; an optional fixed file name."""
+    """ignite save handler: atomic writes with normal permissions, on rank 0 only (as ignite's ``DiskSaver``); an
+    optional fixed file name."""
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
         self.dirname = Path(dirname)
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        save_checkpoint_atomically(checkpoint, self.dirname / (self.filename or filename))
+        if _rank() == 0:
+            save_checkpoint_atomically(checkpoint, self.dirname / (self.filename or filename))
 
     def remove(self, filename: str) -> None:
-        if self.filename is not None:
-            return  # the next save replaces the fixed file atomically; deleting it first would risk losing it
+        if self.filename is not None or _rank() != 0:
+            return  # a fixed file is replaced atomically by the next save; deleting it first would risk losing it
         (self.dirname / filename).unlink(missing_ok=True)
 
 
@@ -218,8 +220,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     and with a fixed ``key_metric_filename`` it deletes the previous best model before writing the new one: a
     kill in between leaves no ``model.pt`` or a truncated one. This subclass writes every file through
     :py:func:`save_checkpoint_atomically` (temporary file, fsync, ``os.replace``, the usual permissions) and
-    overwrites a fixed file name in place instead of deleting it first. Arguments and file names are those of
-    ``CheckpointSaver``.
+    overwrites a fixed file name in place instead of deleting it first. In a ``torch.distributed`` job attach it on
+    every rank (its record of the best score stays the same everywhere): only rank 0 writes. Arguments and file
+    names are those of ``CheckpointSaver``.
 
     Args:
         save_dir: the folder of the checkpoints.

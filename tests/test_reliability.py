@@ -48,6 +48,7 @@ from himix_monai.data.datalist import DatalistError
 from himix_monai.checkpoints import (
     CheckpointError,
     CheckpointMismatchError,
+    CheckpointSettingsError,
     load_checkpoint_file,
     load_network_weights,
     save_checkpoint_atomically,
@@ -361,10 +362,22 @@ def test_image_size_not_divisible_by_32_stops_before_training(tmp_path):
 # safe loading
 
 
-def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run):
+def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run, tmp_path):
     root, _ = fresh_run
-    best = root / "models" / "model.pt"
+    recorded = root / "models" / "model.pt"
 
+    # model.pt records the settings it was trained with: compared first, every difference named with its override
+    with pytest.raises(CheckpointSettingsError) as info:
+        load_network_weights(tiny_himix(in_channels=3, image_encoder="convnext_tiny"), recorded)
+    message = str(info.value)
+    assert message.startswith(f"{recorded} was trained with other settings than this run's config: 3 differ")
+    assert "in_channels: 1 -> 3  (fix: --in_channels 1)" in message
+    assert 'image_encoder: "test_convnext" -> "convnext_tiny"  (fix: --image_encoder test_convnext)' in message
+    assert "use_text: true -> false  (fix: --use_text true)" in message
+
+    # a model.pt of an older version has no record: the keys and shapes are compared
+    best = tmp_path / "model.pt"
+    torch.save({k: v for k, v in load_state(recorded).items() if k != "_extra_state"}, best)
     with pytest.raises(CheckpointMismatchError) as info:  # trained with text, loaded into the image-only network
         load_network_weights(tiny_himix(), best)
     message = str(info.value)
@@ -390,8 +403,8 @@ def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run)
     assert all(torch.equal(v, saved[k]) for k, v in network.state_dict().items())
     load_network_weights(network, root / "models" / "checkpoint_latest.pt")
 
-    # num_heads does not change weight shapes: the training state records it
-    with pytest.raises(CheckpointMismatchError, match=r"attention heads \(checkpoint -> network\).*4 -> 2.*num_heads"):
+    # num_heads does not change weight shapes: the recorded settings name it
+    with pytest.raises(CheckpointSettingsError, match=r"num_heads: 4 -> 2  \(fix: --network_def#num_heads 4\)"):
         load_network_weights(tiny_himix(text_encoder=minilm(), num_heads=2), root / "models" / "checkpoint_latest.pt")
 
 
@@ -401,7 +414,7 @@ def test_safe_checkpoint_loader_and_resume_report_mismatches(fresh_run):
     root, _ = fresh_run
     engine = Engine(lambda e, b: None)
     wrong = tiny_himix(num_heads=4)
-    with pytest.raises(CheckpointMismatchError, match="does not fit 'model' \\(HiMix\\)"):
+    with pytest.raises(CheckpointSettingsError, match="use_text: true -> false"):
         SafeCheckpointLoader(load_path=str(root / "models" / "model.pt"), load_dict={"model": wrong})(engine)
     right = tiny_himix(text_encoder=minilm())
     SafeCheckpointLoader(load_path=str(root / "models" / "model.pt"), load_dict={"model": right})(engine)
