@@ -104,7 +104,6 @@ class NonFiniteLossError(HiMixError, RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and the iteration."""
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoint loading and atomic best-model saving
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,10 +113,13 @@ class SafeCheckpointLoader(CheckpointLoader):
     """MONAI ``CheckpointLoader`` that loads with ``weights_only=True`` and reports configuration mismatches.
 
     A drop-in replacement (same arguments). Every ``torch.nn.Module`` in ``load_dict`` is compared with its
-    checkpoint entry before anything is loaded (:py:func:`~himix_monai.checkpoints.check_and_load_network`: recorded settings first, then keys and shapes): with ``strict=True`` and ``strict_shape=True`` (the defaults) a
-    checkpoint of another configuration raises one :py:class:`CheckpointMismatchError` (counts, the first few
-    keys with shapes, a hint) instead of PyTorch's list of every missing key. A missing, truncated or unsafe file
-    raises :py:class:`CheckpointError` naming it.
+    checkpoint entry before anything is loaded (:py:func:`~himix_monai.checkpoints.check_and_load_network`): with
+    ``strict=True`` and ``strict_shape=True`` (the defaults) a checkpoint of another configuration raises one
+    ``CheckpointMismatchError`` instead of PyTorch's list of every missing key: first
+    ``CheckpointSettingsError`` when the settings recorded in the file differ from the network's (each one named
+    with both values and the command-line override that fixes it; a file without the record loads with a
+    warning), then the text encoder's fingerprint, then keys and shapes (counts, the first few keys with shapes, a
+    hint). A missing, truncated or unsafe file raises ``CheckpointError`` naming it.
 
     Args:
         load_path: the checkpoint file.
