@@ -525,9 +525,10 @@ def load_network_weights(
     The file is loaded with ``weights_only=True``. It may be a plain state dict (``models/model.pt``) or a
     dict with the state dict under ``key`` (default: the first of ``model``, ``network``, ``net``,
     ``state_dict`` that holds one, e.g. ``models/checkpoint_latest.pt``). A ``module.`` prefix left by
-    ``DataParallel`` is removed. Keys and shapes are compared before loading; a checkpoint that also records
-    the network's settings (:py:class:`~himix_monai.handlers.TrainingStateCheckpoint` does) is compared by
-    those as well. The fingerprint of a frozen text encoder (``text_encoder._extra_state``) must be that of the
+    ``DataParallel`` is removed. Before loading, the settings recorded in the state dict are compared with the
+    network's (:py:func:`check_settings_record`), then keys and shapes; a training state's
+    :py:func:`network_signature` (:py:class:`~himix_monai.handlers.TrainingStateCheckpoint` records it) is
+    compared as well. The fingerprint of a frozen text encoder (``text_encoder._extra_state``) must be that of the
     network's encoder; a ``model.pt`` that still holds the encoder's weights loads after they are compared and
     dropped (:py:meth:`~himix_monai.networks.blocks.FrozenTextEncoder.check_state`).
 
@@ -542,8 +543,10 @@ def load_network_weights(
 
     Raises:
         CheckpointError: the file is missing, unreadable or unsafe, or holds no network state dict.
-        CheckpointMismatchError: the keys, shapes or recorded settings differ; the message gives counts, the
-            first few keys with both shapes, the network parts concerned and a hint.
+        CheckpointSettingsError: the recorded settings differ; every one is named with both values and its
+            command-line override.
+        CheckpointMismatchError: the keys, shapes or signature differ; the message gives counts, the first few
+            keys with both shapes, the network parts concerned and a hint.
 
     Examples::
 
