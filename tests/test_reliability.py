@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -435,6 +436,33 @@ def test_safe_checkpoint_loader_and_resume_report_mismatches(fresh_run):
     )
     with pytest.raises(CheckpointMismatchError, match="num_heads"):
         resume.load(engine)
+
+
+def test_recorded_settings_are_compared_before_loading_and_old_files_warn(tmp_path, caplog):
+    """Fails if a state dict's recorded settings are not compared (every difference named, with both values and
+    the override), if anything is loaded before, or if a state dict without the record does not load."""
+    trained = tiny_himix(preprocessing_settings={"image_size": [64, 64], "intensity_range": [-1000, 400]})
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    other = tiny_himix(num_heads=2, preprocessing_settings={"image_size": [128, 128], "intensity_range": [0.0, 255.0]})
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointSettingsError) as info:
+        load_network_weights(other, tmp_path / "model.pt")
+    lines = str(info.value).splitlines()
+    assert lines[1:4] == [
+        "  num_heads: 4 -> 2  (fix: --network_def#num_heads 4)",
+        '  image_size: [64, 64] -> [128, 128]  (fix: --image_size "[64,64]")',
+        '  intensity_range: [-1000, 400] -> [0.0, 255.0]  (fix: --intensity_range "[-1000,400]")',
+    ]
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing was loaded
+    same = tiny_himix(preprocessing_settings={"image_size": [64, 64], "intensity_range": [-1000.0, 400.0]})
+    load_network_weights(same, tmp_path / "model.pt")  # equal numbers in another type are the same setting
+
+    old = {k: v for k, v in trained.state_dict().items() if k != "_extra_state"}  # before settings were recorded
+    torch.save(old, tmp_path / "old.pt")
+    with caplog.at_level(logging.WARNING, logger="himix_monai.checkpoints"):
+        load_network_weights(other, tmp_path / "old.pt")
+    assert any("records no network or preprocessing settings" in r.getMessage() for r in caplog.records)
+    other.load_state_dict(old, strict=True)  # and plain PyTorch loads it too (MONAI Label, ckpt_export)
 
 
 def test_unsafe_truncated_and_missing_checkpoints_are_named(tmp_path):
