@@ -63,7 +63,6 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import PrepareBatchExtraInput
 from monai.handlers import LrScheduleHandler, StatsHandler, from_engine
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric, MeanIoU
 from monai.transforms import (
     Activationsd,
     AsDiscreted,
@@ -80,6 +79,7 @@ from monai.transforms import (
 from monai.utils import set_determinism
 
 from himix_monai.inferers import AutocastInferer, compute_dtype
+from himix_monai.metrics import segmentation_metrics, summarize_scores
 from himix_monai.networks import HiMix
 from himix_monai.report_conditions import PrepareBatchReportNoise
 from himix_monai.transforms import BinarizeMaskd, EnsureImageChannelsd, TokenizeTextd
@@ -159,52 +159,17 @@ def derangement(n: int, seed: int) -> np.ndarray:
             return perm
 
 
-class SegmentationStats:
-    """
-    Collect per-image Dice / IoU (MONAI ``DiceMetric`` / ``MeanIoU``) and global all-pixel TP / FP / FN
-    from the decollated ``pred`` / ``label`` outputs of a ``SupervisedEvaluator`` (binary, thresholded).
-    """
-
-    def __init__(self) -> None:
-        self.dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-        self.iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
-        self.tp = 0.0
-        self.fp = 0.0
-        self.fn = 0.0
-
-    def attach(self, engine: Any) -> None:
-        """Register on ``engine`` (ignite ``ITERATION_COMPLETED``)."""
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Any) -> None:
-        preds, labels = from_engine(["pred", "label"])(engine.state.output)
-        pred = torch.stack([torch.as_tensor(p) for p in preds]).float()
-        label = torch.stack([torch.as_tensor(lb) for lb in labels]).float()
-        self.dice(y_pred=pred, y=label)
-        self.iou(y_pred=pred, y=label)
-        self.tp += float((pred * label).sum())
-        self.fp += float((pred * (1 - label)).sum())
-        self.fn += float(((1 - pred) * label).sum())
-
-    def summary(self) -> dict[str, Any]:
-        """Mean ± std of the per-image scores, the scores themselves (loader order) and the global Dice / IoU."""
-        dice = self.dice.aggregate().flatten().cpu().numpy()
-        iou = self.iou.aggregate().flatten().cpu().numpy()
-        denom_dice = 2 * self.tp + self.fp + self.fn
-        denom_iou = self.tp + self.fp + self.fn
-        return {
-            "dice_mean": float(np.nanmean(dice)),
-            "dice_std": float(np.nanstd(dice)),
-            "iou_mean": float(np.nanmean(iou)),
-            "iou_std": float(np.nanstd(iou)),
-            "global_dice": float(2 * self.tp / denom_dice) if denom_dice > 0 else float("nan"),
-            "global_iou": float(self.tp / denom_iou) if denom_iou > 0 else float("nan"),
-            "num_images": int(dice.size),
-            "dice_per_image": [round(float(v), 5) for v in dice],
-            "iou_per_image": [round(float(v), 5) for v in iou],
-        }
+def summarize(evaluator: Any) -> dict[str, Any]:
+    """The scores of a finished evaluator with the bundle's metrics attached (:py:func:`himix_monai.metrics.
+    segmentation_metrics`), by the bundle's definitions (:py:func:`himix_monai.metrics.summarize_scores`), with the
+    per-image scores in loader order."""
+    scores = summarize_scores(evaluator)
+    return {
+        **{k: scores[k] for k in ("dice_mean", "dice_std", "iou_mean", "iou_std", "global_dice", "global_iou")},
+        "num_images": scores["n_images"],
+        "dice_per_image": [round(float(v), 5) for v in scores["per_image"]["dice"]],
+        "iou_per_image": [round(float(v), 5) for v in scores["per_image"]["iou"]],
+    }
 
 
 class _DropText(torch.nn.Module):
@@ -224,8 +189,8 @@ def evaluate(
     device: torch.device,
     precision: str,
 ) -> dict[str, Any]:
-    """Run a ``SupervisedEvaluator`` with sigmoid + 0.5 threshold and return :py:meth:`SegmentationStats.summary`."""
-    stats = SegmentationStats()
+    """Run a ``SupervisedEvaluator`` with sigmoid + 0.5 threshold and the bundle's metrics; return :py:func:`summarize`."""
+    metrics = segmentation_metrics()
     evaluator = SupervisedEvaluator(
         device=device,
         val_data_loader=loader,
@@ -235,10 +200,11 @@ def evaluate(
         postprocessing=Compose(
             [Activationsd(keys="pred", sigmoid=True), AsDiscreted(keys="pred", threshold=0.5)]
         ),
+        key_val_metric={"val_mean_dice": metrics.pop("val_mean_dice")},
+        additional_metrics=metrics,
     )
-    stats.attach(evaluator)
     evaluator.run()
-    return stats.summary()
+    return summarize(evaluator)
 
 
 def ablation_internals(net: HiMix) -> dict[str, Any]:

@@ -1,50 +1,55 @@
 """
-Checkpoint files of the HiMix bundle: atomic writing, safe loading and readable reports when they do not fit.
+Checkpoint files of the HiMix bundle: the file format, atomic writing, safe loading and readable reports.
+
+This module knows files and state dicts only; the ignite handlers that save and load during a run
+(``AtomicCheckpointSaver``, ``SafeCheckpointLoader``, ``TrainingStateCheckpoint``) are in
+:py:mod:`himix_monai.handlers` and are built on these functions.
 
 - :py:func:`save_checkpoint_atomically` writes a checkpoint so that a crash or a kill never leaves a
   half-written file;
-- :py:class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` with atomic writes (MONAI's own writes in
-  place and deletes the previous best model before writing the new one);
 - :py:func:`load_checkpoint_file` loads with ``torch.load(..., weights_only=True)`` and clear errors;
-  :py:func:`load_network_weights` and :py:class:`SafeCheckpointLoader` compare keys and shapes first and raise
-  one readable :py:class:`CheckpointMismatchError` for a checkpoint of another configuration
-  (:py:func:`describe_state_mismatch` writes the report, :py:func:`network_signature` records the settings that
-  do not show in the weight shapes).
+- :py:func:`check_and_load_network` and :py:func:`load_network_weights` compare a checkpoint with a network
+  before anything is loaded, in this order: the recorded settings (:py:func:`check_settings_record`: every
+  differing setting named with both values and the command-line override that fixes it), the text encoder's
+  fingerprint, the keys and shapes (:py:func:`describe_state_mismatch`) and, for training states, the
+  :py:func:`network_signature`; each raises one readable :py:class:`CheckpointMismatchError`.
 
-The resumable training state built on these is :py:class:`himix_monai.handlers.TrainingStateCheckpoint`.
+The settings record: a :py:class:`~himix_monai.networks.HiMix` state dict (``models/model.pt``, and the
+``network`` entry of ``models/checkpoint_latest.pt``) holds, under :py:data:`SETTINGS_KEY`, the network's
+constructor arguments and the preprocessing settings it was trained with (``image_size``, ``intensity_range``,
+...). Inside the state dict rather than beside it, so that ``model.pt`` stays a plain state dict that MONAI
+Label, ``monai.bundle ckpt_export`` (the model zoo's check) and ``load_state_dict(strict=True)`` load as they
+are, and the record travels with the file wherever it is copied.
+
+Why check and not build the network from the record: ``inference.json`` must stay a complete config that MONAI
+Label, the model zoo's checks and ``ckpt_export`` instantiate without a checkpoint (and ``%file#key`` macros that
+could share ``train.json``'s settings resolve from the working directory, which differs between the repository
+root and ``bundle/``); a config that silently took its settings from whichever file is at ``models/model.pt``
+would also hide a wrong file or a wrong command. So the configs keep their settings, the model file records the
+trained ones, and a difference stops the run before any weight is loaded with a message that says what to add.
+
 All checkpoints written here hold plain state dicts (tensors, numbers, strings, lists, dicts) only, so they
 load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import pickle
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-from monai.handlers import CheckpointLoader, CheckpointSaver
-from monai.networks.utils import copy_model_state
-from monai.utils import IgniteInfo, min_version, optional_import
 
 from himix_monai.files import atomic_path
 from himix_monai.config_utils import unwrap_network
 from himix_monai.errors import HiMixError
 from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder, TextEncoderMismatchError
-
-Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
-BaseSaveHandler, _ = optional_import(
-    "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
-)
-if TYPE_CHECKING:
-    from ignite.engine import Engine
-else:
-    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
 __all__ = [
     "META_KEY",
@@ -54,11 +59,16 @@ __all__ = [
     "save_checkpoint_atomically",
     "load_checkpoint_file",
     "network_signature",
+    "SETTINGS_KEY",
+    "CheckpointSettingsError",
+    "setting_override",
+    "describe_settings_mismatch",
+    "check_settings_record",
     "describe_state_mismatch",
     "load_network_weights",
+    "strip_module_prefix",
+    "network_state_from_checkpoint",
     "check_and_load_network",
-    "SafeCheckpointLoader",
-    "AtomicCheckpointSaver",
 ]
 
 _MAX_LISTED = 5  # mismatched keys of each kind shown in an error message
@@ -67,6 +77,32 @@ META_KEY = "meta"
 CHECKPOINT_FORMAT = 1
 """Version of the training-state checkpoint layout written under :py:data:`META_KEY`."""
 _STATE_DICT_KEYS = ("model", "network", "net", "state_dict")
+SETTINGS_KEY = "_extra_state"
+"""Entry of a HiMix state dict that records the network's constructor and preprocessing settings
+(:py:meth:`himix_monai.networks.HiMix.get_extra_state`)."""
+NOT_COMPARED = (
+    "pretrained",
+    "image_encoder_checkpoint",
+    "text_encoder",
+    "text_cache_size",
+    "text_encoder_dtype",
+    "gradient_checkpointing",
+)
+"""Recorded network settings that are not compared: initialisation only (``pretrained``,
+``image_encoder_checkpoint``), run-time only (cache, storage dtype, gradient checkpointing) or compared otherwise
+(``text_encoder``: a path differs between machines; its fingerprint is compared, and ``use_text`` is)."""
+BUNDLE_OPTIONS = {
+    "in_channels": "in_channels",
+    "image_encoder": "image_encoder",
+    "text_length": "max_text_length",
+    "layer_grouping": "layer_grouping",
+    "removed_layer_group": "removed_layer_group",
+    "use_asrm": "use_asrm",
+}
+"""The bundle's command-line option of each network argument that is a top-level setting of its configs; any
+other argument is set with ``--network_def#<argument>``. Preprocessing settings are top-level settings."""
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(HiMixError, RuntimeError):
@@ -75,6 +111,11 @@ class CheckpointError(HiMixError, RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the network (other keys, shapes or settings); the message lists the differences."""
+
+
+class CheckpointSettingsError(CheckpointMismatchError):
+    """The settings recorded in a checkpoint differ from the network's; the message names each one, both values
+    and the command-line override that gives the recorded value."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,10 +258,127 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> Mapping[str, Any]:
+def strip_module_prefix(state: Mapping[str, Any], prefix: str = "module.") -> Mapping[str, Any]:
     if state and all(k.startswith(prefix) for k in state):
         return OrderedDict((k[len(prefix) :], v) for k, v in state.items())
     return state
+
+
+def setting_override(option: str, value: Any) -> str:
+    """The ``python -m monai.bundle run`` option that sets ``option`` to ``value``.
+
+    Args:
+        option: the config id, e.g. ``"image_size"`` or ``"network_def#num_heads"``.
+        value: a JSON value.
+
+    Examples::
+
+        setting_override("image_size", [64, 64])  # '--image_size "[64,64]"'
+        setting_override("use_asrm", False)       # '--use_asrm false'
+    """
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "None"
+    elif isinstance(value, (list, dict)):
+        text = '"' + json.dumps(value, separators=(",", ":")).replace('"', "'") + '"'
+    else:
+        text = str(value)
+        text = f'"{text}"' if any(c.isspace() for c in text) else text
+    return f"--{option} {text}"
+
+
+def _comparable(record: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """``{name: (command-line option, value)}`` of a settings record, for comparison."""
+    network = dict(record.get("network") or {})
+    out = {
+        name: (BUNDLE_OPTIONS.get(name, f"network_def#{name}"), value)
+        for name, value in network.items()
+        if name not in NOT_COMPARED
+    }
+    if "text_encoder" in network:
+        out["use_text"] = ("use_text", network["text_encoder"] is not None)
+    out.update({name: (name, value) for name, value in dict(record.get("preprocessing") or {}).items()})
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def describe_settings_mismatch(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], source: str = "the checkpoint"
+) -> str | None:
+    """Compare a checkpoint's settings record with the network's own, naming every difference.
+
+    Settings present in only one of the records (e.g. an argument added to the network later) are not compared;
+    neither are those of :py:data:`NOT_COMPARED`.
+
+    Args:
+        recorded: the record found in the checkpoint (``{"network": {...}, "preprocessing": {...}}``).
+        current: the record of the network it is loaded into (built from this run's config).
+        source: how to name the checkpoint in the message.
+
+    Returns:
+        None when every shared setting is equal, else a report: one line per setting with both values and the
+        command-line override that gives the checkpoint's value, then all overrides on one line.
+    """
+    saved, now = _comparable(recorded), _comparable(current)
+    differing = [name for name in saved if name in now and not _same(saved[name][1], now[name][1])]
+    if not differing:
+        return None
+    overrides = [setting_override(saved[name][0], saved[name][1]) for name in differing]
+    lines = [
+        f"{source} was trained with other settings than this run's config: {len(differing)} differ "
+        "(in the checkpoint -> in this config):"
+    ]
+    lines += [
+        f"  {name}: {json.dumps(saved[name][1])} -> {json.dumps(now[name][1])}  (fix: {override})"
+        for name, override in zip(differing, overrides)
+    ]
+    lines.append(
+        "Run with the settings the model was trained with (the same dataset preset and overrides), e.g. add: "
+        + " ".join(overrides)
+    )
+    return "\n".join(lines)
+
+
+def check_settings_record(network: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """Compare the settings recorded in ``state`` with ``network``'s own, before anything is loaded.
+
+    For networks that record their settings (:py:class:`~himix_monai.networks.HiMix`: ``settings_record()`` and
+    ``decode_settings()``, the record under :py:data:`SETTINGS_KEY`). A state dict saved before settings were
+    recorded (no entry, or an empty record) is completed in place with an empty record and loads with a warning.
+
+    Args:
+        network: the network (wrappers are unwrapped).
+        state: the state dict to load (modified in place for an old one).
+        source: the file, for the messages.
+
+    Raises:
+        CheckpointSettingsError: naming every differing setting, both values and the override that fixes it.
+    """
+    network = unwrap_network(network)
+    if not (hasattr(network, "settings_record") and hasattr(network, "decode_settings")):
+        return
+    recorded = network.decode_settings(state.get(SETTINGS_KEY))
+    if not recorded:
+        own = network.state_dict().get(SETTINGS_KEY)
+        if isinstance(own, torch.Tensor):
+            state[SETTINGS_KEY] = torch.zeros_like(own)
+        logger.warning(
+            f"{source} records no network or preprocessing settings (saved before they were recorded): they are "
+            "not checked; make sure this config's settings (image_size, intensity_range, in_channels, "
+            "max_text_length, text_encoder, use_text, ...) are those it was trained with."
+        )
+        return
+    report = describe_settings_mismatch(recorded, network.settings_record(), source)
+    if report is not None:
+        raise CheckpointSettingsError(report)
 
 
 def describe_state_mismatch(
@@ -268,7 +426,7 @@ def describe_state_mismatch(
         lines.append(f"  not in the network: {_listed(unexpected, limit)}")
     parts = Counter(_group(k) for k in missing + unexpected + reshaped)
     lines.append("  parts concerned: " + ", ".join(f"{part} ({count})" for part, count in parts.most_common()))
-    first = next(iter(expected), None)
+    first = next((k for k, v in expected.items() if _shape(v) is not None and len(_shape(v)) > 1), None)
     if first in reshaped and len(_shape(expected[first]) or ()) > 1:
         old, new = _shape(found[first]), _shape(expected[first])
         if old and new and len(old) == len(new) and old[0] == new[0] and old[1] != new[1]:
@@ -300,7 +458,7 @@ def _describe_signature_mismatch(expected: Mapping[str, Any], found: Mapping[str
     )
 
 
-def _network_state_from_checkpoint(checkpoint: Any, key: str | None, source: str) -> Mapping[str, Any]:
+def network_state_from_checkpoint(checkpoint: Any, key: str | None, source: str) -> Mapping[str, Any]:
     if key is not None:
         if not isinstance(checkpoint, Mapping) or key not in checkpoint:
             found = ", ".join(map(repr, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
@@ -318,7 +476,7 @@ def _network_state_from_checkpoint(checkpoint: Any, key: str | None, source: str
         state = checkpoint[entries[0]]
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source}: the network entry is a {type(state).__name__}, not a state dict")
-    return _strip_prefix(state)
+    return strip_module_prefix(state)
 
 
 def check_and_load_network(
@@ -341,10 +499,12 @@ def check_and_load_network(
         target: the name of the network in the messages (its class name by default).
 
     Raises:
+        CheckpointSettingsError: the recorded settings differ (checked first, see :py:func:`check_settings_record`).
         CheckpointMismatchError: listing the missing, unexpected and reshaped entries or signature differences.
     """
     network = unwrap_network(network)
     state = OrderedDict(state)
+    check_settings_record(network, state, source)
     _check_text_encoders(network, state, source, frozen)
     expected = network.state_dict()
     report = describe_state_mismatch(expected, state, source=source, target=target or type(network).__name__)
@@ -365,9 +525,10 @@ def load_network_weights(
     The file is loaded with ``weights_only=True``. It may be a plain state dict (``models/model.pt``) or a
     dict with the state dict under ``key`` (default: the first of ``model``, ``network``, ``net``,
     ``state_dict`` that holds one, e.g. ``models/checkpoint_latest.pt``). A ``module.`` prefix left by
-    ``DataParallel`` is removed. Keys and shapes are compared before loading; a checkpoint that also records
-    the network's settings (:py:class:`~himix_monai.handlers.TrainingStateCheckpoint` does) is compared by
-    those as well. The fingerprint of a frozen text encoder (``text_encoder._extra_state``) must be that of the
+    ``DataParallel`` is removed. Before loading, the settings recorded in the state dict are compared with the
+    network's (:py:func:`check_settings_record`), then keys and shapes; a training state's
+    :py:func:`network_signature` (:py:class:`~himix_monai.handlers.TrainingStateCheckpoint` records it) is
+    compared as well. The fingerprint of a frozen text encoder (``text_encoder._extra_state``) must be that of the
     network's encoder; a ``model.pt`` that still holds the encoder's weights loads after they are compared and
     dropped (:py:meth:`~himix_monai.networks.blocks.FrozenTextEncoder.check_state`).
 
@@ -382,8 +543,10 @@ def load_network_weights(
 
     Raises:
         CheckpointError: the file is missing, unreadable or unsafe, or holds no network state dict.
-        CheckpointMismatchError: the keys, shapes or recorded settings differ; the message gives counts, the
-            first few keys with both shapes, the network parts concerned and a hint.
+        CheckpointSettingsError: the recorded settings differ; every one is named with both values and its
+            command-line override.
+        CheckpointMismatchError: the keys, shapes or signature differ; the message gives counts, the first few
+            keys with both shapes, the network parts concerned and a hint.
 
     Examples::
 
@@ -391,146 +554,10 @@ def load_network_weights(
         load_network_weights(net, "bundle/models/model.pt")
     """
     checkpoint = load_checkpoint_file(path, map_location=map_location)
-    state = _network_state_from_checkpoint(checkpoint, key, str(path))
+    state = network_state_from_checkpoint(checkpoint, key, str(path))
     signature = frozen = None
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(META_KEY), Mapping):
         signature = checkpoint[META_KEY].get("network_signature")
         frozen = checkpoint[META_KEY].get("frozen_weights")
     check_and_load_network(network, state, str(path), signature, frozen)
     return network
-
-
-class SafeCheckpointLoader(CheckpointLoader):
-    """MONAI ``CheckpointLoader`` that loads with ``weights_only=True`` and reports configuration mismatches.
-
-    A drop-in replacement (same arguments). Every ``torch.nn.Module`` in ``load_dict`` is compared with its
-    checkpoint entry before anything is loaded: with ``strict=True`` and ``strict_shape=True`` (the defaults) a
-    checkpoint of another configuration raises one :py:class:`CheckpointMismatchError` (counts, the first few
-    keys with shapes, a hint) instead of PyTorch's list of every missing key. A missing, truncated or unsafe file
-    raises :py:class:`CheckpointError` naming it.
-
-    Args:
-        load_path: the checkpoint file.
-        load_dict: the objects to load, e.g. ``{"model": network}``; a single network entry also loads a
-            checkpoint that is directly its state dict (``models/model.pt``) or that holds it under ``model``,
-            ``network``, ``net`` or ``state_dict`` (``models/checkpoint_latest.pt``, whose recorded settings and
-            text-encoder fingerprint are checked too).
-        name: logger name; None uses the engine's logger.
-        map_location: passed to ``torch.load``.
-        strict: require the same keys (see ``CheckpointLoader``).
-        strict_shape: require the same shapes; False loads the matching weights only and skips non-network
-            objects (transfer learning, see ``CheckpointLoader``).
-
-    Examples::
-
-        {
-            "_target_": "himix_monai.checkpoints.SafeCheckpointLoader",
-            "load_path": "$@ckpt_dir + '/model.pt'",
-            "load_dict": {"model": "@network"},
-            "map_location": "@device"
-        }
-    """
-
-    def __call__(self, engine: Engine) -> None:
-        """
-        Args:
-            engine: the ignite engine (trainer, evaluator or inference engine).
-        """
-        source = str(self.load_path)
-        checkpoint = load_checkpoint_file(self.load_path, map_location=self.map_location)
-        meta = checkpoint.get(META_KEY) if isinstance(checkpoint, Mapping) else None
-        meta = meta if isinstance(meta, Mapping) else {}
-        first_key, first = next(iter(self.load_dict.items()))
-        if len(self.load_dict) == 1 and (not isinstance(checkpoint, Mapping) or first_key not in checkpoint):
-            if isinstance(first, torch.nn.Module):  # a plain state dict, or one under "model", "network", ...
-                checkpoint = {first_key: _network_state_from_checkpoint(checkpoint, None, source)}
-            else:
-                checkpoint = {first_key: checkpoint}
-        missing = [k for k in self.load_dict if k not in checkpoint]
-        if missing and self.strict:
-            raise CheckpointError(
-                f"{source}: no entries {missing} (found: {', '.join(map(repr, checkpoint))}); "
-                "the load_dict names must match the names the checkpoint was saved with."
-            )
-        load_dict = {k: v for k, v in self.load_dict.items() if k in checkpoint}
-        checkpoint = dict(checkpoint)
-        for k, obj in list(load_dict.items()):
-            if not isinstance(obj, torch.nn.Module):
-                continue
-            state = _strip_prefix(checkpoint[k]) if isinstance(checkpoint[k], Mapping) else checkpoint[k]
-            if not self.strict_shape:
-                checkpoint[k] = copy_model_state(unwrap_network(obj), state, inplace=False)[0]
-            elif self.strict:  # compare keys, shapes and recorded settings, then load
-                target = f"{k!r} ({type(unwrap_network(obj)).__name__})"
-                check_and_load_network(
-                    obj, state, source, meta.get("network_signature"), meta.get("frozen_weights"), target
-                )
-                del load_dict[k]
-            else:
-                checkpoint[k] = state
-        if not self.strict_shape:
-            skipped = [k for k, obj in load_dict.items() if not isinstance(obj, torch.nn.Module)]
-            if skipped:
-                self.logger.warning(f"strict_shape is False: loading networks only, skipping {skipped}.")
-            load_dict = {k: v for k, v in load_dict.items() if k not in skipped}
-        prior_max_epochs = engine.state.max_epochs
-        if load_dict:
-            Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint, strict=self.strict)
-        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
-            raise CheckpointError(
-                f"{self.load_path}: the checkpoint is at epoch {engine.state.epoch}, beyond this run's max_epochs "
-                f"({prior_max_epochs}); raise the number of epochs to continue training from it."
-            )
-        engine.state.max_epochs = prior_max_epochs
-        self.logger.info(f"Restored {sorted(self.load_dict)} from {self.load_path}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# atomic best-model saving
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class _AtomicDiskSaver(BaseSaveHandler):
-    """ignite save handler: atomic writes with normal permissions; an optional fixed file name."""
-
-    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
-        self.dirname = Path(dirname)
-        self.filename = filename
-
-    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        save_checkpoint_atomically(checkpoint, self.dirname / (self.filename or filename))
-
-    def remove(self, filename: str) -> None:
-        if self.filename is not None:
-            return  # the next save replaces the fixed file atomically; deleting it first would risk losing it
-        (self.dirname / filename).unlink(missing_ok=True)
-
-
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` whose files are written atomically.
-
-    MONAI's ``CheckpointSaver`` writes with ignite's ``DiskSaver(atomic=False)`` (for group-readable files),
-    and with a fixed ``key_metric_filename`` it deletes the previous best model before writing the new one: a
-    kill in between leaves no ``model.pt`` or a truncated one. This subclass writes every file through
-    :py:func:`save_checkpoint_atomically` (temporary file, fsync, ``os.replace``, the usual permissions) and
-    overwrites a fixed file name in place instead of deleting it first. Arguments and file names are those of
-    ``CheckpointSaver``.
-
-    Args:
-        save_dir: the folder of the checkpoints.
-        save_dict: the objects to save, e.g. ``{"model": network}``.
-        kwargs: the other ``CheckpointSaver`` arguments (``save_key_metric``, ``key_metric_filename``,
-            ``save_interval``, ...).
-    """
-
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
-        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
-        fixed = {
-            "_final_checkpoint": kwargs.get("final_filename"),
-            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
-            "_interval_checkpoint": None,
-        }
-        for attribute, filename in fixed.items():
-            checkpoint = getattr(self, attribute)
-            if checkpoint is not None:
-                checkpoint.save_handler = _AtomicDiskSaver(save_dir, filename)

@@ -1,5 +1,12 @@
 """
-Ignite handlers of the HiMix bundle: training state, loud failures and loss logging.
+Ignite handlers of the HiMix bundle: checkpoints, training state, loud failures, loss logging and per-image metrics.
+
+Checkpoints (the file format, atomic writing and the checks are in :py:mod:`himix_monai.checkpoints`):
+
+- :py:class:`SafeCheckpointLoader` is MONAI's ``CheckpointLoader`` with ``weights_only=True`` and one readable
+  error (recorded settings, text encoder, keys and shapes) before anything is loaded;
+- :py:class:`AtomicCheckpointSaver` is MONAI's ``CheckpointSaver`` with atomic writes (MONAI's own writes in
+  place and deletes the previous best model before writing the new one).
 
 Training (the MONAI ``SupervisedTrainer`` runs the loop; these add what a long run on real data needs):
 
@@ -12,13 +19,22 @@ Training (the MONAI ``SupervisedTrainer`` runs the loop; these add what a long r
 - :py:class:`LossCSVWriter` logs every iteration's loss to a CSV file (full precision, for plots and
   reproducibility checks).
 
+Evaluation:
+
+- :py:class:`SegmentationMetricsSaver` is MONAI's ``MetricsSaver`` writing the bundle's ``per_image_metrics.csv``
+  (file names, Dice, IoU) and ``summary.json`` (mean ± std, global Dice/IoU; scores as defined in
+  :py:mod:`himix_monai.metrics`).
+
 CT volume masks are written by MONAI's ``SaveImaged`` (``bundle/configs/inference.json``, ``volume`` section).
 
-The overlay and per-image metric handlers are in :py:mod:`himix_monai.visualize`.
+The overlay handler is in :py:mod:`himix_monai.visualize`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import math
 import os
@@ -29,8 +45,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from monai.handlers import CheckpointSaver, EarlyStopHandler
-from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
+from monai.config import PathLike
+from monai.data import decollate_batch
+from monai.handlers import CheckpointLoader, CheckpointSaver, EarlyStopHandler, MetricsSaver
+from monai.networks.utils import copy_model_state
+from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import, string_list_all_gather
 
 from himix_monai.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -39,12 +58,22 @@ from himix_monai.checkpoints import (
     check_and_load_network,
     load_checkpoint_file,
     network_signature,
+    network_state_from_checkpoint,
     save_checkpoint_atomically,
+    strip_module_prefix,
 )
 from himix_monai.config_utils import as_bool, unwrap_network
 from himix_monai.errors import HiMixError
+from himix_monai.files import write_text_atomically
+from himix_monai.metrics import SCORE_KEYS, summarize_scores
+from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
+Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
+BaseSaveHandler, _ = optional_import(
+    "ignite.handlers.checkpoint", IgniteInfo.OPT_IMPORT_VERSION, min_version, "BaseSaveHandler"
+)
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -52,9 +81,12 @@ else:
 
 __all__ = [
     "NonFiniteLossError",
+    "SafeCheckpointLoader",
+    "AtomicCheckpointSaver",
     "TrainingStateCheckpoint",
     "StopOnNonFiniteLoss",
     "LossCSVWriter",
+    "SegmentationMetricsSaver",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +95,147 @@ logger = logging.getLogger(__name__)
 class NonFiniteLossError(HiMixError, RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and the iteration."""
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoint loading and atomic best-model saving
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SafeCheckpointLoader(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` that loads with ``weights_only=True`` and reports configuration mismatches.
+
+    A drop-in replacement (same arguments). Every ``torch.nn.Module`` in ``load_dict`` is compared with its
+    checkpoint entry before anything is loaded (:py:func:`~himix_monai.checkpoints.check_and_load_network`): with
+    ``strict=True`` and ``strict_shape=True`` (the defaults) a checkpoint of another configuration raises one
+    ``CheckpointMismatchError`` instead of PyTorch's list of every missing key: first
+    ``CheckpointSettingsError`` when the settings recorded in the file differ from the network's (each one named
+    with both values and the command-line override that fixes it; a file without the record loads with a
+    warning), then the text encoder's fingerprint, then keys and shapes (counts, the first few keys with shapes, a
+    hint). A missing, truncated or unsafe file raises ``CheckpointError`` naming it.
+
+    Args:
+        load_path: the checkpoint file.
+        load_dict: the objects to load, e.g. ``{"model": network}``; a single network entry also loads a
+            checkpoint that is directly its state dict (``models/model.pt``) or that holds it under ``model``,
+            ``network``, ``net`` or ``state_dict`` (``models/checkpoint_latest.pt``, whose recorded settings and
+            text-encoder fingerprint are checked too).
+        name: logger name; None uses the engine's logger.
+        map_location: passed to ``torch.load``.
+        strict: require the same keys (see ``CheckpointLoader``).
+        strict_shape: require the same shapes; False loads the matching weights only and skips non-network
+            objects (transfer learning, see ``CheckpointLoader``).
+
+    Examples::
+
+        {
+            "_target_": "himix_monai.handlers.SafeCheckpointLoader",
+            "load_path": "$@ckpt_dir + '/model.pt'",
+            "load_dict": {"model": "@network"},
+            "map_location": "@device"
+        }
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: the ignite engine (trainer, evaluator or inference engine).
+        """
+        source = str(self.load_path)
+        checkpoint = load_checkpoint_file(self.load_path, map_location=self.map_location)
+        meta = checkpoint.get(META_KEY) if isinstance(checkpoint, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        first_key, first = next(iter(self.load_dict.items()))
+        if len(self.load_dict) == 1 and (not isinstance(checkpoint, Mapping) or first_key not in checkpoint):
+            if isinstance(first, torch.nn.Module):  # a plain state dict, or one under "model", "network", ...
+                checkpoint = {first_key: network_state_from_checkpoint(checkpoint, None, source)}
+            else:
+                checkpoint = {first_key: checkpoint}
+        missing = [k for k in self.load_dict if k not in checkpoint]
+        if missing and self.strict:
+            raise CheckpointError(
+                f"{source}: no entries {missing} (found: {', '.join(map(repr, checkpoint))}); "
+                "the load_dict names must match the names the checkpoint was saved with."
+            )
+        load_dict = {k: v for k, v in self.load_dict.items() if k in checkpoint}
+        checkpoint = dict(checkpoint)
+        for k, obj in list(load_dict.items()):
+            if not isinstance(obj, torch.nn.Module):
+                continue
+            state = strip_module_prefix(checkpoint[k]) if isinstance(checkpoint[k], Mapping) else checkpoint[k]
+            if not self.strict_shape:
+                checkpoint[k] = copy_model_state(unwrap_network(obj), state, inplace=False)[0]
+            elif self.strict:  # compare keys, shapes and recorded settings, then load
+                target = f"{k!r} ({type(unwrap_network(obj)).__name__})"
+                check_and_load_network(
+                    obj, state, source, meta.get("network_signature"), meta.get("frozen_weights"), target
+                )
+                del load_dict[k]
+            else:
+                checkpoint[k] = state
+        if not self.strict_shape:
+            skipped = [k for k, obj in load_dict.items() if not isinstance(obj, torch.nn.Module)]
+            if skipped:
+                self.logger.warning(f"strict_shape is False: loading networks only, skipping {skipped}.")
+            load_dict = {k: v for k, v in load_dict.items() if k not in skipped}
+        prior_max_epochs = engine.state.max_epochs
+        if load_dict:
+            Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint, strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise CheckpointError(
+                f"{self.load_path}: the checkpoint is at epoch {engine.state.epoch}, beyond this run's max_epochs "
+                f"({prior_max_epochs}); raise the number of epochs to continue training from it."
+            )
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored {sorted(self.load_dict)} from {self.load_path}")
+
+
+class _AtomicDiskSaver(BaseSaveHandler):
+    """ignite save handler: atomic writes with normal permissions, on rank 0 only (as ignite's ``DiskSaver``); an
+    optional fixed file name."""
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None) -> None:
+        self.dirname = Path(dirname)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if _rank() == 0:
+            save_checkpoint_atomically(checkpoint, self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if self.filename is not None or _rank() != 0:
+            return  # a fixed file is replaced atomically by the next save; deleting it first would risk losing it
+        (self.dirname / filename).unlink(missing_ok=True)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose files are written atomically.
+
+    MONAI's ``CheckpointSaver`` writes with ignite's ``DiskSaver(atomic=False)`` (for group-readable files),
+    and with a fixed ``key_metric_filename`` it deletes the previous best model before writing the new one: a
+    kill in between leaves no ``model.pt`` or a truncated one. This subclass writes every file through
+    :py:func:`save_checkpoint_atomically` (temporary file, fsync, ``os.replace``, the usual permissions) and
+    overwrites a fixed file name in place instead of deleting it first. In a ``torch.distributed`` job attach it on
+    every rank (its record of the best score stays the same everywhere): only rank 0 writes. Arguments and file
+    names are those of ``CheckpointSaver``.
+
+    Args:
+        save_dir: the folder of the checkpoints.
+        save_dict: the objects to save, e.g. ``{"model": network}``.
+        kwargs: the other ``CheckpointSaver`` arguments (``save_key_metric``, ``key_metric_filename``,
+            ``save_interval``, ...).
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        fixed = {
+            "_final_checkpoint": kwargs.get("final_filename"),
+            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+            "_interval_checkpoint": None,
+        }
+        for attribute, filename in fixed.items():
+            checkpoint = getattr(self, attribute)
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(save_dir, filename)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,3 +700,186 @@ class LossCSVWriter:
         temp.write_text("".join(kept), encoding="utf-8")
         os.replace(temp, self.filename)
         logger.info(f"{self.filename}: dropped {len(lines) - len(kept)} rows from iteration {iteration} on.")
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-image metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _image_meta(image_key: str) -> Callable[[Any], list[dict[str, Any]]]:
+    """``MetricsSaver``'s ``batch_transform``: the file name of every item's image (MetaTensor meta or
+    ``<key>_meta_dict``), from the decollated ``engine.state.batch``."""
+
+    def transform(batch: Any) -> list[dict[str, Any]]:
+        items = list(decollate_batch(batch, detach=True)) if isinstance(batch, Mapping) else list(batch or [])
+        return [{"filename_or_obj": meta_filename(item, image_key) if isinstance(item, Mapping) else None} for item in items]
+
+    return transform
+
+
+class SegmentationMetricsSaver(MetricsSaver):
+    """
+    MONAI ``MetricsSaver`` that writes the bundle's evaluation files: per-image Dice/IoU with file names, their
+    mean ± std and the global Dice/IoU.
+
+    ``MetricsSaver`` collects the image file names at every iteration (``batch_transform``), gathers them across
+    ranks and writes on ``save_rank`` only; this subclass keeps all of that and replaces the writing, for what
+    ``MetricsSaver`` lacks: its files are ``metrics.csv`` / ``<metric>_raw.csv`` / ``<metric>_summary.csv``, one
+    per metric, written in place with 4 decimals, and its summary has no global scores. At ``EPOCH_COMPLETED``
+    (after the metrics, which the engine attaches before its handlers) this one writes, atomically:
+
+    - ``<save_dir>/<csv_filename>``: columns ``image,dice,iou``, one row per image (6 decimals; multi-channel
+      scores averaged over channels);
+    - ``<save_dir>/<summary_filename>``: ``n_images``, ``n_scored`` (rows whose Dice, else IoU, entered the
+      mean), ``dice_mean``, ``dice_std``, ``iou_mean``, ``iou_std`` (population std), ``global_dice``,
+      ``global_iou``: the definitions of :py:mod:`himix_monai.metrics`; with ``original_metrics`` also
+      ``"resolution": "network"`` and an ``"original_resolution"`` object with the same keys, whose per-image
+      scores go to ``<original_csv_filename>``;
+
+    and logs one line per resolution: ``Dice mean ± std, IoU mean ± std (over N images); global Dice, global
+    IoU``. Rows scored NaN (a metric with ``ignore_empty=True``) are written as ``nan``, left out of mean and std
+    and named in a warning. The summary is kept in ``self.summary``.
+
+    Args:
+        save_dir: folder of the files (created).
+        dice_metric: the engine's per-image Dice metric (``save_details=True``); None leaves it out.
+        iou_metric: the engine's per-image IoU metric; None leaves it out.
+        global_dice_metric: the engine's global Dice (``ConfusionMatrix("f1 score", reduction="sum")``); None
+            leaves it out.
+        global_iou_metric: the engine's global IoU (``ConfusionMatrix("threat score", reduction="sum")``); None
+            leaves it out.
+        image_key: key of the image in the batch items (source of the file names).
+        csv_filename: name of the per-image CSV.
+        summary_filename: name of the summary JSON.
+        save_rank: rank that writes the files.
+        original_metrics: the same four metrics at the images' original resolution (the prediction inverted to
+            the input's size, against the label as loaded), under the keys ``dice``, ``iou``, ``global_dice``,
+            ``global_iou``.
+        original_csv_filename: name of the per-image CSV at the original resolution.
+
+    Examples::
+
+        from himix_monai.metrics import segmentation_metrics
+
+        metrics = segmentation_metrics()
+        evaluator = SupervisedEvaluator(
+            ...,
+            key_val_metric={"val_mean_dice": metrics.pop("val_mean_dice")},
+            additional_metrics=metrics,
+            val_handlers=[SegmentationMetricsSaver("eval")],
+        )
+        evaluator.run()  # eval/per_image_metrics.csv, eval/summary.json
+    """
+
+    def __init__(
+        self,
+        save_dir: PathLike,
+        dice_metric: str | None = "val_mean_dice",
+        iou_metric: str | None = "val_mean_iou",
+        global_dice_metric: str | None = "val_global_dice",
+        global_iou_metric: str | None = "val_global_iou",
+        image_key: str = "image",
+        csv_filename: str = "per_image_metrics.csv",
+        summary_filename: str = "summary.json",
+        save_rank: int = 0,
+        original_metrics: Mapping[str, str] | None = None,
+        original_csv_filename: str = "per_image_metrics_original_resolution.csv",
+    ) -> None:
+        unknown = sorted(set(original_metrics or {}) - set(SCORE_KEYS))
+        if unknown:
+            raise ValueError(f"original_metrics: unknown keys {unknown}; use {', '.join(SCORE_KEYS)}.")
+        self.scores = dict(zip(SCORE_KEYS, (dice_metric, iou_metric, global_dice_metric, global_iou_metric)))
+        self.original_metrics = dict(original_metrics or {})
+        names = [n for n in [*self.scores.values(), *self.original_metrics.values()] if n is not None]
+        super().__init__(
+            save_dir=os.fspath(save_dir),
+            metrics=names,
+            metric_details=names,
+            batch_transform=_image_meta(image_key),
+            save_rank=save_rank,
+        )
+        self.csv_filename = csv_filename
+        self.summary_filename = summary_filename
+        self.original_csv_filename = original_csv_filename
+        self.summary: dict[str, Any] = {}
+
+    def _scores(self, engine: Engine, metrics: Mapping[str, str | None], names: list[str]) -> tuple[dict, list[str]]:
+        try:
+            scores = summarize_scores(engine, metrics)
+        except KeyError as err:
+            raise KeyError(f"SegmentationMetricsSaver: {err.args[0]}") from err
+        if scores["per_image"] and len(names) != scores["n_images"]:
+            logger.warning(
+                "SegmentationMetricsSaver: %d image names for %d metric rows; writing row numbers instead.",
+                len(names),
+                scores["n_images"],
+            )
+            names = [str(i) for i in range(scores["n_images"])]
+        scored = scores["per_image"].get("dice", scores["per_image"].get("iou"))
+        if scored is not None and scores["n_scored"] < scores["n_images"]:
+            unscored = [name for name, value in zip(names, scored) if np.isnan(value)]
+            logger.warning(
+                "SegmentationMetricsSaver: %d of %d images have no score (NaN; a metric with ignore_empty=True "
+                "scores empty masks so) and are left out of mean and std: %s%s",
+                len(unscored),
+                scores["n_images"],
+                ", ".join(unscored[:10]),
+                ", ..." if len(unscored) > 10 else "",
+            )
+        return scores, names
+
+    def _write_csv(self, filename: str, names: list[str], per_image: Mapping[str, np.ndarray]) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(["image", *per_image])
+        for i, name in enumerate(names):
+            writer.writerow([name, *(f"{values[i]:.6f}" for values in per_image.values())])
+        write_text_atomically(Path(self.save_dir) / filename, buffer.getvalue(), newline="")
+
+    def __call__(self, engine: Engine) -> None:
+        """
+        Args:
+            engine: Ignite Engine at ``EPOCH_COMPLETED``.
+        """
+        world_size = idist.get_world_size()
+        if self.save_rank >= world_size:
+            raise ValueError("save_rank is greater than the distributed group size.")
+        names = string_list_all_gather(strings=self._filenames) if world_size > 1 else list(self._filenames)
+        results = [("network resolution", self.csv_filename, *self._scores(engine, self.scores, names))]
+        if self.original_metrics:
+            results.append(("original resolution", self.original_csv_filename, *self._scores(engine, self.original_metrics, names)))
+        if idist.get_rank() != self.save_rank:
+            return
+        summaries = []
+        for _, filename, scores, rows in results:
+            self._write_csv(filename, rows, scores["per_image"])
+            summaries.append({k: v for k, v in scores.items() if k != "per_image"})
+        self.summary = dict(summaries[0])
+        if len(summaries) > 1:
+            self.summary["resolution"] = "network"
+            self.summary["original_resolution"] = summaries[1]
+
+        def number(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {k: number(v) for k, v in value.items()}
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        write_text_atomically(Path(self.save_dir) / self.summary_filename, json.dumps(number(self.summary), indent=2))
+
+        def fmt(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
+        for (label, *_), scores in zip(results, summaries):
+            logger.info(
+                "Dice %s ± %s, IoU %s ± %s (mean ± std over %d images); global Dice %s, global IoU %s (all pixels)%s",
+                fmt(scores["dice_mean"]),
+                fmt(scores["dice_std"]),
+                fmt(scores["iou_mean"]),
+                fmt(scores["iou_std"]),
+                scores["n_scored"],
+                fmt(scores["global_dice"]),
+                fmt(scores["global_iou"]),
+                f" at the {label}" if len(results) > 1 else "",
+            )

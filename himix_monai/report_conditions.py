@@ -25,10 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import tempfile
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +34,10 @@ import torch
 
 from monai.config import PathLike
 from monai.engines import PrepareBatchExtraInput
-from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from himix_monai.files import write_text_atomically
+from himix_monai.metrics import SCORE_KEYS, segmentation_metrics, summarize_scores
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -230,26 +229,6 @@ class PrepareBatchReportNoise(PrepareBatchExtraInput):
         return super().__call__(batchdata, device, non_blocking, **kwargs)
 
 
-def _per_image(details: Any) -> np.ndarray:
-    """``metric_details`` ``(N, C)`` -> ``(N,)``, the nan-mean over channels."""
-    values = np.asarray(convert_to_numpy(details), dtype=np.float64)
-    if values.ndim == 0:
-        values = values.reshape(1)
-    if values.ndim > 1:
-        values = values.reshape(values.shape[0], -1)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            values = np.nanmean(values, axis=1)
-    return values
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().reshape(-1)
-        return float(value[0]) if value.numel() else math.nan
-    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
-
-
 def condition_scores(
     engine: Engine,
     dice_metric: str = "val_mean_dice",
@@ -259,9 +238,9 @@ def condition_scores(
 ) -> dict[str, Any]:
     """Dice and IoU of a finished evaluator run, from the MONAI metric handlers attached to it.
 
-    Per-image scores come from ``engine.state.metric_details`` (``save_details=True``, the default), the
-    global ones from ``engine.state.metrics`` (``ConfusionMatrix`` with ``reduction="sum"``); a 0/0 global score
-    (no lesion pixel in any mask nor prediction) counts 1, MONAI's ``ignore_empty=False`` convention.
+    The definitions of :py:func:`himix_monai.metrics.summarize_scores` (per-image scores from
+    ``engine.state.metric_details``, global ones from ``ConfusionMatrix`` with ``reduction="sum"``, a 0/0 global
+    score counting 1).
 
     Args:
         engine: the evaluator, after ``run()``.
@@ -274,51 +253,10 @@ def condition_scores(
         ``{"n_images", "dice_mean", "dice_std", "iou_mean", "iou_std", "global_dice", "global_iou"}`` (population
         std; NaN rows are left out of mean and std).
     """
-    details = getattr(engine.state, "metric_details", {})
-    out: dict[str, Any] = {}
-    for name, metric in (("dice", dice_metric), ("iou", iou_metric)):
-        if metric not in details:
-            raise KeyError(f"no per-image details of metric {metric!r} (found: {sorted(details)}).")
-        scores = _per_image(details[metric])
-        valid = scores[~np.isnan(scores)]
-        out["n_images"] = int(scores.size)
-        out[f"{name}_mean"] = float(valid.mean()) if valid.size else None
-        out[f"{name}_std"] = float(valid.std()) if valid.size else None
-    for name, metric in (("global_dice", global_dice_metric), ("global_iou", global_iou_metric)):
-        if metric not in engine.state.metrics:
-            raise KeyError(f"metric {metric!r} not found in engine.state.metrics (found: {sorted(engine.state.metrics)}).")
-        value = _number(engine.state.metrics[metric])
-        out[name] = 1.0 if math.isnan(value) else value
-    return out
-
-
-def _metrics() -> tuple[dict, dict]:
-    """Fresh metric handlers, the bundle's: per-image Dice and IoU (``ignore_empty=False``) and global ones."""
-    from monai.handlers import ConfusionMatrix, IgniteMetricHandler, from_engine
-    from monai.metrics import DiceMetric, MeanIoU
-
-    pair = from_engine(["pred", "label"])
-    key = {"val_mean_dice": IgniteMetricHandler(DiceMetric(ignore_empty=False), output_transform=pair)}
-    extra = {
-        "val_mean_iou": IgniteMetricHandler(MeanIoU(ignore_empty=False), output_transform=pair),
-        "val_global_dice": ConfusionMatrix(metric_name="f1 score", compute_sample=False, reduction="sum", output_transform=pair),
-        "val_global_iou": ConfusionMatrix(metric_name="threat score", compute_sample=False, reduction="sum", output_transform=pair),
-    }
-    return key, extra
-
-
-def _write_json_atomically(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as stream:
-            json.dump(data, stream, indent=2)
-        if path.is_symlink():
-            raise OSError(f"{path} is a symbolic link; not writing through it.")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    names = dict(zip(SCORE_KEYS, (dice_metric, iou_metric, global_dice_metric, global_iou_metric)))
+    scores = summarize_scores(engine, names)
+    keys = ("n_images", "dice_mean", "dice_std", "iou_mean", "iou_std", "global_dice", "global_iou")
+    return {key: scores[key] for key in keys}
 
 
 class ReportConditionsEvaluation:
@@ -417,7 +355,8 @@ class ReportConditionsEvaluation:
         from monai.data import DataLoader, Dataset
         from monai.engines import SupervisedEvaluator
 
-        key_metric, additional = _metrics()
+        additional = segmentation_metrics()
+        key_metric = {"val_mean_dice": additional.pop("val_mean_dice")}
         loader = DataLoader(
             Dataset(items, transform=self.transform), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )
@@ -481,4 +420,4 @@ class ReportConditionsEvaluation:
             except ValueError:
                 logger.warning("%s is not valid JSON; it is replaced by the report conditions alone.", path)
         summary["report_conditions"] = results
-        _write_json_atomically(path, summary)
+        write_text_atomically(path, json.dumps(summary, indent=2))

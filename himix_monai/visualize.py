@@ -1,39 +1,34 @@
 """
-Overlays of predictions and per-image metric reports for text-guided lesion segmentation.
+Overlays of predictions for text-guided lesion segmentation.
 
 - :py:func:`overlay_prediction` / :py:func:`save_overlay`: grey image with true positives in yellow, false
   negatives in red and false positives in green (the colours of the HiMix paper, Fig. 4), or the prediction
   alone in one colour when there is no label.
 - :py:class:`OverlaySaver`: ignite handler that writes one overlay PNG per image during evaluation.
-- :py:class:`PerImageMetricsWriter`: ignite handler that writes a per-image ``image,dice,iou`` CSV and a
-  ``summary.json`` with mean ± std (supplement Table 3 style) and the global all-pixel Dice and IoU (what the
-  official code and the peers report), from MONAI's metric handlers.
+
+The per-image metric files of evaluation are written by
+:py:class:`himix_monai.handlers.SegmentationMetricsSaver` (MONAI's ``MetricsSaver``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from monai.config import NdarrayOrTensor, PathLike
 from monai.data import decollate_batch
-from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import, string_list_all_gather
+from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import
 
-from himix_monai.files import atomic_path, file_stem, write_text_atomically
+from himix_monai.files import atomic_path, file_stem
 from himix_monai.transforms.mask import meta_filename
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
-idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
@@ -49,7 +44,6 @@ __all__ = [
     "overlay_prediction",
     "save_overlay",
     "OverlaySaver",
-    "PerImageMetricsWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -296,285 +290,4 @@ class OverlaySaver:
                 label,
                 alpha=self.alpha,
                 transpose=self.transpose,
-            )
-
-
-def _per_image_scores(details: Any, metric: str) -> np.ndarray:
-    """``engine.state.metric_details[metric]`` (N, C) -> (N,) nan-mean over channels."""
-    scores = np.asarray(convert_to_numpy(details), dtype=np.float64)
-    if scores.ndim == 0:
-        scores = scores.reshape(1)
-    if scores.ndim > 1:
-        scores = scores.reshape(scores.shape[0], -1)
-        with np.errstate(all="ignore"):
-            counts = np.sum(~np.isnan(scores), axis=1)
-            sums = np.nansum(scores, axis=1)
-            scores = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return scores
-
-
-def _nan_stats(values: np.ndarray) -> tuple[float, float]:
-    valid = values[~np.isnan(values)]
-    if valid.size == 0:
-        return math.nan, math.nan
-    return float(np.mean(valid)), float(np.std(valid))
-
-
-def _scalar(value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().reshape(-1)
-        return float(value[0]) if value.numel() else math.nan
-    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
-
-
-def _json_number(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else value
-
-
-class PerImageMetricsWriter:
-    """
-    Ignite handler writing per-image Dice/IoU, their mean ± std and the global Dice/IoU at the end of an epoch.
-
-    The numbers come from MONAI metric handlers attached to the same evaluator (nothing is recomputed):
-
-    - per image: MONAI's Dice and IoU metric handlers with ``save_details=True`` (the default; the bundle uses
-      ``IgniteMetricHandler`` with ``DiceMetric``/``MeanIoU(ignore_empty=False)``), whose per-image scores
-      MONAI keeps in ``engine.state.metric_details``;
-    - global, over all pixels of the set: ``ConfusionMatrix(metric_name="f1 score", reduction="sum")`` (Dice)
-      and ``ConfusionMatrix(metric_name="threat score", reduction="sum")`` (IoU), which sum TP/FP/FN over all
-      images before taking the ratio (the official HiMix code's torchmetrics scores).
-
-    At ``EPOCH_COMPLETED`` (after the metrics, which the engine attaches before its handlers) it writes
-
-    - ``<output_dir>/<csv_filename>``: columns ``image,dice,iou``, one row per image (multi-channel scores are
-      averaged over channels);
-    - ``<output_dir>/<summary_filename>``: ``n_images`` (rows), ``n_scored`` (rows whose Dice, else IoU,
-      entered the mean), ``dice_mean``, ``dice_std``, ``iou_mean``, ``iou_std`` (population std, ``ddof=0``),
-      ``global_dice``, ``global_iou``;
-
-    and logs one line ``Dice mean ± std, IoU mean ± std (over N images); global Dice, global IoU``, where N
-    is the number of rows that entered the mean. The summary is also kept in ``self.summary``.
-
-    Empty masks: the bundle scores them with MONAI's convention (``DiceMetric(ignore_empty=False)`` and
-    ``MeanIoU(ignore_empty=False)``): an empty prediction on an empty mask scores 1, any foreground predicted
-    on an empty mask scores 0, so false positives on lesion-free images lower the mean. The global scores
-    follow the same rule: a 0/0 global Dice or IoU (no lesion pixel in any mask nor prediction) is 1. A
-    metric configured with ``ignore_empty=True`` scores empty masks NaN: such rows are written as ``nan``,
-    left out of mean and std, named in a warning, and not counted in N. Image names come from the image's ``filename_or_obj`` meta data in
-    ``engine.state.batch``. In distributed runs the names are gathered from all ranks (MONAI's metric buffers
-    are gathered by MONAI) and only ``save_rank`` writes. Any of the four metric names may be None to leave
-    that column or number out.
-
-    Args:
-        output_dir: folder of the CSV and JSON files (created).
-        dice_metric: name of the per-image Dice metric (``MeanDice``) in the evaluator.
-        iou_metric: name of the per-image IoU metric (``MeanIoUHandler``).
-        global_dice_metric: name of the global Dice metric (``ConfusionMatrix``, ``"f1 score"``, sum).
-        global_iou_metric: name of the global IoU metric (``ConfusionMatrix``, ``"threat score"``, sum).
-        image_key: key of the image in the batch items (source of the file names).
-        csv_filename: name of the per-image CSV.
-        summary_filename: name of the summary JSON.
-        save_rank: rank that writes the files.
-        original_metrics: names of the same metrics computed at the images' original resolution (the prediction
-            inverted to the input's size, ``Invertd``, against the label as loaded), under the keys ``dice``,
-            ``iou``, ``global_dice``, ``global_iou``; when given, ``summary.json`` gets ``"resolution":
-            "network"`` beside the keys above and an ``"original_resolution"`` object with the same keys, and
-            their per-image scores go to ``original_csv_filename``. The keys above stay the network-resolution
-            scores (labels resized to the network's input, as the paper reports them).
-        original_csv_filename: name of the per-image CSV at the original resolution.
-
-    Examples::
-
-        from monai.handlers import ConfusionMatrix, IgniteMetricHandler, from_engine
-        from monai.metrics import DiceMetric, MeanIoU
-        from himix_monai.visualize import PerImageMetricsWriter
-
-        pair = from_engine(["pred", "label"])
-        dice = IgniteMetricHandler(DiceMetric(ignore_empty=False), output_transform=pair)  # empty vs empty = 1
-        iou = IgniteMetricHandler(MeanIoU(ignore_empty=False), output_transform=pair)
-        evaluator = SupervisedEvaluator(
-            ...,
-            key_val_metric={"val_mean_dice": dice},
-            additional_metrics={
-                "val_mean_iou": iou,
-                "val_global_dice": ConfusionMatrix(metric_name="f1 score", reduction="sum", output_transform=pair),
-                "val_global_iou": ConfusionMatrix(metric_name="threat score", reduction="sum", output_transform=pair),
-            },
-            val_handlers=[PerImageMetricsWriter("eval")],
-        )
-
-    """
-
-    def __init__(
-        self,
-        output_dir: PathLike,
-        dice_metric: str | None = "val_mean_dice",
-        iou_metric: str | None = "val_mean_iou",
-        global_dice_metric: str | None = "val_global_dice",
-        global_iou_metric: str | None = "val_global_iou",
-        image_key: str = "image",
-        csv_filename: str = "per_image_metrics.csv",
-        summary_filename: str = "summary.json",
-        save_rank: int = 0,
-        original_metrics: Mapping[str, str] | None = None,
-        original_csv_filename: str = "per_image_metrics_original_resolution.csv",
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.dice_metric = dice_metric
-        self.iou_metric = iou_metric
-        self.global_dice_metric = global_dice_metric
-        self.global_iou_metric = global_iou_metric
-        self.image_key = image_key
-        self.csv_filename = csv_filename
-        self.summary_filename = summary_filename
-        self.save_rank = save_rank
-        unknown = set(original_metrics or {}) - {"dice", "iou", "global_dice", "global_iou"}
-        if unknown:
-            raise ValueError(f"original_metrics: unknown keys {sorted(unknown)}; use dice, iou, global_dice, global_iou")
-        self.original_metrics = dict(original_metrics or {})
-        self.original_csv_filename = original_csv_filename
-        self.summary: dict[str, Any] = {}
-        self._filenames: list[str] = []
-
-    def attach(self, engine: Engine) -> None:
-        """
-        Args:
-            engine: Ignite Engine (an evaluator) with the metrics named in the constructor attached.
-        """
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect_filenames)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def _reset(self, _engine: Engine) -> None:
-        self._filenames = []
-
-    def _collect_filenames(self, engine: Engine) -> None:
-        for index, item in enumerate(_as_item_list(engine.state.batch)):
-            name = meta_filename(item, self.image_key)
-            self._filenames.append(name if name is not None else f"iter{engine.state.iteration}_{index}")
-
-    def _details(self, engine: Engine, metric: str | None) -> np.ndarray | None:
-        if metric is None:
-            return None
-        details = getattr(engine.state, "metric_details", {})
-        if metric not in details:
-            raise KeyError(
-                f"PerImageMetricsWriter: no per-image details of metric {metric!r}; attach a MONAI metric "
-                f"handler named {metric!r} with save_details=True to the engine (found: {sorted(details)})."
-            )
-        return _per_image_scores(details[metric], metric)
-
-    def _global(self, engine: Engine, metric: str | None) -> float | None:
-        if metric is None:
-            return None
-        if metric not in engine.state.metrics:
-            raise KeyError(
-                f"PerImageMetricsWriter: metric {metric!r} not found in engine.state.metrics "
-                f"(found: {sorted(engine.state.metrics)})."
-            )
-        return _scalar(engine.state.metrics[metric])
-
-    def _score(
-        self, engine: Engine, names: list[str], metrics: Sequence[str | None]
-    ) -> tuple[dict[str, Any], list[str], list[tuple[str, np.ndarray]]]:
-        """Summary, row names and per-image columns of one set of (dice, iou, global dice, global iou) metrics."""
-        dice_metric, iou_metric, global_dice_metric, global_iou_metric = metrics
-        dice = self._details(engine, dice_metric)
-        iou = self._details(engine, iou_metric)
-        global_dice = self._global(engine, global_dice_metric)
-        global_iou = self._global(engine, global_iou_metric)
-        lengths = [len(values) for values in (dice, iou) if values is not None]
-        n_rows = max(lengths) if lengths else len(names)
-        if len(names) != n_rows:
-            logger.warning(
-                "PerImageMetricsWriter: %d image names for %d metric rows; writing row numbers instead.",
-                len(names),
-                n_rows,
-            )
-            names = [str(i) for i in range(n_rows)]
-        dice_mean, dice_std = _nan_stats(dice) if dice is not None else (None, None)
-        iou_mean, iou_std = _nan_stats(iou) if iou is not None else (None, None)
-        scored = dice if dice is not None else iou
-        n_scored = int(np.sum(~np.isnan(scored))) if scored is not None else n_rows
-        if n_scored < n_rows:
-            unscored = [name for name, value in zip(names, scored) if np.isnan(value)]
-            logger.warning(
-                "PerImageMetricsWriter: %d of %d images have no score (NaN; a metric with ignore_empty=True "
-                "scores empty masks so) and are left out of mean and std: %s%s",
-                len(unscored),
-                n_rows,
-                ", ".join(unscored[:10]),
-                ", ..." if len(unscored) > 10 else "",
-            )
-        if n_rows:
-            # 0/0: no lesion pixel in any mask nor prediction; 1 by MONAI's ignore_empty=False convention
-            global_dice = 1.0 if global_dice is not None and math.isnan(global_dice) else global_dice
-            global_iou = 1.0 if global_iou is not None and math.isnan(global_iou) else global_iou
-        summary = {
-            "n_images": n_rows,
-            "n_scored": n_scored,
-            "dice_mean": dice_mean,
-            "dice_std": dice_std,
-            "iou_mean": iou_mean,
-            "iou_std": iou_std,
-            "global_dice": global_dice,
-            "global_iou": global_iou,
-        }
-        columns = [(title, values) for title, values in (("dice", dice), ("iou", iou)) if values is not None]
-        return summary, names, columns
-
-    def _write_csv(self, filename: str, names: list[str], columns: list[tuple[str, np.ndarray]]) -> None:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\r\n")
-        writer.writerow(["image", *(title for title, _ in columns)])
-        for i, name in enumerate(names):
-            writer.writerow([name, *(f"{values[i]:.6f}" for _, values in columns)])
-        write_text_atomically(self.output_dir / filename, buffer.getvalue(), newline="")
-
-    def __call__(self, engine: Engine) -> None:
-        """
-        Args:
-            engine: Ignite Engine at ``EPOCH_COMPLETED``.
-        """
-        world_size = idist.get_world_size()
-        if self.save_rank >= world_size:
-            raise ValueError("save_rank is greater than the distributed group size.")
-        names = string_list_all_gather(strings=self._filenames) if world_size > 1 else list(self._filenames)
-        metrics = (self.dice_metric, self.iou_metric, self.global_dice_metric, self.global_iou_metric)
-        summary, rows, columns = self._score(engine, names, metrics)
-        original = None
-        if self.original_metrics:
-            keys = ("dice", "iou", "global_dice", "global_iou")
-            original = self._score(engine, names, [self.original_metrics.get(key) for key in keys])
-        if idist.get_rank() != self.save_rank:
-            return
-
-        self.summary = dict(summary)
-        self._write_csv(self.csv_filename, rows, columns)
-        if original is not None:
-            self.summary["resolution"] = "network"
-            self.summary["original_resolution"] = original[0]
-            self._write_csv(self.original_csv_filename, original[1], original[2])
-
-        def number(value: Any) -> Any:
-            if isinstance(value, Mapping):
-                return {k: number(v) for k, v in value.items()}
-            return _json_number(value) if isinstance(value, float) else value
-
-        write_text_atomically(self.output_dir / self.summary_filename, json.dumps(number(self.summary), indent=2))
-
-        def fmt(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.4f}"
-
-        for label, scores in [("network resolution", summary)] + ([("original resolution", original[0])] if original else []):
-            logger.info(
-                "Dice %s ± %s, IoU %s ± %s (mean ± std over %d images); global Dice %s, global IoU %s (all pixels)%s",
-                fmt(scores["dice_mean"]),
-                fmt(scores["dice_std"]),
-                fmt(scores["iou_mean"]),
-                fmt(scores["iou_std"]),
-                scores["n_scored"],
-                fmt(scores["global_dice"]),
-                fmt(scores["global_iou"]),
-                f" at the {label}" if original else "",
             )

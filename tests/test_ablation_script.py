@@ -58,21 +58,36 @@ def test_derangement_has_no_fixed_points():
     np.testing.assert_array_equal(perm, ablation.derangement(10, seed=0))
 
 
-def test_segmentation_stats_global_and_per_image():
+def test_ablation_scores_are_the_bundles():
+    """Fails if the ablation script's scores are not the bundle's definitions (himix_monai.metrics): per-image Dice
+    and IoU, global (all-pixel) Dice and IoU, 0/0 counting 1."""
+    from ignite.engine import Engine
+
+    from himix_monai.metrics import segmentation_metrics
+
     ablation = _load_ablation()
-    stats = ablation.SegmentationStats()
     label = torch.zeros(1, 4, 4)
     label[:, :2] = 1  # 8 foreground pixels
     pred = torch.zeros(1, 4, 4)
     pred[:, :1] = 1  # 4 true positives, 4 false negatives
-    engine = type("E", (), {})()
-    engine.state = type("S", (), {"output": [{"pred": pred, "label": label}, {"pred": label, "label": label}]})()
-    stats(engine)
-    summary = stats.summary()
+    batches = [[{"pred": pred, "label": label}, {"pred": label, "label": label}]]
+    engine = Engine(lambda engine, batch: batch)
+    for name, metric in segmentation_metrics().items():
+        metric.attach(engine, name)
+    engine.run(batches)
+    summary = ablation.summarize(engine)
     assert summary["num_images"] == 2
     assert summary["dice_mean"] == pytest.approx((2 * 4 / 12 + 1.0) / 2)
+    assert summary["dice_per_image"] == pytest.approx([2 * 4 / 12, 1.0], abs=1e-5)
     assert summary["global_dice"] == pytest.approx(2 * 12 / (2 * 12 + 0 + 4))
     assert summary["global_iou"] == pytest.approx(12 / 16)
+
+    empty = torch.zeros(1, 4, 4)
+    engine = Engine(lambda engine, batch: batch)
+    for name, metric in segmentation_metrics().items():
+        metric.attach(engine, name)
+    engine.run([[{"pred": empty, "label": empty}]])
+    assert ablation.summarize(engine)["global_dice"] == 1.0  # no lesion pixel anywhere: 1, as ignore_empty=False
 
 
 @pytest.fixture

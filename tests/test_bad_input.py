@@ -28,7 +28,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleInte
 from himix_monai.data.datalist import DatalistError, load_checked_datalist
 from himix_monai.errors import HiMixError, NonFiniteImageError, SettingError, find_project_error
 from himix_monai.transforms import BinarizeMaskd, EnsureFinited
-from himix_monai.visualize import PerImageMetricsWriter
+from himix_monai.handlers import SegmentationMetricsSaver
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -102,10 +102,10 @@ def test_evaluation_scores_empty_masks_by_monai_convention_and_counts_every_imag
     lesion = empty.copy()
     lesion[2:6, 2:6] = True
     cases = [(empty, empty), (lesion, empty), (lesion, lesion)]
-    writer = PerImageMetricsWriter(tmp_path / "eval")
+    writer = SegmentationMetricsSaver(tmp_path / "eval")
     config = _config(TRAIN, EVALUATE)
     evaluator = _bundle_metric_evaluator(_mask_items(tmp_path, cases), config, [writer])
-    with caplog.at_level(logging.INFO, logger="himix_monai.visualize"):
+    with caplog.at_level(logging.INFO, logger="himix_monai.handlers"):
         evaluator.run()
     with open(tmp_path / "eval" / "per_image_metrics.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
@@ -128,8 +128,8 @@ def test_metrics_writer_counts_only_the_images_that_entered_the_mean(tmp_path, c
     config = _config(TRAIN)
     config["validate"]["key_metric"] = {"val_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]))}
     config["validate"]["additional_metrics"] = {}
-    writer = PerImageMetricsWriter(tmp_path / "eval", iou_metric=None, global_dice_metric=None, global_iou_metric=None)
-    with caplog.at_level(logging.INFO, logger="himix_monai.visualize"):
+    writer = SegmentationMetricsSaver(tmp_path / "eval", iou_metric=None, global_dice_metric=None, global_iou_metric=None)
+    with caplog.at_level(logging.INFO, logger="himix_monai.handlers"):
         _bundle_metric_evaluator(items, config, [writer]).run()
     assert writer.summary["n_images"] == 2 and writer.summary["n_scored"] == 1
     messages = [record.getMessage() for record in caplog.records]

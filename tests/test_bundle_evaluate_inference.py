@@ -190,6 +190,37 @@ def test_inference_on_datalist_writes_masks_at_original_size(trained, tmp_path):
     assert np.asarray(Image.open(tmp_path / "prediction_overlays" / overlays[0])).shape == (DEMO_SIZE, DEMO_SIZE, 3)
 
 
+def test_model_records_its_settings_and_inference_names_every_difference(trained, tmp_path):
+    """Fails if model.pt does not record the settings it was trained with, or if inference with other settings loads
+    it (or fails without naming each differing setting, both values and the override that fixes it)."""
+    from himix_monai.checkpoints import CheckpointSettingsError
+    from himix_monai.networks import HiMix
+
+    state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    record = HiMix.decode_settings(state["_extra_state"])  # a plain state dict: MONAI Label and ckpt_export load it
+    assert record["preprocessing"]["image_size"] == [NETWORK_SIZE, NETWORK_SIZE]
+    assert record["network"]["num_heads"] == 4 and record["network"]["image_encoder"] == "test_convnext"
+
+    workflow = ConfigWorkflow(  # trained with --image_size "[64,64]" and 4 heads; inferred with the defaults
+        config_file=str(CONFIGS / "inference.json"), logging_file=False, workflow_type=None, bundle_root=str(trained),
+        output_dir=str(tmp_path), image_encoder="test_convnext", max_text_length=16,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError) as error:  # MONAI wraps what a config expression raises
+        workflow.initialize()
+    cause = error.value
+    while cause is not None and not isinstance(cause, CheckpointSettingsError):
+        cause = cause.__cause__
+    assert cause is not None, error.value
+    message = str(cause)
+    assert "image_size: [64, 64] -> [128, 128]" in message and '--image_size "[64,64]"' in message
+    assert "num_heads: 4 -> 8" in message and "--network_def#num_heads 4" in message
+    assert "text_length: 24 -> 16" in message and "--max_text_length 24" in message
+    assert "image_encoder" not in message  # the same: not listed
+    # with the overrides it names, the same command works
+    workflow_run(str(CONFIGS / "inference.json"), bundle_root=str(trained), output_dir=str(tmp_path / "ok"))
+    assert len(list((tmp_path / "ok" / "masks").iterdir())) == len(demo_split(trained))
+
+
 def test_inference_on_folder_with_texts_csv_images_and_volumes(trained, tmp_path):
     items = demo_split(trained, "training")[:3]
     folder = tmp_path / "inputs"

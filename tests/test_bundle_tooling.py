@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -135,3 +136,20 @@ def test_two_process_gloo_ddp_training(tmp_path):
     assert log.count("Key metric: val_mean_dice best value") == 2
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state), "rank 0 must save the unwrapped network"
+
+
+def test_inference_config_has_the_training_settings_of_the_network_and_preprocessing():
+    """inference.json must stay loadable alone, so it repeats train.json's network and preprocessing settings; fails
+    if a default differs (model.pt records the trained settings and inference refuses a mismatch, see
+    test_bundle_evaluate_inference.py, but the defaults of the two files must agree)."""
+    train = json.loads((CONFIGS / "train.json").read_text())
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    shared = [
+        "image_size", "in_channels", "intensity_range", "rescale_16bit_images", "text_encoder", "max_text_length",
+        "image_encoder", "layer_grouping", "removed_layer_group", "use_asrm", "use_text", "image_readers",
+        "preprocessing_settings",
+    ]  # fmt: skip
+    assert {key: inference[key] for key in shared} == {key: train[key] for key in shared}
+    run_time_only = {"pretrained", "image_encoder_checkpoint", "text_encoder_dtype", "gradient_checkpointing"}
+    network = {k: v for k, v in train["network_def"].items() if k not in run_time_only}
+    assert {k: v for k, v in inference["network_def"].items() if k not in run_time_only} == network

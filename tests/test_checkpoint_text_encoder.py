@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from himix_monai.checkpoints import CheckpointMismatchError, SafeCheckpointLoader, load_network_weights
+from himix_monai.checkpoints import CheckpointMismatchError, load_network_weights
+from himix_monai.handlers import SafeCheckpointLoader
 from himix_monai.networks import HiMix
 from himix_monai.networks.blocks import FrozenTextEncoder, TextEncoderMismatchError, text_encoder_fingerprint
 

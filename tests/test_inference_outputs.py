@@ -156,7 +156,7 @@ def test_evaluation_scores_at_the_original_resolution_too(tmp_path):
     parser.update({"image_encoder": "test_convnext", "network_def#num_heads": 4, "image_size": [32, 32]})
     parser.update({"intensity_range": [0, 255], "save_overlays": False, "output_dir": str(tmp_path / "eval")})
     parser.update({"network": {"_target_": f"{__name__}.ThresholdNet"}, "num_workers": 0})
-    parser.update({"validate#handlers": "$[@eval_handlers#metrics_writer]"})
+    parser.update({"validate#handlers": "$[@eval_handlers#metrics_saver]"})
     parser.get_parsed_content("validate#evaluator").run()
 
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())

@@ -31,7 +31,7 @@ def test_no_private_names_imported_across_modules():
 
 
 def test_bottom_level_modules_import_nothing_above_them():
-    bottom = {"errors.py": set(), "files.py": set(), "config_utils.py": {"himix_monai.errors"}}
+    bottom = {"errors.py": set(), "files.py": set(), "config_utils.py": {"himix_monai.errors"}, "metrics.py": set()}
     wrong = [
         f"{name}: imports {module}"
         for name, allowed in bottom.items()
@@ -41,3 +41,15 @@ def test_bottom_level_modules_import_nothing_above_them():
     assert wrong == []
     text_transforms = {module for module, _ in _imports(PACKAGE / "transforms" / "text.py")}
     assert not any(module.startswith("himix_monai.networks") for module in text_transforms)
+
+
+def test_checkpoint_files_and_handlers_are_split():
+    """checkpoints.py (file format, checks, loading functions) imports no ignite handler module of the package nor
+    MONAI's handlers; the handlers import it, not the other way round."""
+    imported = {module for module, _ in _imports(PACKAGE / "checkpoints.py")}
+    assert not imported & {"himix_monai.handlers", "himix_monai.visualize", "himix_monai.report_conditions"}
+    tree = ast.parse((PACKAGE / "checkpoints.py").read_text())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and (m.startswith("monai.handlers") or m.startswith("ignite")) for m in modules)
+    assert "himix_monai.checkpoints" in {module for module, _ in _imports(PACKAGE / "handlers.py")}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -46,15 +47,15 @@ from monai.bundle import ConfigParser
 
 from himix_monai.data.datalist import DatalistError
 from himix_monai.checkpoints import (
-    AtomicCheckpointSaver,
     CheckpointError,
     CheckpointMismatchError,
-    SafeCheckpointLoader,
+    CheckpointSettingsError,
     load_checkpoint_file,
     load_network_weights,
     save_checkpoint_atomically,
 )
-from himix_monai.handlers import TrainingStateCheckpoint
+from himix_monai.handlers import AtomicCheckpointSaver, SafeCheckpointLoader, TrainingStateCheckpoint
+from himix_monai.networks import HiMix
 from tests.test_training_bundle import (  # noqa: F401 - fixtures shared with the end-to-end tests
     EPOCHS,
     TINY,
@@ -363,10 +364,22 @@ def test_image_size_not_divisible_by_32_stops_before_training(tmp_path):
 # safe loading
 
 
-def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run):
+def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run, tmp_path):
     root, _ = fresh_run
-    best = root / "models" / "model.pt"
+    recorded = root / "models" / "model.pt"
 
+    # model.pt records the settings it was trained with: compared first, every difference named with its override
+    with pytest.raises(CheckpointSettingsError) as info:
+        load_network_weights(tiny_himix(in_channels=3, image_encoder="convnext_tiny"), recorded)
+    message = str(info.value)
+    assert message.startswith(f"{recorded} was trained with other settings than this run's config: 3 differ")
+    assert "in_channels: 1 -> 3  (fix: --in_channels 1)" in message
+    assert 'image_encoder: "test_convnext" -> "convnext_tiny"  (fix: --image_encoder test_convnext)' in message
+    assert "use_text: true -> false  (fix: --use_text true)" in message
+
+    # a model.pt of an older version has no record: the keys and shapes are compared
+    best = tmp_path / "model.pt"
+    torch.save({k: v for k, v in load_state(recorded).items() if k != "_extra_state"}, best)
     with pytest.raises(CheckpointMismatchError) as info:  # trained with text, loaded into the image-only network
         load_network_weights(tiny_himix(), best)
     message = str(info.value)
@@ -387,13 +400,15 @@ def test_checkpoint_of_another_configuration_gives_one_readable_error(fresh_run)
 
     # the same configuration loads, from the best model and from the training state (text-encoder fingerprint checked)
     network = tiny_himix(text_encoder=minilm())
-    load_network_weights(network, best)
-    saved = load_state(best)
-    assert all(torch.equal(v, saved[k]) for k, v in network.state_dict().items())
+    load_network_weights(network, recorded)
+    saved = load_state(recorded)
+    assert all(torch.equal(v, saved[k]) for k, v in network.state_dict().items() if k != "_extra_state")
+    assert network.loaded_settings == HiMix.decode_settings(saved["_extra_state"])  # the record, kept apart
+    load_network_weights(tiny_himix(text_encoder=minilm()), best)  # an old model.pt loads (with a warning)
     load_network_weights(network, root / "models" / "checkpoint_latest.pt")
 
-    # num_heads does not change weight shapes: the training state records it
-    with pytest.raises(CheckpointMismatchError, match=r"attention heads \(checkpoint -> network\).*4 -> 2.*num_heads"):
+    # num_heads does not change weight shapes: the recorded settings name it
+    with pytest.raises(CheckpointSettingsError, match=r"num_heads: 4 -> 2  \(fix: --network_def#num_heads 4\)"):
         load_network_weights(tiny_himix(text_encoder=minilm(), num_heads=2), root / "models" / "checkpoint_latest.pt")
 
 
@@ -403,7 +418,7 @@ def test_safe_checkpoint_loader_and_resume_report_mismatches(fresh_run):
     root, _ = fresh_run
     engine = Engine(lambda e, b: None)
     wrong = tiny_himix(num_heads=4)
-    with pytest.raises(CheckpointMismatchError, match="does not fit 'model' \\(HiMix\\)"):
+    with pytest.raises(CheckpointSettingsError, match="use_text: true -> false"):
         SafeCheckpointLoader(load_path=str(root / "models" / "model.pt"), load_dict={"model": wrong})(engine)
     right = tiny_himix(text_encoder=minilm())
     SafeCheckpointLoader(load_path=str(root / "models" / "model.pt"), load_dict={"model": right})(engine)
@@ -421,6 +436,33 @@ def test_safe_checkpoint_loader_and_resume_report_mismatches(fresh_run):
     )
     with pytest.raises(CheckpointMismatchError, match="num_heads"):
         resume.load(engine)
+
+
+def test_recorded_settings_are_compared_before_loading_and_old_files_warn(tmp_path, caplog):
+    """Fails if a state dict's recorded settings are not compared (every difference named, with both values and
+    the override), if anything is loaded before, or if a state dict without the record does not load."""
+    trained = tiny_himix(preprocessing_settings={"image_size": [64, 64], "intensity_range": [-1000, 400]})
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    other = tiny_himix(num_heads=2, preprocessing_settings={"image_size": [128, 128], "intensity_range": [0.0, 255.0]})
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointSettingsError) as info:
+        load_network_weights(other, tmp_path / "model.pt")
+    lines = str(info.value).splitlines()
+    assert lines[1:4] == [
+        "  num_heads: 4 -> 2  (fix: --network_def#num_heads 4)",
+        '  image_size: [64, 64] -> [128, 128]  (fix: --image_size "[64,64]")',
+        '  intensity_range: [-1000, 400] -> [0.0, 255.0]  (fix: --intensity_range "[-1000,400]")',
+    ]
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # nothing was loaded
+    same = tiny_himix(preprocessing_settings={"image_size": [64, 64], "intensity_range": [-1000.0, 400.0]})
+    load_network_weights(same, tmp_path / "model.pt")  # equal numbers in another type are the same setting
+
+    old = {k: v for k, v in trained.state_dict().items() if k != "_extra_state"}  # before settings were recorded
+    torch.save(old, tmp_path / "old.pt")
+    with caplog.at_level(logging.WARNING, logger="himix_monai.checkpoints"):
+        load_network_weights(other, tmp_path / "old.pt")
+    assert any("records no network or preprocessing settings" in r.getMessage() for r in caplog.records)
+    other.load_state_dict(old, strict=True)  # and plain PyTorch loads it too (MONAI Label, ckpt_export)
 
 
 def test_unsafe_truncated_and_missing_checkpoints_are_named(tmp_path):

@@ -24,13 +24,13 @@ from monai.transforms import (
 )
 
 from himix_monai.transforms.mask import BinarizeMaskd
+from himix_monai.handlers import SegmentationMetricsSaver
 from himix_monai.visualize import (
     FALSE_NEGATIVE_COLOR,
     FALSE_POSITIVE_COLOR,
     PREDICTION_COLOR,
     TRUE_POSITIVE_COLOR,
     OverlaySaver,
-    PerImageMetricsWriter,
     overlay_prediction,
     save_overlay,
 )
@@ -173,9 +173,9 @@ def _evaluator(tmp_path, handlers):
 
 def test_per_image_metrics_writer(tmp_path, caplog):
     out_dir = tmp_path / "eval"
-    writer = PerImageMetricsWriter(out_dir)
+    writer = SegmentationMetricsSaver(out_dir)
     evaluator = _evaluator(tmp_path, [writer])
-    with caplog.at_level(logging.INFO, logger="himix_monai.visualize"):
+    with caplog.at_level(logging.INFO, logger="himix_monai.handlers"):
         evaluator.run()
 
     with open(out_dir / "per_image_metrics.csv", newline="") as f:
@@ -203,7 +203,7 @@ def test_per_image_metrics_writer(tmp_path, caplog):
 
 
 def test_per_image_metrics_writer_names_a_missing_metric(tmp_path):
-    evaluator = _evaluator(tmp_path, [PerImageMetricsWriter(tmp_path / "eval", dice_metric="val_dice")])
+    evaluator = _evaluator(tmp_path, [SegmentationMetricsSaver(tmp_path / "eval", dice_metric="val_dice")])
     with pytest.raises(KeyError, match="val_dice"):
         evaluator.run()
 

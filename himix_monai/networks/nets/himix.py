@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,9 +21,26 @@ from himix_monai.networks.blocks.image_encoder import TimmImageEncoder
 from himix_monai.networks.blocks.mixing_stage import VisualTextualMixingStage
 from himix_monai.networks.blocks.text_encoder import FrozenTextEncoder, ScriptableTextEncoder
 
-__all__ = ["HiMix", "CXR_BERT"]
+__all__ = ["HiMix", "CXR_BERT", "SETTINGS_RECORD_BYTES"]
 
 CXR_BERT = "microsoft/BiomedVLP-CXR-BERT-specialized"
+SETTINGS_RECORD_BYTES = 4096
+"""Size of the settings record (UTF-8 JSON, zero-padded ``uint8`` tensor) in a HiMix state dict's ``_extra_state``."""
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value for a constructor setting: paths and dtypes as text, sequences as lists, a model by its name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, PreTrainedModel):
+        return str(getattr(value.config, "_name_or_path", "") or type(value).__name__)
+    return str(value)
 
 
 class HiMix(nn.Module):
@@ -68,6 +87,7 @@ class HiMix(nn.Module):
         text_cache_size: int = 0,
         text_encoder_dtype: torch.dtype | str | None = None,
         gradient_checkpointing: bool = False,
+        preprocessing_settings: Mapping[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -112,6 +132,11 @@ class HiMix(nn.Module):
                 device)``): half its memory, and no casts of its weights on every call. ``None`` keeps float32.
             gradient_checkpointing: recompute the image encoder's stages in the backward pass: less training
                 memory (about 0.33 GB at batch 8, 224x224) for a slower step (see ``benchmarks/README.md``).
+            preprocessing_settings: the settings of the input preprocessing the weights belong to (the bundle
+                passes ``image_size``, ``intensity_range``, ...). They do not change the network: they are recorded,
+                with this constructor's other arguments, in the state dict (see :py:meth:`get_extra_state`), so
+                that whoever loads the weights can compare them with its own settings
+                (:py:func:`himix_monai.checkpoints.check_and_load_network` does).
 
         Examples::
 
@@ -124,7 +149,13 @@ class HiMix(nn.Module):
             # image-only ablation
             >>> net = HiMix(text_encoder=None)
         """
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__", "preprocessing_settings")}
         super().__init__()
+        self.settings = _plain(settings)  # no annotations here: TorchScript warns about them
+        self.preprocessing_settings = _plain(dict(preprocessing_settings or {}))
+        self.loaded_settings = {}
+        # a state dict written before the record existed loads (its record reads as empty)
+        self.register_load_state_dict_pre_hook(self._default_settings_record)
         self.image_encoder = TimmImageEncoder(
             image_encoder,
             in_channels,
@@ -199,6 +230,43 @@ class HiMix(nn.Module):
         head_channels = head_channels or max(1, channels[0] // 4)
         self.head_upsample = SubpixelUpsample(2, channels[0], head_channels, scale_factor=reductions[0])  # Eq. 9
         self.head = UnetOutBlock(2, head_channels, out_channels)
+
+    # state: the settings record ---------------------------------------------------------------------------------
+
+    def settings_record(self) -> dict[str, Any]:
+        """What :py:meth:`get_extra_state` records: ``{"format": 1, "network": {constructor argument: value},
+        "preprocessing": preprocessing_settings}`` (JSON values; a text encoder given as a model by its name)."""
+        return {"format": 1, "network": dict(self.settings), "preprocessing": dict(self.preprocessing_settings)}
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The settings record as a fixed-size ``uint8`` tensor of UTF-8 JSON (the ``_extra_state`` entry).
+
+        A tensor, like the text encoder's fingerprint, so that every loader handles it (``weights_only=True``,
+        MONAI's ``copy_model_state`` compares shapes), and the state dict stays a plain state dict that MONAI
+        Label, ``ckpt_export`` and ``load_state_dict(strict=True)`` load as they are.
+        """
+        data = json.dumps(self.settings_record(), sort_keys=True).encode()
+        if len(data) > SETTINGS_RECORD_BYTES:
+            raise ValueError(f"the settings record takes {len(data)} bytes, more than {SETTINGS_RECORD_BYTES}.")
+        return torch.tensor(list(data.ljust(SETTINGS_RECORD_BYTES, b"\0")), dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Keep the loaded weights' settings record in ``loaded_settings`` (this network's own are not changed)."""
+        self.loaded_settings = self.decode_settings(state)
+
+    @staticmethod
+    def decode_settings(state: Any) -> dict[str, Any]:
+        """The settings record held by a state dict's ``_extra_state`` entry; ``{}`` when there is none."""
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.ndim != 1:
+            return {}
+        try:
+            record = json.loads(bytes(state.tolist()).rstrip(b"\0").decode())
+        except (UnicodeDecodeError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def _default_settings_record(self, module, state_dict, prefix, *args) -> None:
+        state_dict.setdefault(prefix + "_extra_state", torch.zeros(SETTINGS_RECORD_BYTES, dtype=torch.uint8))
 
     def _check_text_encoder_state(self, module, state_dict, prefix, *args) -> None:
         if self.text_encoder is not None:
