@@ -201,9 +201,9 @@ def test_model_records_its_settings_and_inference_names_every_difference(trained
     assert record["preprocessing"]["image_size"] == [NETWORK_SIZE, NETWORK_SIZE]
     assert record["network"]["num_heads"] == 4 and record["network"]["image_encoder"] == "test_convnext"
 
-    workflow = ConfigWorkflow(  # trained with --image_size "[64,64]" and 4 heads; inferred with the defaults
+    workflow = ConfigWorkflow(  # trained with --image_size "[64,64]" and 4 heads; inferred with 96x96 and the defaults
         config_file=str(CONFIGS / "inference.json"), logging_file=False, workflow_type=None, bundle_root=str(trained),
-        output_dir=str(tmp_path), image_encoder="test_convnext", max_text_length=16,
+        output_dir=str(tmp_path), image_encoder="test_convnext", max_text_length=16, image_size=[96, 96],
     )  # fmt: skip
     with pytest.raises(RuntimeError) as error:  # MONAI wraps what a config expression raises
         workflow.initialize()
@@ -212,7 +212,7 @@ def test_model_records_its_settings_and_inference_names_every_difference(trained
         cause = cause.__cause__
     assert cause is not None, error.value
     message = str(cause)
-    assert "image_size: [64, 64] -> [128, 128]" in message and '--image_size "[64,64]"' in message
+    assert "image_size: [64, 64] -> [96, 96]" in message and '--image_size "[64,64]"' in message
     assert "num_heads: 4 -> 8" in message and "--network_def#num_heads 4" in message
     assert "text_length: 24 -> 16" in message and "--max_text_length 24" in message
     assert "image_encoder" not in message  # the same: not listed
