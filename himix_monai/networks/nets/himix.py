@@ -61,6 +61,7 @@ class HiMix(nn.Module):
         mlp_ratio: float = 0.5,
         dropout_rate: float = 0.1,
         position_embedding: bool = True,
+        position_encoding: str = "sinusoidal_2d",
         norm_name: str | tuple = "batch",
         mlp_norm: bool = True,
         mlp_output_dropout: bool = True,
@@ -109,7 +110,12 @@ class HiMix(nn.Module):
             residual_scale_init: initial value of the learnable residual scales beta.
             mlp_ratio: MLP hidden width as a fraction of the stage width.
             dropout_rate: dropout of the stage MLPs.
-            position_embedding: add 2-D sinusoidal position embeddings to the attention inputs.
+            position_embedding: add fixed sinusoidal position codes to the attention inputs; ``False`` for none
+                (the paper mentions none).
+            position_encoding: which codes: ``"sinusoidal_2d"`` (project default: 2-D codes on the normalised image
+                tokens, also in the values of self-attention, none on the text) or ``"official_1d"`` (the official
+                code's: 1-D codes of the flattened index on queries and keys only, and on the text keys). See
+                :class:`VisualTextualMixingStage`.
             norm_name: normalisation of the decoder's convolutional up blocks.
             mlp_norm: LayerNorm before the MLP of Eq. 6 in every stage (project default); ``False`` for Eq. 6 as the
                 paper and the official code have it. See :class:`VisualTextualMixingStage`.
@@ -225,6 +231,7 @@ class HiMix(nn.Module):
                     use_asrm=use_asrm,
                     sigma_init=sigma_init,
                     position_embedding=position_embedding,
+                    position_encoding=position_encoding,
                     norm_name=norm_name,
                     mlp_norm=mlp_norm,
                     mlp_output_dropout=mlp_output_dropout,
