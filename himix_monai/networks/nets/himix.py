@@ -141,6 +141,11 @@ class HiMix(nn.Module):
 
             # image-only ablation
             >>> net = HiMix(text_encoder=None)
+
+            # a five-level timm encoder: its four coarsest levels (strides 4-32) feed the three default stages
+            >>> net = HiMix(image_encoder="resnet18", text_encoder=None)
+            >>> net.image_encoder.reductions
+            [4, 8, 16, 32]
         """
         super().__init__()
         if text_tokens is not None and len(tuple(text_tokens)) < 1:
