@@ -266,3 +266,20 @@ def test_bundle_text_tokens_and_encoder_levels_reach_the_network(tiny_text_model
     net = parser.get_parsed_content("network_def")
     assert net.image_encoder.reductions == [2, 4, 8, 16, 32]
     assert [stage.text_projection.token_projection.out_channels for stage in net.stages] == [6, 4, 3, 2]
+
+
+def test_kvasir_cpu_preset_builds_its_network():
+    """``datasets/kvasir_cpu.json`` merged after ``train.json``: RGB resnet18 (strides 4-32), offline MiniLM text,
+    bf16, real data (no demo), and an image size the encoder accepts."""
+    from monai.bundle import ConfigParser
+
+    from himix_monai.config_utils import check_image_size
+
+    parser = ConfigParser()
+    parser.read_config([str(TRAIN_CONFIG), str(REPO / "bundle" / "configs" / "datasets" / "kvasir_cpu.json")])
+    assert parser["use_demo_data"] is False and parser["precision"] == "bf16" and parser["in_channels"] == 3
+    assert "not yet measured" in parser["_comment"].lower()
+    net = parser.get_parsed_content("network_def")
+    assert net.image_encoder.reductions == [4, 8, 16, 32] and len(net.stages) == 3
+    assert net.text_encoder is not None and net.text_encoder.num_layers == 6  # MiniLM-L6
+    check_image_size(parser["image_size"], net)
