@@ -227,6 +227,8 @@ def test_convnext_levels_and_weights_are_unchanged_by_the_level_choice(tiny_bert
         ({"image_encoder_out_indices": (0, 1, 2, 3, 4)}, "has 4 feature levels"),
         ({"image_encoder_out_indices": (0, 1, 2)}, "needs one entry per decoder stage \\(2"),
         ({"num_heads": 5}, "not divisible by num_heads=5"),
+        ({"image_encoder_out_indices": 0}, "at least 1"),
+        ({"text_tokens": ()}, "at least one entry"),
     ],
 )
 def test_level_choice_errors_name_the_setting(tiny_bert, kwargs, message):
