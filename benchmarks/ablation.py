@@ -81,6 +81,7 @@ from monai.utils import set_determinism
 from himix_monai.inferers import AutocastInferer, compute_dtype
 from himix_monai.metrics import segmentation_metrics, summarize_scores
 from himix_monai.networks import HiMix
+from himix_monai.networks.blocks import POSITION_ENCODINGS
 from himix_monai.report_conditions import PrepareBatchReportNoise
 from himix_monai.transforms import BinarizeMaskd, EnsureImageChannelsd, TokenizeTextd
 
@@ -234,6 +235,10 @@ def build_network(variant: str, args: argparse.Namespace) -> HiMix:
     )
     if args.text_tokens is not None:
         kwargs["text_tokens"] = tuple(args.text_tokens)
+    if args.image_encoder_out_indices is not None:
+        kwargs["image_encoder_out_indices"] = tuple(args.image_encoder_out_indices)
+    if args.position_encoding is not None:
+        kwargs["position_encoding"] = args.position_encoding
     kwargs.update(overrides)
     return HiMix(**kwargs)
 
@@ -371,6 +376,9 @@ def budget(args: argparse.Namespace) -> dict[str, Any]:
         "loss": "DiceCELoss(sigmoid=True, lambda_dice=0.5, lambda_ce=0.5)",
         "precision": args.precision,
         "image_encoder": args.image_encoder,
+        "image_encoder_out_indices": args.image_encoder_out_indices,
+        "text_tokens": args.text_tokens,
+        "position_encoding": args.position_encoding or "sinusoidal_2d",
         "pretrained_image_encoder": bool(args.pretrained),
         "text_encoder": args.text_encoder,
         "max_text_length": args.max_length,
@@ -491,7 +499,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-encoder", default=None, help="hub name or folder (default: offline MiniLM-L6)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the text encoder)")
     parser.add_argument("--max-length", type=int, default=24)
-    parser.add_argument("--text-tokens", type=int, nargs="+", default=None, help="L' per stage (default 24 12 9)")
+    parser.add_argument("--text-tokens", type=int, nargs="+", default=None,
+                        help="L' per decoder stage, coarsest first (default 24 12 9: three stages)")
+    parser.add_argument("--image-encoder-out-indices", type=int, nargs="+", default=None,
+                        help="feature levels of the image encoder (timm out_indices; default: the len(text-tokens)"
+                             " + 1 coarsest, e.g. strides 4-32 of a ResNet)")
+    parser.add_argument("--position-encoding", default=None, choices=list(POSITION_ENCODINGS),
+                        help="position codes of the decoder stages (default sinusoidal_2d)")
     parser.add_argument("--num-heads", type=int, default=8)
     parser.add_argument("--max-train", type=int, default=None, help="use the first N training items (debug)")
     parser.add_argument("--max-val", type=int, default=None, help="use the first N validation items (debug)")

@@ -133,3 +133,19 @@ def test_ablation_script_end_to_end(tmp_path, synthetic_datalists, tiny_text_mod
     except ImportError:
         return
     assert (out / "sigma_dlfm.png").stat().st_size > 0
+
+
+def test_ablation_network_options_reach_himix(tiny_text_model_dir):
+    """``--image-encoder-out-indices``, ``--text-tokens`` and ``--position-encoding`` build the network they name
+    (a five-level timm encoder, one stage per level) and are recorded with the budget."""
+    ablation = _load_ablation()
+    args = ablation.parse_args(["--datalist", "unused.json", "--out", "unused", "--image-encoder", "resnet18",
+                                "--text-encoder", tiny_text_model_dir, "--max-length", "8",
+                                "--text-tokens", "6", "4", "3", "2", "--image-encoder-out-indices", "0", "1", "2", "3",
+                                "4", "--position-encoding", "official_1d"])
+    net = ablation.build_network("full", args)
+    assert net.image_encoder.reductions == [2, 4, 8, 16, 32] and len(net.stages) == 4
+    assert all(stage.position_encoding == "official_1d" for stage in net.stages)
+    budget = ablation.budget(args)
+    assert budget["image_encoder_out_indices"] == [0, 1, 2, 3, 4] and budget["text_tokens"] == [6, 4, 3, 2]
+    assert budget["position_encoding"] == "official_1d"

@@ -271,15 +271,35 @@ def test_eqs4_to_8_project_stage_against_its_formulas():
         torch.testing.assert_close(stage(d, skip, text), reference, atol=1e-4, rtol=0)
 
 
-def test_eqs4_to_8_official_options_against_the_official_decoder_layer():
-    """``mlp_norm=False, mlp_output_dropout=False, text_projection_order="official"`` against the official
-    ``DecoderLayer`` + ``UnetrUpBlock`` (re-written). The official 1-D position codes are the one documented
-    difference left, so both sides run without codes (``position_embedding=False``)."""
+def _official_positional_encoding(length, d_model):
+    """The official ``PositionalEncoding`` table (dropout 0): ``pe[n, 2i] = sin(n * exp(-2i ln(10000) / d))``,
+    ``pe[n, 2i + 1] = cos(n * exp(-2i ln(10000) / d))``."""
+    pe = torch.zeros(length, d_model)
+    for n in range(length):
+        for i in range(0, d_model, 2):
+            angle = n * math.exp(i * -(math.log(10000.0) / d_model))
+            pe[n, i] = math.sin(angle)
+            pe[n, i + 1] = math.cos(angle)
+    return pe
+
+
+@pytest.mark.parametrize("codes", [False, True], ids=["no_codes", "official_1d_codes"])
+def test_eqs4_to_8_official_options_against_the_official_decoder_layer(codes):
+    """``mlp_norm=False, mlp_output_dropout=False, text_projection_order="official"`` and
+    ``position_encoding="official_1d"`` against the official ``DecoderLayer`` + ``UnetrUpBlock`` (re-written):
+    ``vis_pos`` on the queries and keys of both attentions (not on the values), ``txt_pos`` on the text keys.
+    Without codes (``position_embedding=False``) both sides drop ``vis_pos`` / ``txt_pos``."""
     stage = _make_stage(
-        mlp_norm=False, mlp_output_dropout=False, text_projection_order="official", position_embedding=False
+        mlp_norm=False,
+        mlp_output_dropout=False,
+        text_projection_order="official",
+        position_embedding=codes,
+        position_encoding="official_1d",
     )
     assert isinstance(stage.mlp_norm, torch.nn.Identity) and isinstance(stage.mlp.drop2, torch.nn.Identity)
     d, skip, text = _inputs()
+    vis_pos = _official_positional_encoding(SIZE * SIZE, C) if codes else torch.zeros(SIZE * SIZE, C)
+    txt_pos = _official_positional_encoding(L_OUT, C) if codes else torch.zeros(L_OUT, C)
     with torch.no_grad():
         tp = stage.text_projection
         txt = torch.einsum("kl,blp->bkp", tp.token_projection.weight[:, :, 0], text) + tp.token_projection.bias[
@@ -288,10 +308,10 @@ def test_eqs4_to_8_official_options_against_the_official_decoder_layer():
         txt = F.leaky_relu(F.gelu(txt) @ tp.width_projection.weight.T + tp.width_projection.bias)  # text_project
         x = official_asrm(d, 1.7).flatten(2).transpose(1, 2)  # lfm
         vis1 = _layer_norm(x, stage.cross_attention_norm)  # norm2
-        vis1 = _attention(vis1, txt, txt, *_cross_weights(stage), HEADS)  # cross_attn(query, key=txt, value=txt)
+        vis1 = _attention(vis1 + vis_pos, txt + txt_pos, txt, *_cross_weights(stage), HEADS)  # cross_attn
         vis1 = x + stage.beta_cross_attention * _layer_norm(vis1, stage.cross_attention_out_norm)  # scale1
         vis2 = _layer_norm(vis1, stage.self_attention_norm)  # norm1
-        vis2 = _attention(vis2, vis2, vis2, *_self_weights(stage), HEADS)
+        vis2 = _attention(vis2 + vis_pos, vis2 + vis_pos, vis2, *_self_weights(stage), HEADS)  # self_attn
         vis2 = vis1 + stage.beta_self_attention * _layer_norm(vis2, stage.self_attention_out_norm)  # scale2
         mlp = stage.mlp
         out = torch.relu(vis2 @ mlp.linear1.weight.T + mlp.linear1.bias) @ mlp.linear2.weight.T + mlp.linear2.bias
@@ -301,6 +321,23 @@ def test_eqs4_to_8_official_options_against_the_official_decoder_layer():
         # and the default stage is a different function (the documented LayerNorm before the MLP)
         default = _make_stage(text_projection_order="official", position_embedding=False)
         assert (default(d, skip, text) - reference).abs().max() > 1e-3
+        if codes:  # the codes matter: the same weights with the project's 2-D codes give another function
+            two_d = _make_stage(mlp_norm=False, mlp_output_dropout=False, text_projection_order="official")
+            two_d.load_state_dict(stage.state_dict())  # one state dict for both encodings
+            assert (two_d(d, skip, text) - reference).abs().max() > 1e-3
+
+
+def test_official_1d_codes_respect_rows_without_a_report():
+    """With ``position_encoding="official_1d"`` a row without a report (``text_present`` False) still gets the
+    image-only result, as in the default mode."""
+    stage = _make_stage(position_encoding="official_1d")
+    d, skip, text = _inputs()
+    with torch.no_grad():
+        mixed = stage(d, skip, text, torch.tensor([True, False]))
+        torch.testing.assert_close(mixed[1:], stage(d[1:], skip[1:], None), atol=1e-4, rtol=0)
+        torch.testing.assert_close(mixed[:1], stage(d[:1], skip[:1], text[:1]), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="position_encoding"):
+        _make_stage(position_encoding="learned")
 
 
 def test_eq6_mlp_dropout_options_in_training():
@@ -340,11 +377,13 @@ def test_himix_passes_the_fidelity_options_to_every_stage(tiny_bert):
     torch.manual_seed(0)
     net = HiMix(in_channels=1, image_encoder="test_convnext", text_encoder=tiny_bert, num_heads=4,
                 text_tokens=(6, 4, 3), text_length=8, mlp_norm=False, mlp_output_dropout=False,
-                text_projection_order="official")
+                text_projection_order="official", position_encoding="official_1d")
     for stage in net.stages:
+        assert stage.position_encoding == "official_1d"
         assert isinstance(stage.mlp_norm, torch.nn.Identity)
         assert stage.text_projection.order == "official"
         assert sum(isinstance(m, torch.nn.Dropout) for m in stage.mlp.modules()) == 1
     default = HiMix(in_channels=1, image_encoder="test_convnext", text_encoder=tiny_bert, num_heads=4,
                     text_tokens=(6, 4, 3), text_length=8)
     assert all(isinstance(stage.mlp_norm, torch.nn.LayerNorm) for stage in default.stages)
+    assert all(stage.position_encoding == "sinusoidal_2d" for stage in default.stages)

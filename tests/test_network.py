@@ -160,6 +160,7 @@ def test_short_token_sequences_are_padded_and_long_ones_rejected(tiny_bert):
         {"layer_grouping": "all"},
         {"group_order": (1, 3, 2)},
         {"position_embedding": False},
+        {"position_encoding": "official_1d"},
         {"text_tokens": None},
     ],
 )
@@ -171,6 +172,68 @@ def test_each_ablation_option_builds_and_runs(tiny_bert, option):
     assert out.shape == (2, 1, 64, 64)
     if option.get("use_asrm") is False:
         assert all(stage.asrm is None for stage in net.stages)
+
+
+@pytest.mark.parametrize(
+    "encoder, channels",
+    [("resnet18", [64, 128, 256, 512]), ("efficientnet_b0", [24, 40, 112, 320])],
+)
+def test_five_level_encoders_use_their_four_coarsest_levels_with_the_default_text_tokens(tiny_bert, encoder, channels):
+    """ResNets and EfficientNets give five levels (strides 2-32); with the default ``text_tokens=(24, 12, 9)``
+    (three stages) the decoder takes the four coarsest, strides 4-32 as ConvNeXt's (this failed before)."""
+    torch.manual_seed(0)
+    net = HiMix(in_channels=3, image_encoder=encoder, pretrained=False, text_encoder=tiny_bert)
+    assert net.image_encoder.channels == channels and net.image_encoder.reductions == [4, 8, 16, 32]
+    assert len(net.stages) == 3 and [s.text_projection.token_projection.out_channels for s in net.stages] == [24, 12, 9]
+    ids = torch.randint(5, 30, (2, 24))
+    out = net(torch.randn(2, 3, 64, 64), ids, torch.ones_like(ids))
+    assert out.shape == (2, 1, 64, 64)
+    out.mean().backward()
+    first = next(p for p in net.image_encoder.parameters() if p.requires_grad)
+    assert first.grad is not None and bool(first.grad.abs().sum() > 0)
+
+
+def test_one_decoder_stage_per_level_of_a_five_level_encoder(tiny_bert):
+    """Four ``text_tokens`` entries: four stages over all five levels of resnet18 (the finest stage at stride 4
+    fuses the stride-2 skip); ``image_encoder_out_indices`` chooses the levels explicitly."""
+    torch.manual_seed(0)
+    net = HiMix(in_channels=3, image_encoder="resnet18", text_encoder=tiny_bert, text_length=8,
+                text_tokens=(6, 4, 3, 2))
+    assert net.image_encoder.reductions == [2, 4, 8, 16, 32] and len(net.stages) == 4
+    out = net(torch.randn(1, 3, 64, 64), *tokens(1))
+    out.mean().backward()
+    assert out.shape == (1, 1, 64, 64)
+    explicit = HiMix(in_channels=3, image_encoder="resnet18", text_encoder=tiny_bert, text_length=8,
+                     text_tokens=(6, 4, 3), image_encoder_out_indices=(1, 2, 3, 4))
+    assert explicit.image_encoder.reductions == [4, 8, 16, 32]
+    image_only = HiMix(in_channels=3, image_encoder="resnet18", text_encoder=None, text_tokens=None)
+    assert image_only.image_encoder.reductions == [2, 4, 8, 16, 32]  # text_tokens=None: every level
+
+
+def test_convnext_levels_and_weights_are_unchanged_by_the_level_choice(tiny_bert):
+    """ConvNeXt has exactly four levels: the default takes all of them, and the weights keep timm's names."""
+    import timm
+
+    net = tiny_himix(tiny_bert)
+    assert net.image_encoder.reductions == [4, 8, 16, 32]
+    plain = timm.create_model("test_convnext", features_only=True, in_chans=1)
+    assert list(net.image_encoder.backbone.state_dict()) == list(plain.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"text_tokens": (6, 4, 3, 2)}, "text_tokens=.* asks for 4 decoder stages.*has 4 feature levels"),
+        ({"image_encoder_out_indices": (0, 1, 2, 3, 4)}, "has 4 feature levels"),
+        ({"image_encoder_out_indices": (0, 1, 2)}, "needs one entry per decoder stage \\(2"),
+        ({"num_heads": 5}, "not divisible by num_heads=5"),
+        ({"image_encoder_out_indices": 0}, "at least 1"),
+        ({"text_tokens": ()}, "at least one entry"),
+    ],
+)
+def test_level_choice_errors_name_the_setting(tiny_bert, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_himix(tiny_bert, **kwargs)
 
 
 def test_image_only_network_has_no_text_path():

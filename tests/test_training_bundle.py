@@ -250,3 +250,36 @@ def test_cli_booleans_given_as_text(tmp_path):
     objects = {"net": torch.nn.Linear(1, 1)}
     assert TrainingStateCheckpoint(tmp_path / "state.pt", objects, resume="false").resume is False
     assert TrainingStateCheckpoint(tmp_path / "state.pt", objects, resume="true").resume is True
+
+
+@pytest.mark.parametrize("config", ["train.json", "inference.json"])
+def test_bundle_text_tokens_and_encoder_levels_reach_the_network(tiny_text_model_dir, config):
+    """``text_tokens`` and ``image_encoder_out_indices`` are bundle keys: a five-level encoder with one decoder
+    stage per level is configured from the command line alone (``--text_tokens [6,4,3,2]``)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / config))
+    assert parser["text_tokens"] == [24, 12, 9] and parser["image_encoder_out_indices"] is None
+    parser.update({"text_encoder": tiny_text_model_dir, "max_text_length": 8, "image_encoder": "resnet18",
+                   "in_channels": 3, "text_tokens": [6, 4, 3, 2], "image_encoder_out_indices": [0, 1, 2, 3, 4]})
+    net = parser.get_parsed_content("network_def")
+    assert net.image_encoder.reductions == [2, 4, 8, 16, 32]
+    assert [stage.text_projection.token_projection.out_channels for stage in net.stages] == [6, 4, 3, 2]
+
+
+def test_kvasir_cpu_preset_builds_its_network():
+    """``datasets/kvasir_cpu.json`` merged after ``train.json``: RGB resnet18 (strides 4-32), offline MiniLM text,
+    bf16, real data (no demo), and an image size the encoder accepts."""
+    from monai.bundle import ConfigParser
+
+    from himix_monai.config_utils import check_image_size
+
+    parser = ConfigParser()
+    parser.read_config([str(TRAIN_CONFIG), str(REPO / "bundle" / "configs" / "datasets" / "kvasir_cpu.json")])
+    assert parser["use_demo_data"] is False and parser["precision"] == "bf16" and parser["in_channels"] == 3
+    assert "not yet measured" in parser["_comment"].lower()
+    net = parser.get_parsed_content("network_def")
+    assert net.image_encoder.reductions == [4, 8, 16, 32] and len(net.stages) == 3
+    assert net.text_encoder is not None and net.text_encoder.num_layers == 6  # MiniLM-L6
+    check_image_size(parser["image_size"], net)

@@ -12,9 +12,11 @@ from .dlfm import (
 from .head import subpixel_segmentation_head
 from .image_encoder import CPUDepthwiseConv2d, TimmImageEncoder, use_cpu_depthwise_convs
 from .mixing_stage import (
+    POSITION_ENCODINGS,
     TEXT_PROJECTION_ORDERS,
     TextProjection,
     VisualTextualMixingStage,
+    sinusoidal_position_embedding_1d,
     sinusoidal_position_embedding_2d,
 )
 from .text_encoder import (
@@ -33,6 +35,7 @@ __all__ = [
     "DynamicLayerFusion",
     "FrozenTextEncoder",
     "LAYER_GROUPINGS",
+    "POSITION_ENCODINGS",
     "cluster_layer_groups",
     "layer_proxy_statistics",
     "ScriptableTextEncoder",
@@ -48,6 +51,7 @@ __all__ = [
     "layer_groups",
     "load_text_encoder",
     "load_text_tokenizer",
+    "sinusoidal_position_embedding_1d",
     "sinusoidal_position_embedding_2d",
     "subpixel_segmentation_head",
     "text_encoder_fingerprint",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import timm
 import torch
@@ -53,7 +54,8 @@ class TimmImageEncoder(nn.Module):
     """A timm backbone returning one feature map per stage, finest first.
 
     The default ``convnext_tiny`` gives 4 stages with strides 4/8/16/32 and 96/192/384/768 channels, i.e.
-    56/28/14/7 pixels at a 224 input.
+    56/28/14/7 pixels at a 224 input. ResNets and EfficientNets give 5 levels, the first at stride 2;
+    ``out_indices=4`` keeps their four coarsest (strides 4-32, as ConvNeXt's).
 
     Args:
         name: timm model name (any model that supports ``features_only=True``).
@@ -72,6 +74,9 @@ class TimmImageEncoder(nn.Module):
             results; faster on the CPU, unchanged on CUDA).
         gradient_checkpointing: recompute the backbone's stages in the backward pass instead of keeping their
             activations (timm's ``set_grad_checkpointing``): less training memory, a slower step.
+        out_indices: the feature levels returned, passed to timm: an ``int`` ``n`` for the ``n`` coarsest levels,
+            a sequence of level indices (negative ones count from the coarsest), or ``None`` (default) for every
+            level timm's ``features_only`` model gives. The weights and their names do not depend on it.
 
     Examples::
 
@@ -88,16 +93,30 @@ class TimmImageEncoder(nn.Module):
         checkpoint_path: str | os.PathLike | None = None,
         fast_depthwise_convs: bool = True,
         gradient_checkpointing: bool = False,
+        out_indices: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         kwargs: dict = {"features_only": True, "in_chans": in_channels}
+        if isinstance(out_indices, int) and out_indices < 1:
+            raise ValueError(f"out_indices as a number of levels must be at least 1, got {out_indices}.")
+        if out_indices is not None:
+            kwargs["out_indices"] = out_indices if isinstance(out_indices, int) else tuple(int(i) for i in out_indices)
         if checkpoint_path is not None:
             if not os.path.isfile(checkpoint_path):
                 raise FileNotFoundError(f"image encoder checkpoint not found: {checkpoint_path}")
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.fspath(checkpoint_path)})
         else:
             kwargs["pretrained"] = pretrained
-        self.backbone = timm.create_model(name, **kwargs)
+        try:
+            self.backbone = timm.create_model(name, **kwargs)
+        except IndexError as error:  # timm's own message for a level it does not have: "list index out of range"
+            if out_indices is None:
+                raise
+            levels = len(timm.create_model(name, features_only=True, pretrained=False).feature_info)
+            raise ValueError(
+                f"image encoder {name!r} has {levels} feature levels (indices 0..{levels - 1}); "
+                f"out_indices={out_indices!r} asks for others."
+            ) from error
         if fast_depthwise_convs:
             use_cpu_depthwise_convs(self.backbone)
         if gradient_checkpointing:

@@ -6,13 +6,43 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import CrossAttentionBlock, MLPBlock, SABlock, UnetrUpBlock
 
 from himix_monai.networks.blocks.asrm import AdaptiveSpectrumRefinement
 
-__all__ = ["TEXT_PROJECTION_ORDERS", "TextProjection", "VisualTextualMixingStage", "sinusoidal_position_embedding_2d"]
+__all__ = [
+    "POSITION_ENCODINGS",
+    "TEXT_PROJECTION_ORDERS",
+    "TextProjection",
+    "VisualTextualMixingStage",
+    "sinusoidal_position_embedding_1d",
+    "sinusoidal_position_embedding_2d",
+]
 
 TEXT_PROJECTION_ORDERS = ("paper", "official")
+POSITION_ENCODINGS = ("sinusoidal_2d", "official_1d")
+
+
+def sinusoidal_position_embedding_1d(length: int, channels: int, device: torch.device | None = None) -> torch.Tensor:
+    """Fixed 1-D sine/cosine codes of the token index ``(length, C)``, interleaved as in the Transformer paper.
+
+    ``pe[n, 2i] = sin(n / 10000^(2i / C))`` and ``pe[n, 2i + 1] = cos(n / 10000^(2i / C))``: the codes of the
+    official HiMix code's ``PositionalEncoding`` (``utils/layers_himix.py``, dropout 0), computed for any length
+    (the official table stops at 5000 tokens) and any ``C`` (an odd ``C`` drops the last cosine). Image tokens
+    are numbered row by row, so the index of a pixel is ``row * W + column``.
+
+    Examples::
+
+        >>> sinusoidal_position_embedding_1d(49, 96).shape
+        torch.Size([49, 96])
+    """
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(
+        torch.arange(0, channels, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / channels)
+    )
+    angles = position * inv_freq[None]  # (length, ceil(C / 2))
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(length, -1)[:, :channels]
 
 
 def sinusoidal_position_embedding_2d(
@@ -25,7 +55,9 @@ def sinusoidal_position_embedding_2d(
     sinusoidal codes of the flattened token index (``PositionalEncoding``) to the queries and keys only (also to
     the text keys of the cross-attention); the paper does not mention position codes. The project's 2-D codes
     keep rows and columns apart at any resolution, whereas a 1-D index code places the first pixel of a row
-    next to the last pixel of the previous one. Which trains better is not measured.
+    next to the last pixel of the previous one. Both trained alike in a short screening (see
+    :class:`VisualTextualMixingStage`); the stage's
+    ``position_encoding="official_1d"`` uses the official codes (:func:`sinusoidal_position_embedding_1d`).
     """
     quarter = channels // 4
     if quarter == 0:
@@ -39,6 +71,38 @@ def sinusoidal_position_embedding_2d(
     if emb.shape[1] < channels:
         emb = nn.functional.pad(emb, (0, channels - emb.shape[1]))
     return emb
+
+
+def _multi_head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """Multi-head attention with separate query, key and value INPUTS, before the output projection.
+
+    MONAI's ``SABlock`` projects one input to queries, keys and values, and ``CrossAttentionBlock`` one context to
+    keys and values; the official position codes enter the queries and keys but not the values, so the stage
+    computes that case here with the blocks' own weights (``weights``/``biases``: those of q, k, v, in this
+    order) through ``scaled_dot_product_attention``, as the MONAI blocks do (their dropout rate is 0). Returns
+    ``(B, N_query, C)``, the heads concatenated; the caller applies the block's output projection.
+    """
+    batch, length = query.shape[0], query.shape[1]
+    q = F.linear(query, weights[0], biases[0]).reshape(batch, length, num_heads, -1).transpose(1, 2)
+    k = F.linear(key, weights[1], biases[1]).reshape(batch, key.shape[1], num_heads, -1).transpose(1, 2)
+    v = F.linear(value, weights[2], biases[2]).reshape(batch, value.shape[1], num_heads, -1).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return attended.transpose(1, 2).reshape(batch, length, -1)
+
+
+def _bias(bias: torch.Tensor | None) -> torch.Tensor:
+    """A projection's bias (the stage builds its attention with ``qkv_bias=True``)."""
+    if bias is None:
+        raise RuntimeError("the stage's attention projections are built with biases.")
+    return bias
 
 
 class TextProjection(nn.Module):
@@ -104,11 +168,17 @@ class VisualTextualMixingStage(nn.Module):
 
     - The attention inputs are layer-normalised first, as in the official code (the paper writes
       ``MHCA(d_hat, t_hat)`` without it); the paper's post-attention LayerNorms (Eqs. 4-5) are kept, as in both.
-    - Position codes (``position_embedding``): the project adds fixed 2-D sinusoidal codes to the normalised
-      image tokens, so in self-attention they enter queries, keys AND values, and the text keys get none. The
-      official code adds 1-D codes of the flattened index to queries and keys only, and 1-D codes to the text
-      keys; the paper has none. Not an option (it would need an own attention instead of MONAI's ``SABlock``);
-      ``position_embedding=False`` removes the codes. Not measured.
+    - Position codes (``position_encoding``): ``"sinusoidal_2d"`` (default) adds fixed 2-D sinusoidal codes
+      (:func:`sinusoidal_position_embedding_2d`) to the normalised image tokens, so in self-attention they enter
+      queries, keys AND values, and the text keys get none. ``"official_1d"`` does what the official code does:
+      1-D codes of the flattened token index (:func:`sinusoidal_position_embedding_1d`) on the queries and keys
+      only (self-attention: ``q = k = LN(d) + p``, ``v = LN(d)``; cross-attention: ``q = LN(d) + p``), and 1-D codes
+      of the projected text token index on the text keys (``k = t_hat + p_t``, ``v = t_hat``). The paper has no
+      position codes (``position_embedding=False`` removes them). The 2-D default is kept because its codes keep
+      rows and columns apart at any resolution, whereas a 1-D index code puts the last pixel of one row next to
+      the first of the next. In a 3-epoch Kvasir screening (resnet18 encoder, 96 px, 240 items, one seed) both
+      scored the same val Dice (0.557 2-D, 0.554 official; ``benchmarks/results/encoder_screen_2026-12-01.json``);
+      not measured at a full budget. Both modes use the same weights (the state dict loads into either).
     - ``mlp_norm=True`` (default) puts a LayerNorm before the MLP of Eq. 6; neither the paper nor the official
       code has it. It is kept as the default because every other residual branch of the stage is
       pre-normalised and the residual scales start at 1.421, so an un-normalised MLP input grows with depth;
@@ -135,7 +205,9 @@ class VisualTextualMixingStage(nn.Module):
         residual_scale_init: initial value of every ``beta`` (the official code uses 1.421).
         use_asrm: apply the spectrum refinement (switch off for the ablation).
         sigma_init: initial ASRM bandwidth.
-        position_embedding: add 2-D sinusoidal position embeddings to the attention inputs (see above).
+        position_embedding: add position codes to the attention inputs (see above); ``False`` for none (paper).
+        position_encoding: ``"sinusoidal_2d"`` (project default) or ``"official_1d"`` (the official code's
+            codes), see above.
         norm_name: normalisation of the up block (``"batch"`` as in the official code, ``"instance"`` for tiny
             batches).
         mlp_norm: LayerNorm before the MLP (project default); ``False`` for Eq. 6 and the official code.
@@ -169,12 +241,17 @@ class VisualTextualMixingStage(nn.Module):
         mlp_norm: bool = True,
         mlp_output_dropout: bool = True,
         text_projection_order: str = "paper",
+        position_encoding: str = "sinusoidal_2d",
     ) -> None:
         super().__init__()
         if in_channels % num_heads != 0:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by num_heads ({num_heads}).")
+        if position_encoding not in POSITION_ENCODINGS:
+            raise ValueError(f"position_encoding must be one of {POSITION_ENCODINGS}, got {position_encoding!r}.")
         self.asrm = AdaptiveSpectrumRefinement(sigma_init) if use_asrm else None
-        self.position_embedding = position_embedding
+        self.position_embedding = bool(position_embedding)
+        self.position_encoding = position_encoding
+        self.num_heads = num_heads
         if text_width is not None:
             self.text_projection = TextProjection(
                 text_width, in_channels, text_length, num_text_tokens, order=text_projection_order
@@ -225,26 +302,59 @@ class VisualTextualMixingStage(nn.Module):
             features = self.asrm(features)  # Eq. 3
         batch, channels, height, width = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
         tokens = features.flatten(2).transpose(1, 2)  # (B, HW, C)
-        position = (
-            sinusoidal_position_embedding_2d(height, width, channels, tokens.device).to(tokens.dtype)
-            if self.position_embedding
-            else None
-        )
+        official = self.position_embedding and self.position_encoding == "official_1d"
+        position: torch.Tensor | None = None
+        if self.position_embedding:
+            if official:
+                position = sinusoidal_position_embedding_1d(height * width, channels, tokens.device)
+            else:
+                position = sinusoidal_position_embedding_2d(height, width, channels, tokens.device)
+            position = position.to(tokens.dtype)
         if text is not None and self.text_projection is not None:
             text_tokens = self.text_projection(text)  # Eq. 2
             query = self.cross_attention_norm(tokens)
             if position is not None:
                 query = query + position
-            attended = self.beta_cross_attention * self.cross_attention_out_norm(
-                self.cross_attention(query, context=text_tokens)
-            )
+            if official:  # codes on the text keys, not on the values
+                text_position = sinusoidal_position_embedding_1d(text_tokens.shape[1], channels, tokens.device)
+                cross = self.cross_attention
+                crossed = _multi_head_attention(
+                    query,
+                    text_tokens + text_position.to(text_tokens.dtype),
+                    text_tokens,
+                    [cross.to_q.weight, cross.to_k.weight, cross.to_v.weight],
+                    [_bias(cross.to_q.bias), _bias(cross.to_k.bias), _bias(cross.to_v.bias)],
+                    self.num_heads,
+                    cross.scale,
+                )
+                crossed = cross.drop_output(cross.out_proj(crossed))
+            else:
+                crossed = self.cross_attention(query, context=text_tokens)
+            attended = self.beta_cross_attention * self.cross_attention_out_norm(crossed)
             if text_present is not None:
                 attended = attended * text_present.to(attended.dtype).view(batch, 1, 1)
             tokens = tokens + attended  # Eq. 4
         normed = self.self_attention_norm(tokens)
-        if position is not None:
-            normed = normed + position
-        tokens = tokens + self.beta_self_attention * self.self_attention_out_norm(self.self_attention(normed))  # Eq. 5
+        if official and position is not None:  # codes on queries and keys only
+            attention = self.self_attention
+            qkv_weight = attention.qkv.weight
+            qkv_bias = _bias(attention.qkv.bias)
+            coded = normed + position
+            attended_self = _multi_head_attention(
+                coded,
+                coded,
+                normed,
+                list(qkv_weight.chunk(3, dim=0)),  # rows: all queries, then all keys, then all values
+                list(qkv_bias.chunk(3, dim=0)),
+                self.num_heads,
+                attention.scale,
+            )
+            attended_self = attention.drop_output(attention.out_proj(attended_self))
+        else:
+            if position is not None:
+                normed = normed + position
+            attended_self = self.self_attention(normed)
+        tokens = tokens + self.beta_self_attention * self.self_attention_out_norm(attended_self)  # Eq. 5
         tokens = tokens + self.beta_mlp * self.mlp(self.mlp_norm(tokens))  # Eq. 6 (+ LN when mlp_norm)
         features = tokens.transpose(1, 2).reshape(batch, channels, height, width)
         return self.up(features, skip)  # Eqs. 7-8

@@ -66,6 +66,7 @@ class HiMix(nn.Module):
         image_encoder: str = "convnext_tiny",
         pretrained: bool = False,
         image_encoder_checkpoint: str | os.PathLike | None = None,
+        image_encoder_out_indices: int | Sequence[int] | None = None,
         text_encoder: str | os.PathLike | PreTrainedModel | None = CXR_BERT,
         text_length: int = 24,
         text_tokens: Sequence[int] | None = (24, 12, 9),
@@ -79,6 +80,7 @@ class HiMix(nn.Module):
         mlp_ratio: float = 0.5,
         dropout_rate: float = 0.1,
         position_embedding: bool = True,
+        position_encoding: str = "sinusoidal_2d",
         norm_name: str | tuple = "batch",
         mlp_norm: bool = True,
         mlp_output_dropout: bool = True,
@@ -96,12 +98,23 @@ class HiMix(nn.Module):
             image_encoder: timm model name; ``convnext_tiny`` as in the paper.
             pretrained: load timm's pretrained (ImageNet) weights for the image encoder.
             image_encoder_checkpoint: a local weights file for the image encoder (works offline).
+            image_encoder_out_indices: the encoder's feature levels the decoder uses (timm ``out_indices``: a
+                number ``n`` of coarsest levels, or level indices, finest first). The decoder has one stage per
+                level but the finest: stage ``m`` (coarsest first) runs at the ``m``-th coarsest level and fuses
+                the skip of the next finer one; the head upsamples the finest level to the input size. ``None``
+                (default) takes the ``len(text_tokens) + 1`` coarsest levels, i.e. four levels and three stages
+                with the default ``text_tokens``: all of ConvNeXt's (strides 4-32, the paper's), and the strides
+                4-32 of a five-level encoder (ResNets, EfficientNets), whose stride-2 level is left out. For one
+                stage per level of such an encoder give ``text_tokens`` four entries (e.g. ``(24, 12, 9, 6)``):
+                its finest stage then attends over ``(H/4) x (W/4)`` tokens. With ``text_tokens=None``, ``None``
+                takes every level.
             text_encoder: hub name, local directory or ``transformers.PreTrainedModel`` of the frozen text
                 encoder; CXR-BERT by default (paper). ``None`` builds the image-only ablation, without text
                 projection and cross-attention.
             text_length: ``L``, the number of tokens the tokenizer pads to (``max_length``; 24 in the paper).
             text_tokens: ``L'`` per decoder stage, coarsest first (24, 12, 9 in the official code); ``None`` keeps
-                ``L`` tokens everywhere. Its length must equal the number of decoder stages.
+                ``L`` tokens everywhere. Its length is the number of decoder stages, one fewer than the feature
+                levels used (see ``image_encoder_out_indices``).
             num_heads: heads of the cross- and self-attention.
             layer_grouping: DLFM grouping, one of ``sequential`` (paper), ``mean`` (no learned weights, the "w/o
                 DLFM" ablation), ``interleaved``, ``clustering`` (k-means on the layers' statistics; call
@@ -117,7 +130,12 @@ class HiMix(nn.Module):
             residual_scale_init: initial value of the learnable residual scales beta.
             mlp_ratio: MLP hidden width as a fraction of the stage width.
             dropout_rate: dropout of the stage MLPs.
-            position_embedding: add 2-D sinusoidal position embeddings to the attention inputs.
+            position_embedding: add fixed sinusoidal position codes to the attention inputs; ``False`` for none
+                (the paper mentions none).
+            position_encoding: which codes: ``"sinusoidal_2d"`` (project default: 2-D codes on the normalised image
+                tokens, also in the values of self-attention, none on the text) or ``"official_1d"`` (the official
+                code's: 1-D codes of the flattened index on queries and keys only, and on the text keys). See
+                :class:`VisualTextualMixingStage`.
             norm_name: normalisation of the decoder's convolutional up blocks.
             mlp_norm: LayerNorm before the MLP of Eq. 6 in every stage (project default); ``False`` for Eq. 6 as the
                 paper and the official code have it. See :class:`VisualTextualMixingStage`.
@@ -148,6 +166,11 @@ class HiMix(nn.Module):
 
             # image-only ablation
             >>> net = HiMix(text_encoder=None)
+
+            # a five-level timm encoder: its four coarsest levels (strides 4-32) feed the three default stages
+            >>> net = HiMix(image_encoder="resnet18", text_encoder=None)
+            >>> net.image_encoder.reductions
+            [4, 8, 16, 32]
         """
         settings = {k: v for k, v in locals().items() if k not in ("self", "__class__", "preprocessing_settings")}
         super().__init__()
@@ -156,13 +179,28 @@ class HiMix(nn.Module):
         self.loaded_settings = {}
         # a state dict written before the record existed loads (its record reads as empty)
         self.register_load_state_dict_pre_hook(self._default_settings_record)
-        self.image_encoder = TimmImageEncoder(
-            image_encoder,
-            in_channels,
-            pretrained,
-            image_encoder_checkpoint,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        if text_tokens is not None and len(tuple(text_tokens)) < 1:
+            raise ValueError("text_tokens needs at least one entry (one per decoder stage), or None.")
+        out_indices = image_encoder_out_indices
+        if out_indices is None and text_tokens is not None:
+            out_indices = len(tuple(text_tokens)) + 1  # the coarsest levels, one more than decoder stages
+        try:
+            self.image_encoder = TimmImageEncoder(
+                image_encoder,
+                in_channels,
+                pretrained,
+                image_encoder_checkpoint,
+                gradient_checkpointing=gradient_checkpointing,
+                out_indices=out_indices,
+            )
+        except ValueError as error:
+            if image_encoder_out_indices is not None or text_tokens is None:
+                raise
+            raise ValueError(
+                f"text_tokens={tuple(text_tokens)} asks for {len(tuple(text_tokens))} decoder stages, i.e. "
+                f"{out_indices} feature levels of the image encoder: {error} Give text_tokens one entry fewer "
+                "than the encoder has levels, or choose them with image_encoder_out_indices."
+            ) from error
         channels = self.image_encoder.channels
         reductions = self.image_encoder.reductions
         if len(channels) < 2:
@@ -200,7 +238,17 @@ class HiMix(nn.Module):
         self.removed_layer_group = None if removed_layer_group is None else int(removed_layer_group)
         text_tokens = tuple(text_tokens) if text_tokens is not None else (text_length,) * num_stages
         if len(text_tokens) != num_stages:
-            raise ValueError(f"text_tokens needs one entry per decoder stage ({num_stages}), got {text_tokens}.")
+            raise ValueError(
+                f"text_tokens needs one entry per decoder stage ({num_stages}: one fewer than the {len(channels)} "
+                f"feature levels of image_encoder_out_indices={image_encoder_out_indices!r}), got {text_tokens}."
+            )
+        for level in range(1, len(channels)):
+            if channels[level] % num_heads:
+                raise ValueError(
+                    f"image encoder {image_encoder!r} level {level} has {channels[level]} channels, not divisible "
+                    f"by num_heads={num_heads} (the attention width of its decoder stage); choose num_heads or "
+                    "image_encoder_out_indices accordingly."
+                )
 
         # stage m runs at the resolution of encoder level m+1 and fuses the skip of level m, coarsest first
         self.stages = nn.ModuleList(
@@ -219,6 +267,7 @@ class HiMix(nn.Module):
                     use_asrm=use_asrm,
                     sigma_init=sigma_init,
                     position_embedding=position_embedding,
+                    position_encoding=position_encoding,
                     norm_name=norm_name,
                     mlp_norm=mlp_norm,
                     mlp_output_dropout=mlp_output_dropout,
