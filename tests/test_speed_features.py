@@ -293,6 +293,13 @@ def test_himix_with_a_bf16_text_encoder_matches_the_fp32_network(tiny_text_model
         expected = reference.state_dict()[name]
         if name == "text_encoder._extra_state":  # the fingerprint does not depend on the storage dtype
             assert torch.equal(tensor, expected), name
+        elif name == "_extra_state":  # the settings record: the same but for the run-time option itself
+            from himix_monai.networks import HiMix
+
+            ours, theirs = HiMix.decode_settings(tensor), HiMix.decode_settings(expected)
+            assert ours["network"].pop("text_encoder_dtype") == "bf16"
+            theirs["network"].pop("text_encoder_dtype")
+            assert ours == theirs
         else:
             assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name  # float32 (int counters)
     assert {p.dtype for n, p in net.named_parameters() if not n.startswith("text_encoder.")} == {torch.float32}

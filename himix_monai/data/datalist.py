@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from himix_monai.config_utils import as_bool
-from himix_monai.data.file_matching import DirectoryIndex, find_image_file  # noqa: F401 - inference_items' import
 from himix_monai.data.image_checks import PairProblem, check_image_label_pair, check_in_threads, read_spatial_size
-from himix_monai.data.sheets import read_description_sheet  # noqa: F401 - inference_items' import
 from himix_monai.errors import DatalistError, NonFiniteImageError, UnreadableImageError
 from himix_monai.files import write_text_atomically
 

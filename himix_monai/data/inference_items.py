@@ -24,7 +24,9 @@ from typing import Any
 
 from monai.data.folder_layout import FolderLayoutBase
 
-from himix_monai.data.datalist import DatalistError, DirectoryIndex, find_image_file, read_description_sheet
+from himix_monai.errors import DatalistError
+from himix_monai.data.file_matching import DirectoryIndex, find_image_file
+from himix_monai.data.sheets import read_description_sheet
 from himix_monai.files import IMAGE_EXTENSIONS, PICTURE_EXTENSIONS, dicom_files, is_nifti, split_image_extension
 
 __all__ = [
