@@ -161,3 +161,34 @@ def test_stacked_volume_through_text_slice_inferer_keeps_slices_in_place():
     assert out.shape == (2, 1, 16, 12, 7)
     assert torch.allclose(out[0], 2 * volume.as_tensor()) and torch.allclose(out[1], 2 * volume.as_tensor().flip(-1))
     assert set(seen) == {5, 9}  # each volume's slices saw that volume's report
+
+
+def test_context_transforms_with_monai_slice_inferer_and_invertd_keep_the_source_geometry(tmp_path):
+    """The inference route s2-vol builds (LoadImaged -> ... -> Resized -> SliceInferer -> Invertd) with this module's
+    check and stacking inserted: a k=1 tiny 2-D network, a 40x36x6 NIfTI volume; the mask comes back at the source
+    size with the source affine."""
+    import nibabel as nib
+    from monai.inferers import SliceInferer
+    from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, Resized, ScaleIntensityRanged
+
+    affine = np.array([[-0.8, 0, 0, 10.0], [0, -0.8, 0, 12.0], [0, 0, 5.0, -100.0], [0, 0, 0, 1]])
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(-1000, 400, (40, 36, 6)).astype(np.int16), affine), str(path))
+    preprocessing = Compose([
+        LoadImaged("image", image_only=True),
+        EnsureChannelFirstd("image"),
+        EnsureContextVolumed("image", context_slices=1),
+        ScaleIntensityRanged("image", a_min=-1000, a_max=400, b_min=0.0, b_max=1.0, clip=True),
+        StackNeighbourSlicesd("image", context_slices=1),
+        Resized("image", spatial_size=(32, 32, -1), mode="bilinear"),
+    ])  # fmt: skip
+    data = preprocessing({"image": str(path)})
+    assert data["image"].shape == (3, 32, 32, 6)
+    torch.manual_seed(0)
+    network = torch.nn.Conv2d(3, 1, kernel_size=3, padding=1)  # first conv of a k=1 model: 3 input channels
+    with torch.no_grad():
+        data["pred"] = SliceInferer(roi_size=(32, 32), spatial_dim=2, sw_batch_size=4)(data["image"][None], network)[0]
+    assert data["pred"].shape == (1, 32, 32, 6)
+    inverted = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)["pred"]
+    assert inverted.shape == (1, 40, 36, 6)
+    assert np.allclose(np.asarray(inverted.affine), affine, atol=1e-5)
