@@ -15,7 +15,7 @@ preprocessing (``volume#transforms`` of ``train.json``) and :py:class:`himix_mon
 
 Writes ``OUT/results.json`` and ``OUT/results.md``::
 
-    python benchmarks/context_slices.py --out /tmp/ctx_bench --ks 0 1 2 --epochs 12
+    nice -n 5 python benchmarks/context_slices.py --out /tmp/ctx_bench --ks 0 1 2 --epochs 30 --val-interval 5
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def train(args: argparse.Namespace, k: int) -> dict[str, object]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     with open(args.out / f"k{k}.log", "w") as log:
-        subprocess.run(["nice", "-n", "5", *argv], check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        subprocess.run(argv, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"command": " ".join(["python", "-m", "monai.bundle", *argv[3:]]), "cpu_s": round(cpu, 1), "wall_s": round(time.time() - start, 1)}

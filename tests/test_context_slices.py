@@ -192,3 +192,11 @@ def test_context_transforms_with_monai_slice_inferer_and_invertd_keep_the_source
     inverted = Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False)(data)["pred"]
     assert inverted.shape == (1, 40, 36, 6)
     assert np.allclose(np.asarray(inverted.affine), affine, atol=1e-5)
+
+
+def test_volume_demo_command_line(tmp_path, capsys):
+    from data_prep.volume_demo import main
+
+    assert main(["--out", str(tmp_path / "v"), "--num", "1", "--depth", "8", "--dicom-series", "0"]) == 0
+    assert "1 volumes of 64x64x8" in capsys.readouterr().out
+    assert (tmp_path / "v" / "images" / "vol_0000.nii.gz").is_file() and not (tmp_path / "v" / "dicom").exists()
