@@ -15,7 +15,7 @@ preprocessing (``volume#transforms`` of ``train.json``) and :py:class:`himix_mon
 
 Writes ``OUT/results.json`` and ``OUT/results.md``::
 
-    nice -n 5 python benchmarks/context_slices.py --out /tmp/ctx_bench --ks 0 1 2 --epochs 30 --val-interval 5
+    nice -n 5 python benchmarks/context_slices.py --out /tmp/ctx_bench --ks 0 1 2 --epochs 55 --learning-rate 1e-3
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=55)
     parser.add_argument("--num", type=int, default=48, help="demo volumes")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--depth", type=int, default=24)
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=2, help="volumes per iteration")
     parser.add_argument("--slices-per-volume", type=int, default=8)
-    parser.add_argument("--val-interval", type=int, default=2)
+    parser.add_argument("--val-interval", type=int, default=5)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="only score existing runs")
     return parser.parse_args(argv)
@@ -67,6 +68,7 @@ def overrides(args: argparse.Namespace, k: int) -> dict[str, object]:
         "slices_per_volume": args.slices_per_volume,
         "epochs": args.epochs,
         "val_interval": args.val_interval,
+        "learning_rate": args.learning_rate,
         "seed": args.seed,
     }
 
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared, torch threads 1"
     lines = [
         f"Volume demo: {args.num} volumes {args.size}x{args.size}x{args.depth}, test split; encoder {args.image_encoder}, "
-        f"{args.epochs} epochs, batch {args.batch_size} volumes x {args.slices_per_volume} slices; {machine}.",
+        f"{args.epochs} epochs, lr {args.learning_rate}, batch {args.batch_size} volumes x {args.slices_per_volume} slices; {machine}.",
         "",
         "| k | Dice per volume | Dice per lesion slice | FP on lesion-free slices | decoy voxels flagged | CPU s |",
         "|---|---|---|---|---|---|",
