@@ -75,7 +75,8 @@ def overrides(args: argparse.Namespace, k: int) -> dict[str, object]:
 
 def train(args: argparse.Namespace, k: int) -> dict[str, object]:
     root = args.out / f"k{k}"
-    argv = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN), "--bundle_root", str(root)]
+    argv = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN)]
+    argv += ["--bundle_root", str(root)]
     for key, value in overrides(args, k).items():
         argv += [f"--{key}", str(value)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -84,7 +85,8 @@ def train(args: argparse.Namespace, k: int) -> dict[str, object]:
         subprocess.run(argv, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"command": " ".join(["python", "-m", "monai.bundle", *argv[3:]]), "cpu_s": round(cpu, 1), "wall_s": round(time.time() - start, 1)}
+    command = " ".join(["python", "-m", "monai.bundle", *argv[3:]])
+    return {"command": command, "cpu_s": round(cpu, 1), "wall_s": round(time.time() - start, 1)}
 
 
 def score(args: argparse.Namespace, k: int) -> dict[str, object]:
@@ -160,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"k={k}: {entry}", flush=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores shared, torch threads 1"
     lines = [
-        f"Volume demo: {args.num} volumes {args.size}x{args.size}x{args.depth}, test split; encoder {args.image_encoder}, "
-        f"{args.epochs} epochs, lr {args.learning_rate}, batch {args.batch_size} volumes x {args.slices_per_volume} slices; {machine}.",
+        f"Volume demo: {args.num} volumes {args.size}x{args.size}x{args.depth}, test split; encoder "
+        f"{args.image_encoder}, {args.epochs} epochs, lr {args.learning_rate}, batch {args.batch_size} volumes x "
+        f"{args.slices_per_volume} slices; {machine}.",
         "",
         "| k | Dice per volume | Dice per lesion slice | FP on lesion-free slices | decoy voxels flagged | CPU s |",
         "|---|---|---|---|---|---|",
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, r in sorted(results.items()):
         lines.append(
             f"| {k} | {r['volume_dice_mean']:.3f} ± {r['volume_dice_std']:.3f} | {r['slice_dice_mean']:.3f} ± "
-            f"{r['slice_dice_std']:.3f} | {100 * r['empty_slice_fp_rate']:.0f} % | {100 * r['decoy_voxels_flagged']:.1f} % "
+            f"{r['slice_dice_std']:.3f} | {100 * r['empty_slice_fp_rate']:.0f} % | "
+            f"{100 * r['decoy_voxels_flagged']:.1f} % "
             f"| {r.get('cpu_s', '?')} |"
         )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=64, help="in-plane size in pixels, at least 64 (default: 64)")
     parser.add_argument("--depth", type=int, default=24, help="slices per volume, at least 8 (default: 24)")
     parser.add_argument(
-        "--dicom-series", type=int, default=None, help="write only the first N volumes also as DICOM series (default: all)"
+        "--dicom-series",
+        type=int,
+        default=None,
+        help="write only the first N volumes also as DICOM series (default: all)",
     )
     parser.add_argument(
         "--decoys",

@@ -30,8 +30,10 @@ from himix_monai.transforms.context import (
 def test_stacking_repeats_the_edge_slice_at_both_ends(k):
     depth, channels = 5, 2
     # voxel value = 10 * channel + slice index, so every output value names its source slice and channel
-    volume = torch.arange(depth, dtype=torch.float32).expand(channels, 3, 4, depth) + 10 * torch.arange(channels)[:, None, None, None]
-    volume = MetaTensor(volume, affine=torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0])), meta={"filename_or_obj": "v.nii.gz"})
+    volume = torch.arange(depth, dtype=torch.float32).expand(channels, 3, 4, depth)
+    volume = volume + 10 * torch.arange(channels)[:, None, None, None]
+    affine = torch.diag(torch.tensor([2.0, 2.0, 5.0, 1.0]))
+    volume = MetaTensor(volume, affine=affine, meta={"filename_or_obj": "v.nii.gz"})
     out = StackNeighbourSlices(k)(volume)
     assert out.shape == (channels * (2 * k + 1), 3, 4, depth)
     for i in range(depth):
@@ -173,7 +175,8 @@ def test_context_transforms_with_monai_slice_inferer_and_invertd_keep_the_source
 
     affine = np.array([[-0.8, 0, 0, 10.0], [0, -0.8, 0, 12.0], [0, 0, 5.0, -100.0], [0, 0, 0, 1]])
     path = tmp_path / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(-1000, 400, (40, 36, 6)).astype(np.int16), affine), str(path))
+    hu = np.random.default_rng(0).integers(-1000, 400, (40, 36, 6)).astype(np.int16)
+    nib.save(nib.Nifti1Image(hu, affine), str(path))
     preprocessing = Compose([
         LoadImaged("image", image_only=True),
         EnsureChannelFirstd("image"),
