@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slices-per-volume", type=int, default=8)
     parser.add_argument("--val-interval", type=int, default=5)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--demo-seed", type=int, default=0, help="seed of the volume demo data")
     parser.add_argument("--skip-training", action="store_true", help="only score existing runs")
     return parser.parse_args(argv)
 
@@ -70,6 +71,7 @@ def overrides(args: argparse.Namespace, k: int) -> dict[str, object]:
         "val_interval": args.val_interval,
         "learning_rate": args.learning_rate,
         "seed": args.seed,
+        "demo_seed": args.demo_seed,
     }
 
 
@@ -127,7 +129,7 @@ def score(args: argparse.Namespace, k: int) -> dict[str, object]:
                 else:
                     empty_fp.append(bool(p.any()))
             index = int(Path(item["image"]).name.split("_")[1].split(".")[0])
-            case = synthesize_chest_volume(args.seed, index, size=args.size, depth=args.depth, decoys=True)
+            case = synthesize_chest_volume(args.demo_seed, index, size=args.size, depth=args.depth, decoys=True)
             decoy = np.transpose(case.decoy_mask, (2, 1, 0)) > 0  # display (D, H, W) -> MONAI (W, H, D)
             decoy_hits += int((pred & decoy).sum())
             decoy_total += int(decoy.sum())
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Volume demo: {args.num} volumes {args.size}x{args.size}x{args.depth}, test split; encoder "
         f"{args.image_encoder}, {args.epochs} epochs, lr {args.learning_rate}, batch {args.batch_size} volumes x "
-        f"{args.slices_per_volume} slices; {machine}.",
+        f"{args.slices_per_volume} slices, training seed {args.seed}; {machine}.",
         "",
         "| k | Dice per volume | Dice per lesion slice | FP on lesion-free slices | decoy voxels flagged | CPU s |",
         "|---|---|---|---|---|---|",
