@@ -9,11 +9,11 @@ lung zones of the report are the same on every slice.
 - **Lesions** (1-3, in distinct named lung zones) are ground-glass **ellipsoids** (-500..-300 HU, smooth edges)
   that span 3-8 slices: on the axial slices their cross-section grows and shrinks. They are in the mask and in the
   report.
-- **Decoys** (2-3 with ``decoys=True``) are **tubes along the slice axis** with the same HU, edge and in-plane
+- **Decoys** (2-3 with ``decoys=True``, as many as fit) are **tubes along the slice axis** with the same HU, edge and in-plane
   size as a lesion: on any one axial slice a decoy is a round ground-glass blob that looks like a lesion
   cross-section, but it is present on every slice with the same size and its centre moves a little from slice to
   slice (a vessel-like structure). They are neither in the mask nor in the report. The first decoy is put in the
-  zone of a reported lesion (at the middle slice), so the report alone cannot tell it from the lesion: only the
+  zone of a reported lesion (at the middle slice; placement is retried there until it fits), so the report alone cannot tell it from the lesion: only the
   neighbouring slices can (this is what ``context_slices`` is for).
 
 The report names the zones of the lesions (one report per volume, the same sentence style as the 2-D demo,
