@@ -8,7 +8,9 @@ one JSON line per result, then a readable table. Cases:
 
 - ``train_step``: one optimisation step, batch 8, 224x224 RGB, ConvNeXt-Tiny + a randomly initialised 12-layer,
   768-wide BERT (CXR-BERT's size), AdamW, ``DiceCELoss``; split into text encoder / rest of the forward (with
-  the loss) / backward / optimizer;
+  the loss) / backward / optimizer; with the bundle's defaults (the allocator setting of its start-up,
+  ``himix_monai.memory.configure_allocator``, and gradient checkpointing); ``train_step_no_checkpointing`` and
+  ``train_step_default_allocator`` leave one of them out;
 - ``infer_b1``: inference latency at batch 1 (contiguous and channels-last, the faster is reported);
 - ``infer_b16``: inference throughput at batch 16;
 - ``infer_b1_onnx``, ``infer_b16_onnx``: the same with the network exported to ONNX (``himix_monai.export
@@ -260,13 +262,22 @@ def _all_parameters(net) -> list:
     return list(net.parameters()) + (list(encoder.model.parameters()) if encoder is not None else [])
 
 
-def _train_setup(settings: Settings, precision: str, **network_kwargs: Any):
-    """Network, loss, optimizer, inferer and one batch, as ``train.json`` sets them up."""
+def _train_setup(settings: Settings, precision: str, allocator: bool = True, **network_kwargs: Any):
+    """Network, loss, optimizer, inferer and one batch, as ``train.json`` sets them up.
+
+    ``allocator``: call ``himix_monai.memory.configure_allocator()`` first, as the bundle's ``initialize`` does
+    (after the imports, before the network is built). ``network_kwargs`` go to ``HiMix``; the bundle's default
+    ``gradient_checkpointing=True`` is used unless given.
+    """
     import torch
     from monai.losses import DiceCELoss
 
     from himix_monai.inferers import AutocastInferer
+    from himix_monai.memory import configure_allocator
 
+    if allocator:
+        configure_allocator()
+    network_kwargs.setdefault("gradient_checkpointing", True)
     net = build_network(settings, in_channels=3, precision=precision, **network_kwargs)
     net.train()
     loss_function = DiceCELoss(sigmoid=True, lambda_dice=0.5, lambda_ce=0.5)
@@ -299,10 +310,15 @@ def _train_step(net, loss_function, optimizer, inferer, batch, precision: str, t
         raise RuntimeError(f"non-finite loss {loss.item()}")
 
 
-def case_train_step(settings: Settings, precision: str, gradient_checkpointing: bool = False) -> list[dict]:
-    """Training step time split into text encoder / forward + loss / backward / optimizer."""
+def case_train_step(
+    settings: Settings, precision: str, gradient_checkpointing: bool = True, allocator: bool = True
+) -> list[dict]:
+    """Training step time split into text encoder / forward + loss / backward / optimizer.
+
+    By default as the bundle trains: the allocator setting of its start-up and gradient checkpointing.
+    """
     net, loss_function, optimizer, inferer, batch = _train_setup(
-        settings, precision, gradient_checkpointing=gradient_checkpointing
+        settings, precision, allocator=allocator, gradient_checkpointing=gradient_checkpointing
     )
     timer = Timer()
     for _ in range(settings.train_warmup + settings.train_steps):
@@ -318,6 +334,7 @@ def case_train_step(settings: Settings, precision: str, gradient_checkpointing: 
             "image_size": settings.image_size,
             "steps": settings.train_steps,
             "gradient_checkpointing": gradient_checkpointing,
+            "allocator_configured": allocator,
             # the frozen text encoder is not a registered submodule (it is not in the state dict): counted here
             "params_mb": round(sum(p.element_size() * p.nelement() for p in _all_parameters(net)) / 2**20, 1),
             "trainable_params_m": round(sum(p.nelement() for p in net.parameters() if p.requires_grad) / 1e6, 2),
@@ -325,9 +342,14 @@ def case_train_step(settings: Settings, precision: str, gradient_checkpointing: 
     ]
 
 
-def case_train_step_checkpointed(settings: Settings, precision: str) -> list[dict]:
-    """The training step with gradient checkpointing of the image encoder (the bundle's memory option)."""
-    return case_train_step(settings, precision, gradient_checkpointing=True)
+def case_train_step_no_checkpointing(settings: Settings, precision: str) -> list[dict]:
+    """The training step with ``--gradient_checkpointing false`` (faster, more memory)."""
+    return case_train_step(settings, precision, gradient_checkpointing=False)
+
+
+def case_train_step_default_allocator(settings: Settings, precision: str) -> list[dict]:
+    """The training step without the start-up's allocator setting (glibc's defaults): what it saves."""
+    return case_train_step(settings, precision, allocator=False)
 
 
 def case_train_ratio(settings: Settings, precision: str) -> list[dict]:
@@ -766,8 +788,8 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
 
 CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] = {
     "train_step": (case_train_step, PRECISIONS),
-    "train_step_checkpointed": (case_train_step_checkpointed, ("bf16",)),
-    "train_step_low_memory": (case_train_step_checkpointed, ("bf16",)),
+    "train_step_no_checkpointing": (case_train_step_no_checkpointing, ("bf16",)),
+    "train_step_default_allocator": (case_train_step_default_allocator, ("bf16",)),
     "train_ratio": (case_train_ratio, ("bf16",)),
     "infer_b1": (case_infer_b1, PRECISIONS),
     "infer_b1_compiled": (case_infer_b1_compiled, ("bf16",)),
@@ -778,12 +800,6 @@ CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] 
     "data_pipeline": (case_data_pipeline, ("fp32",)),
     "ct_volume": (case_ct_volume, PRECISIONS),
 }
-
-
-# environment of a case's process (read by glibc at start-up, so it cannot be set from inside the case):
-# large tensors stay in their own mmap'ed blocks and go back to the system when freed, instead of glibc's dynamic
-# threshold (up to 32 MB) moving them to the fragmenting heap after the first free
-CASE_ENVIRONMENT: dict[str, dict[str, str]] = {"train_step_low_memory": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -843,10 +859,7 @@ def run_cases_subprocess(plan: list[tuple[str, str]], args: argparse.Namespace) 
     command += [flag for flag, on in (("--quick", args.quick), ("--tiny", args.tiny)) if on]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    environment = dict(os.environ)
-    for case, _ in plan:
-        environment.update(CASE_ENVIRONMENT.get(case, {}))
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=environment)
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     lines = []
     for text in completed.stdout.splitlines():
         if text.startswith("{"):
@@ -881,7 +894,9 @@ def _details(line: dict) -> str:
     if case == "train_ratio":
         return f"fp32 {line['fp32_step_ms']:.0f} / bf16 {line['bf16_step_ms']:.0f} ms per step: x{line['bf16_to_fp32']:.3f}"
     if case.startswith("train_step"):
-        malloc = f"; MALLOC_MMAP_THRESHOLD_={line['malloc_mmap_threshold']}" if line.get("malloc_mmap_threshold") else ""
+        malloc = "" if line.get("allocator_configured", True) else "; glibc's default allocator settings"
+        malloc += "" if line.get("gradient_checkpointing", True) else "; no gradient checkpointing"
+        malloc += f"; MALLOC_MMAP_THRESHOLD_={line['malloc_mmap_threshold']}" if line.get("malloc_mmap_threshold") else ""
         return (
             f"text {line['text_encoder_ms']:.0f} / fwd+loss {line['forward_ms']:.0f} / bwd {line['backward_ms']:.0f} / "
             f"opt {line['optimizer_ms']:.0f} ms{malloc}"
