@@ -95,10 +95,10 @@ def test_a_failing_case_gives_an_error_line_with_every_key(monkeypatch):
 def test_train_cases_use_the_bundle_start_up_and_leave_one_part_out(tmp_path):
     """``train_step`` trains as the bundle does (the start-up's allocator setting and gradient checkpointing);
     ``train_step_no_checkpointing`` and ``train_step_default_allocator`` leave one of them out; ``train_ratio``
-    alternates both precisions in one process."""
+    alternates both precisions in one process. (One process for all: the flags are what is checked here.)"""
     completed, lines = run_script(
-        tmp_path, "--cases", "train_step,train_step_no_checkpointing,train_step_default_allocator,train_ratio",
-        "--precisions", "bf16",
+        tmp_path, "--one-process", "--precisions", "bf16",
+        "--cases", "train_step,train_step_no_checkpointing,train_step_default_allocator,train_ratio",
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-2000:]
     by_case = {line["case"]: line for line in lines}
