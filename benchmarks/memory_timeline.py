@@ -6,7 +6,7 @@ slack. Used to choose the allocator setting and the checkpointing granularity (`
 environment selects the variant: ``PROBE_MALLOPT=-3=2097152`` (``mallopt`` calls, made BEFORE the imports, like
 ``MALLOC_MMAP_THRESHOLD_``), ``PROBE_CKPT=1`` (timm's stage-level checkpointing through the features wrapper, as
 before issue 18), ``PROBE_BLOCK=1`` (with ``PROBE_CKPT=1``: block-level, what ``TimmImageEncoder`` now does),
-``PROBE_STEPS``. Example::
+``PROBE_STAGES=0,1`` (per-block checkpointing of these ConvNeXt stages only), ``PROBE_STEPS``. Example::
 
     PROBE_MALLOPT=-3=2097152 PROBE_CKPT=1 PROBE_BLOCK=1 OMP_NUM_THREADS=1 python benchmarks/memory_timeline.py
 """
@@ -39,6 +39,10 @@ net, loss_fn, opt, inferer, batch = R._train_setup(settings, "bf16", allocator=F
 if ckpt and not os.environ.get("PROBE_BLOCK"):  # stage-level, as timm's features wrapper does it
     net.image_encoder.set_gradient_checkpointing(False)
     net.image_encoder.backbone.set_grad_checkpointing(True)
+if os.environ.get("PROBE_STAGES") is not None:  # per-block checkpointing of these stages only, e.g. "0,1"
+    chosen = {int(i) for i in os.environ["PROBE_STAGES"].split(",") if i}
+    for index in range(4):
+        getattr(net.image_encoder.backbone, f"stages_{index}").grad_checkpointing = index in chosen
 print("after setup", round(cur()), flush=True)
 samples = []; phase = ["setup"]; stop = False
 best = [0, ""]
