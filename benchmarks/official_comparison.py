@@ -85,11 +85,13 @@ def time_official(official: Path, precision: str, warmup: int, steps: int) -> di
     }
 
 
-def time_ours(precision: str, warmup: int, steps: int) -> dict:
+def time_ours(precision: str, warmup: int, steps: int, checkpointing: bool = True) -> dict:
     import run as bench
 
     settings = bench.make_settings(False, True)
-    net, loss_function, optimizer, inferer, batch = bench._train_setup(settings, precision)
+    net, loss_function, optimizer, inferer, batch = bench._train_setup(
+        settings, precision, gradient_checkpointing=checkpointing
+    )
     timer = bench.Timer()
     for _ in range(warmup + steps):
         bench._train_step(net, loss_function, optimizer, inferer, batch, precision, timer)
@@ -98,7 +100,7 @@ def time_ours(precision: str, warmup: int, steps: int) -> dict:
     return {"step_ms": medians["step_ms"], "step_cpu_ms": medians["step_cpu_ms"]}
 
 
-def run_here(code: str, precision: str, official: Path, warmup: int, steps: int) -> dict:
+def run_here(code: str, precision: str, official: Path, warmup: int, steps: int, checkpointing: bool = True) -> dict:
     import resource
 
     import monai  # noqa: F401
@@ -106,7 +108,10 @@ def run_here(code: str, precision: str, official: Path, warmup: int, steps: int)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     load = os.getloadavg()[0]
-    result = time_official(official, precision, warmup, steps) if code == "official" else time_ours(precision, warmup, steps)
+    if code == "official":
+        result = time_official(official, precision, warmup, steps)
+    else:
+        result = time_ours(precision, warmup, steps, checkpointing) | {"gradient_checkpointing": checkpointing}
     result.update(
         code=code, precision=precision, batch=8, image_size=224, steps=steps,
         images_per_s=round(8000 / result["step_ms"], 3),
@@ -124,13 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="append the JSON lines here")
+    parser.add_argument(
+        "--no-checkpointing", action="store_true", help="our side with --gradient_checkpointing false"
+    )
     parser.add_argument("--one", default=None, help="CODE,PRECISION: one run in this process")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.one:
         code, precision = args.one.split(",")
-        print(json.dumps(run_here(code, precision, args.official.resolve(), args.warmup, args.steps)), flush=True)
+        line = run_here(code, precision, args.official.resolve(), args.warmup, args.steps, not args.no_checkpointing)
+        print(json.dumps(line), flush=True)
         return 0
     ratios: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
@@ -140,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             for code in order:
                 command = [sys.executable, __file__, "--official", str(args.official), "--one", f"{code},{precision}",
                            "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
+                command += ["--no-checkpointing"] if args.no_checkpointing else []
                 completed = subprocess.run(command, capture_output=True, text=True)
                 found = [json.loads(t) for t in completed.stdout.splitlines() if t.startswith("{")]
                 if not found:
