@@ -5,7 +5,8 @@ Compare two ``benchmarks/run.py`` cases on a shared machine: fresh processes, al
 On a shared CPU two runs minutes apart can differ by more than the effect being measured; alternating the cases
 and taking the ratio of each adjacent pair exposes both to the same conditions. Prints every JSON line, then per
 pair the step ratio B / A (in process CPU time where the cases report it, ``step_cpu_ms``: with one thread the
-work of the step, whatever share of a busy machine the process got; else wall-clock), and the median ratio. Example (the cost of gradient checkpointing)::
+work of the step, whatever share of a busy machine the process got; else wall-clock), and the median ratio.
+Example (the cost of gradient checkpointing)::
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/interleave.py \\
         --a train_step_no_checkpointing --b train_step --precision bf16 --repeats 4 --quick \\

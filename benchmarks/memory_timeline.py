@@ -13,11 +13,16 @@ before issue 18), ``PROBE_BLOCK=1`` (with ``PROBE_CKPT=1``: block-level, what ``
 import os, sys, threading, time, ctypes, json, resource
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 class MI(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
 _libc = ctypes.CDLL("libc.so.6"); _libc.mallinfo2.restype = MI
 def mi():
     m = _libc.mallinfo2(); M = 2**20
-    return f"arena {m.arena/M:.0f} inuse {m.uordblks/M:.0f} free {m.fordblks/M:.0f} mmapped {m.hblkhd/M:.0f} ({m.hblks})"
+    return (
+        f"arena {m.arena/M:.0f} inuse {m.uordblks/M:.0f} free {m.fordblks/M:.0f} mmapped {m.hblkhd/M:.0f} ({m.hblks})"
+    )
 def cur():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * 4096 / 2**20

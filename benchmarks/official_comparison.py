@@ -47,7 +47,8 @@ def official_setup(official: Path, batch: int, size: int, length: int):
 
     def random_model(name, **kwargs):  # stands in for AutoModel.from_pretrained: no download, random weights
         if "convnext" in name:
-            return ConvNextModel(ConvNextConfig.from_json_file(str(official / "lib" / "convnext-tiny-224" / "config.json")))
+            config = official / "lib" / "convnext-tiny-224" / "config.json"
+            return ConvNextModel(ConvNextConfig.from_json_file(str(config)))
         return BertModel(BertConfig())
 
     model_himix.AutoModel.from_pretrained = staticmethod(random_model)

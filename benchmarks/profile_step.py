@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(CATEGORIES) + 3) + "|")
     for line in lines:
         cells = [f"{100 * line['fractions'][k]:.0f}%" for k in (*CATEGORIES, "data")]
-        print(f"| {line['precision']}, {line['image_size']} | " + " | ".join(cells) + f" | {line['step_ms_profiled']:.0f} ms |")
+        step = f"{line['step_ms_profiled']:.0f} ms"
+        print(f"| {line['precision']}, {line['image_size']} | " + " | ".join(cells) + f" | {step} |")
     return 0
 
 

@@ -898,7 +898,8 @@ def _details(line: dict) -> str:
     if case.startswith("train_step"):
         malloc = "" if line.get("allocator_configured", True) else "; glibc's default allocator settings"
         malloc += "" if line.get("gradient_checkpointing", True) else "; no gradient checkpointing"
-        malloc += f"; MALLOC_MMAP_THRESHOLD_={line['malloc_mmap_threshold']}" if line.get("malloc_mmap_threshold") else ""
+        if line.get("malloc_mmap_threshold"):
+            malloc += f"; MALLOC_MMAP_THRESHOLD_={line['malloc_mmap_threshold']}"
         return (
             f"text {line['text_encoder_ms']:.0f} / fwd+loss {line['forward_ms']:.0f} / bwd {line['backward_ms']:.0f} / "
             f"opt {line['optimizer_ms']:.0f} ms{malloc}"
