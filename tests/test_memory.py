@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import subprocess
 import sys
@@ -122,8 +121,3 @@ def test_training_bundle_configures_the_allocator_first_thing_at_start_up():
     assert "$import himix_monai.memory" in config["imports"]
     assert not any("configure_allocator" in line for line in config["imports"])
     assert config["gradient_checkpointing"] is True
-
-
-def test_ctypes_is_only_used_at_call_time():
-    """The module holds no library handle (no global state): importing it does not load the C library."""
-    assert not any(isinstance(value, ctypes.CDLL) for value in vars(memory).values())
