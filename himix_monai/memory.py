@@ -51,10 +51,10 @@ def configure_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
 
     Freed activations and gradients of ``mmap_threshold`` bytes and more then return to the system at once instead
     of fragmenting the heap: the bundle's bf16 training step (batch 8, 224x224) peaks ~210 MB lower (see
-    ``benchmarks/README.md``). The price: every such block is fresh pages (page faults, zeroing), measured at +22%
-    CPU time per bf16 step (4 MiB: +15%; fp32: +11%) on a loaded 2-core VM, nothing measurable at 4 MiB on an
-    idle one. Affects the whole process from the call on (allocations made before keep their place); call it once
-    at start-up, as ``bundle/configs/train.json``'s ``initialize`` does.
+    ``benchmarks/README.md``). The price: every such block is fresh pages (page faults, zeroing): about +20% CPU
+    time per bf16 step (fp32: +11%; 4 MiB: +15-18%) on a 2-core AMD EPYC VM, also at low load; an earlier VM
+    showed no cost at 4 MiB. Affects the whole process from the call on (allocations made before keep their
+    place); call it once at start-up, as ``bundle/configs/train.json``'s ``initialize`` does.
 
     Args:
         mmap_threshold: size in bytes from which ``malloc`` maps blocks separately; glibc caps it at 32 MiB on 64-bit
