@@ -10,8 +10,8 @@ weights and the same sizes: a 12-layer, 768-wide ``BertModel(BertConfig())`` (CX
 batch 8, 3x224x224, 24 tokens. Each side trains as its own code does: the official one with its Lightning
 module's ``AdamW(model.parameters(), lr=3e-4)`` and ``DiceCELoss()`` on its sigmoid output, fp32 weights, the
 frozen BERT in fp32, bf16 as plain ``torch.autocast`` around forward and loss; ours as ``benchmarks/run.py``'s
-``train_step`` (the bundle's set-up: fused AdamW, text encoder stored in the compute dtype, ``AutocastInferer``,
-the start-up's allocator setting and gradient checkpointing). Example::
+``train_step`` (the bundle's set-up: fused AdamW, text encoder stored in the compute dtype, ``AutocastInferer``;
+``--checkpointing`` / ``--allocator`` add ``--gradient_checkpointing true`` / ``--low_memory_allocator true``). Example::
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/official_comparison.py --official /tmp/official \\
         --precisions bf16,fp32 --repeats 2 --output benchmarks/results/official_comparison.jsonl
@@ -86,12 +86,12 @@ def time_official(official: Path, precision: str, warmup: int, steps: int) -> di
     }
 
 
-def time_ours(precision: str, warmup: int, steps: int, checkpointing: bool = True) -> dict:
+def time_ours(precision: str, warmup: int, steps: int, checkpointing: bool = False, allocator: bool = False) -> dict:
     import run as bench
 
     settings = bench.make_settings(False, True)
     net, loss_function, optimizer, inferer, batch = bench._train_setup(
-        settings, precision, gradient_checkpointing=checkpointing
+        settings, precision, allocator=allocator, gradient_checkpointing=checkpointing
     )
     timer = bench.Timer()
     for _ in range(warmup + steps):
@@ -101,7 +101,10 @@ def time_ours(precision: str, warmup: int, steps: int, checkpointing: bool = Tru
     return {"step_ms": medians["step_ms"], "step_cpu_ms": medians["step_cpu_ms"]}
 
 
-def run_here(code: str, precision: str, official: Path, warmup: int, steps: int, checkpointing: bool = True) -> dict:
+def run_here(
+    code: str, precision: str, official: Path, warmup: int, steps: int, checkpointing: bool = False,
+    allocator: bool = False,
+) -> dict:  # fmt: skip
     import resource
 
     import monai  # noqa: F401
@@ -112,7 +115,8 @@ def run_here(code: str, precision: str, official: Path, warmup: int, steps: int,
     if code == "official":
         result = time_official(official, precision, warmup, steps)
     else:
-        result = time_ours(precision, warmup, steps, checkpointing) | {"gradient_checkpointing": checkpointing}
+        result = time_ours(precision, warmup, steps, checkpointing, allocator)
+        result.update(gradient_checkpointing=checkpointing, allocator_configured=allocator)
     result.update(
         code=code, precision=precision, batch=8, image_size=224, steps=steps,
         images_per_s=round(8000 / result["step_ms"], 3),
@@ -130,16 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="append the JSON lines here")
-    parser.add_argument(
-        "--no-checkpointing", action="store_true", help="our side with --gradient_checkpointing false"
-    )
+    parser.add_argument("--checkpointing", action="store_true", help="our side with --gradient_checkpointing true")
+    parser.add_argument("--allocator", action="store_true", help="our side with --low_memory_allocator true")
     parser.add_argument("--one", default=None, help="CODE,PRECISION: one run in this process")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.one:
         code, precision = args.one.split(",")
-        line = run_here(code, precision, args.official.resolve(), args.warmup, args.steps, not args.no_checkpointing)
+        line = run_here(
+            code, precision, args.official.resolve(), args.warmup, args.steps, args.checkpointing, args.allocator,
+        )  # fmt: skip
         print(json.dumps(line), flush=True)
         return 0
     ratios: dict[str, list[float]] = {}
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             for code in order:
                 command = [sys.executable, __file__, "--official", str(args.official), "--one", f"{code},{precision}",
                            "--warmup", str(args.warmup), "--steps", str(args.steps)]  # fmt: skip
-                command += ["--no-checkpointing"] if args.no_checkpointing else []
+                command += ["--checkpointing"] if args.checkpointing else []
+                command += ["--allocator"] if args.allocator else []
                 completed = subprocess.run(command, capture_output=True, text=True)
                 found = [json.loads(t) for t in completed.stdout.splitlines() if t.startswith("{")]
                 if not found:

@@ -8,9 +8,9 @@ one JSON line per result, then a readable table. Cases:
 
 - ``train_step``: one optimisation step, batch 8, 224x224 RGB, ConvNeXt-Tiny + a randomly initialised 12-layer,
   768-wide BERT (CXR-BERT's size), AdamW, ``DiceCELoss``; split into text encoder / rest of the forward (with
-  the loss) / backward / optimizer; with the bundle's defaults (the allocator setting of its start-up,
-  ``himix_monai.memory.configure_allocator``, and gradient checkpointing); ``train_step_no_checkpointing`` and
-  ``train_step_default_allocator`` leave one of them out;
+  the loss) / backward / optimizer, with the bundle's defaults; ``train_step_checkpointed`` adds
+  ``--gradient_checkpointing true``, ``train_step_low_memory`` also ``--low_memory_allocator true``
+  (``himix_monai.memory.configure_allocator``);
 - ``infer_b1``: inference latency at batch 1 (contiguous and channels-last, the faster is reported);
 - ``infer_b16``: inference throughput at batch 16;
 - ``infer_b1_onnx``, ``infer_b16_onnx``: the same with the network exported to ONNX (``himix_monai.export
@@ -262,12 +262,12 @@ def _all_parameters(net) -> list:
     return list(net.parameters()) + (list(encoder.model.parameters()) if encoder is not None else [])
 
 
-def _train_setup(settings: Settings, precision: str, allocator: bool = True, **network_kwargs: Any):
+def _train_setup(settings: Settings, precision: str, allocator: bool = False, **network_kwargs: Any):
     """Network, loss, optimizer, inferer and one batch, as ``train.json`` sets them up.
 
-    ``allocator``: call ``himix_monai.memory.configure_allocator()`` first, as the bundle's ``initialize`` does
-    (after the imports, before the network is built). ``network_kwargs`` go to ``HiMix``; the bundle's default
-    ``gradient_checkpointing=True`` is used unless given.
+    ``allocator``: call ``himix_monai.memory.configure_allocator()`` first, as the bundle's ``initialize`` does with
+    ``--low_memory_allocator true`` (after the imports, before the network is built). ``network_kwargs`` go to
+    ``HiMix`` (``gradient_checkpointing``: the bundle's ``--gradient_checkpointing``, off by default).
     """
     import torch
     from monai.losses import DiceCELoss
@@ -277,7 +277,6 @@ def _train_setup(settings: Settings, precision: str, allocator: bool = True, **n
 
     if allocator:
         configure_allocator()
-    network_kwargs.setdefault("gradient_checkpointing", True)
     net = build_network(settings, in_channels=3, precision=precision, **network_kwargs)
     net.train()
     loss_function = DiceCELoss(sigmoid=True, lambda_dice=0.5, lambda_ce=0.5)
@@ -313,12 +312,11 @@ def _train_step(net, loss_function, optimizer, inferer, batch, precision: str, t
 
 
 def case_train_step(
-    settings: Settings, precision: str, gradient_checkpointing: bool = True, allocator: bool = True
+    settings: Settings, precision: str, gradient_checkpointing: bool = False, allocator: bool = False
 ) -> list[dict]:
-    """Training step time split into text encoder / forward + loss / backward / optimizer.
-
-    By default as the bundle trains: the allocator setting of its start-up and gradient checkpointing.
-    """
+    """Training step time split into text encoder / forward + loss / backward / optimizer, as the bundle trains by
+    default (``gradient_checkpointing`` and ``allocator``: its ``--gradient_checkpointing true`` and
+    ``--low_memory_allocator true``)."""
     net, loss_function, optimizer, inferer, batch = _train_setup(
         settings, precision, allocator=allocator, gradient_checkpointing=gradient_checkpointing
     )
@@ -344,14 +342,14 @@ def case_train_step(
     ]
 
 
-def case_train_step_no_checkpointing(settings: Settings, precision: str) -> list[dict]:
-    """The training step with ``--gradient_checkpointing false`` (faster, more memory)."""
-    return case_train_step(settings, precision, gradient_checkpointing=False)
+def case_train_step_checkpointed(settings: Settings, precision: str) -> list[dict]:
+    """The training step with ``--gradient_checkpointing true`` (less memory, slower)."""
+    return case_train_step(settings, precision, gradient_checkpointing=True)
 
 
-def case_train_step_default_allocator(settings: Settings, precision: str) -> list[dict]:
-    """The training step without the start-up's allocator setting (glibc's defaults): what it saves."""
-    return case_train_step(settings, precision, allocator=False)
+def case_train_step_low_memory(settings: Settings, precision: str) -> list[dict]:
+    """``--gradient_checkpointing true --low_memory_allocator true``: the smallest footprint (and the slowest)."""
+    return case_train_step(settings, precision, gradient_checkpointing=True, allocator=True)
 
 
 def case_train_ratio(settings: Settings, precision: str) -> list[dict]:
@@ -790,8 +788,8 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
 
 CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] = {
     "train_step": (case_train_step, PRECISIONS),
-    "train_step_no_checkpointing": (case_train_step_no_checkpointing, ("bf16",)),
-    "train_step_default_allocator": (case_train_step_default_allocator, ("bf16",)),
+    "train_step_checkpointed": (case_train_step_checkpointed, ("bf16",)),
+    "train_step_low_memory": (case_train_step_low_memory, ("bf16",)),
     "train_ratio": (case_train_ratio, ("bf16",)),
     "infer_b1": (case_infer_b1, PRECISIONS),
     "infer_b1_compiled": (case_infer_b1_compiled, ("bf16",)),
@@ -896,8 +894,8 @@ def _details(line: dict) -> str:
     if case == "train_ratio":
         return f"fp32 {line['fp32_step_ms']:.0f} / bf16 {line['bf16_step_ms']:.0f} ms per step: x{line['bf16_to_fp32']:.3f}"
     if case.startswith("train_step"):
-        malloc = "" if line.get("allocator_configured", True) else "; glibc's default allocator settings"
-        malloc += "" if line.get("gradient_checkpointing", True) else "; no gradient checkpointing"
+        malloc = "; low-memory allocator setting" if line.get("allocator_configured") else ""
+        malloc += "; gradient checkpointing" if line.get("gradient_checkpointing") else ""
         if line.get("malloc_mmap_threshold"):
             malloc += f"; MALLOC_MMAP_THRESHOLD_={line['malloc_mmap_threshold']}"
         return (

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from monai.bundle import ConfigParser
 
 from himix_monai import memory
 from himix_monai.memory import DEFAULT_MMAP_THRESHOLD, M_MMAP_THRESHOLD, configure_allocator
@@ -113,11 +114,18 @@ def test_configure_allocator_rejects_a_bad_threshold(value):
         configure_allocator(value)
 
 
-def test_training_bundle_configures_the_allocator_first_thing_at_start_up():
-    """Fails if ``train.json`` no longer sets the allocator in ``initialize`` (before any network or data is built), or
-    sets it from ``imports`` (which would run it whenever the config is merged, e.g. for evaluation tooling)."""
-    config = json.loads((REPO / "bundle" / "configs" / "train.json").read_text())
-    assert config["initialize"][0] == "$himix_monai.memory.configure_allocator()"
-    assert "$import himix_monai.memory" in config["imports"]
-    assert not any("configure_allocator" in line for line in config["imports"])
-    assert config["gradient_checkpointing"] is True
+@pytest.mark.parametrize("option", [None, "true"])
+def test_training_bundle_sets_the_allocator_at_start_up_only_when_asked(monkeypatch, option):
+    """Fails if ``train.json``'s first ``initialize`` line does not call ``configure_allocator`` with
+    ``--low_memory_allocator true``, or calls it by default (it costs ~20% of the step, issue 18), or the call moved
+    to ``imports`` (which would run whenever the config is parsed)."""
+    calls = []
+    monkeypatch.setattr(memory, "configure_allocator", lambda *args: calls.append(args) or True)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "train.json"))
+    if option is not None:
+        parser["low_memory_allocator"] = option
+    assert not any("configure_allocator" in line for line in parser["imports"])
+    assert "configure_allocator" in parser["initialize"][0]
+    parser.get_parsed_content("initialize#0")
+    assert calls == ([()] if option == "true" else [])
