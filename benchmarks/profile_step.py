@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 Where one training step spends its time: ``torch.profiler`` around one step of ``benchmarks/run.py``'s
-``train_step`` (the bundle's start-up: allocator setting and gradient checkpointing; ConvNeXt-Tiny + a random
+``train_step`` (the bundle's set-up; ``--checkpointing`` / ``--allocator`` add its low-memory options; ConvNeXt-Tiny + a random
 12x768 BERT, fused AdamW, ``DiceCELoss``, ``AutocastInferer``), plus one batch of the bundle's training input
 pipeline (``train.json``'s ``base_transforms`` + augmentation on demo images, ``num_workers=0``) timed separately.
 
@@ -81,7 +81,7 @@ def data_ms_per_batch(precision: str, size: int, batch: int) -> float:
     return round(1000 * statistics.median(times[1:] or times), 1)
 
 
-def profile_one(precision: str, size: int, warmup: int) -> dict:
+def profile_one(precision: str, size: int, warmup: int, checkpointing: bool = False, allocator: bool = False) -> dict:
     import dataclasses
 
     import monai  # noqa: F401
@@ -92,7 +92,9 @@ def profile_one(precision: str, size: int, warmup: int) -> dict:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     settings = dataclasses.replace(bench.make_settings(False, True), image_size=size)
-    net, loss_function, optimizer, inferer, batch = bench._train_setup(settings, precision)
+    net, loss_function, optimizer, inferer, batch = bench._train_setup(
+        settings, precision, allocator=allocator, gradient_checkpointing=checkpointing
+    )
     image, label, input_ids, attention_mask = batch
     timer = bench.Timer()
     for _ in range(warmup):
@@ -137,8 +139,8 @@ def profile_one(precision: str, size: int, warmup: int) -> dict:
         "top_ops_ms": {k: round(v, 1) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
         "threads": torch.get_num_threads(),
         "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)],
-        "gradient_checkpointing": True,
-        "allocator_configured": True,
+        "gradient_checkpointing": checkpointing,
+        "allocator_configured": allocator,
     }
     return result
 
@@ -149,16 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="224,128", help="image sizes (batch 8)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="append the JSON lines here")
+    parser.add_argument("--checkpointing", action="store_true", help="with --gradient_checkpointing true")
+    parser.add_argument("--allocator", action="store_true", help="with --low_memory_allocator true")
     parser.add_argument("--one", default=None, help="PRECISION,SIZE: run one profile in this process")
     args = parser.parse_args(argv)
     if args.one:
         precision, size = args.one.split(",")
-        print(json.dumps(profile_one(precision, int(size), args.warmup)), flush=True)
+        line = profile_one(precision, int(size), args.warmup, args.checkpointing, args.allocator)
+        print(json.dumps(line), flush=True)
         return 0
     lines = []
     for precision in args.precisions.split(","):
         for size in args.sizes.split(","):
             command = [sys.executable, __file__, "--one", f"{precision},{size}", "--warmup", str(args.warmup)]
+            command += [flag for flag, on in (("--checkpointing", args.checkpointing), ("--allocator", args.allocator)) if on]
             completed = subprocess.run(command, capture_output=True, text=True)
             found = [json.loads(t) for t in completed.stdout.splitlines() if t.startswith("{")]
             if not found:
