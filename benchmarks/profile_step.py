@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """
 Where one training step spends its time: ``torch.profiler`` around one step of ``benchmarks/run.py``'s
-``train_step`` (the bundle's set-up; ``--checkpointing`` / ``--allocator`` add its low-memory options; ConvNeXt-Tiny + a random
+``train_step`` (the bundle's set-up; ``--checkpointing`` / ``--allocator`` add its low-memory options;
+ConvNeXt-Tiny + a random
 12x768 BERT, fused AdamW, ``DiceCELoss``, ``AutocastInferer``), plus one batch of the bundle's training input
 pipeline (``train.json``'s ``base_transforms`` + augmentation on demo images, ``num_workers=0``) timed separately.
 
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     for precision in args.precisions.split(","):
         for size in args.sizes.split(","):
             command = [sys.executable, __file__, "--one", f"{precision},{size}", "--warmup", str(args.warmup)]
-            command += [flag for flag, on in (("--checkpointing", args.checkpointing), ("--allocator", args.allocator)) if on]
+            flags = (("--checkpointing", args.checkpointing), ("--allocator", args.allocator))
+            command += [flag for flag, on in flags if on]
             completed = subprocess.run(command, capture_output=True, text=True)
             found = [json.loads(t) for t in completed.stdout.splitlines() if t.startswith("{")]
             if not found:
