@@ -7,7 +7,8 @@ first training step most activation tensors (1-30 MB at batch 8, 224x224) land i
 leave behind add a few hundred MB to the resident memory. Setting the threshold fixes it (and switches the dynamic
 raising off). That is what the environment variable ``MALLOC_MMAP_THRESHOLD_`` does, but users do not know to set
 it, and glibc reads it only at process start: :func:`configure_allocator` does it at run time through ``mallopt``
-(``ctypes``), so the bundle's ``initialize`` section can do it for every training. Python's standard library has no
+(``ctypes``), so the bundle's ``initialize`` section can do it (``--low_memory_allocator true``; off by default
+because it costs about a fifth of the step, see below). Python's standard library has no
 binding for ``mallopt``, hence this thin wrapper; it is a no-op (returns ``False``) off glibc (macOS, Windows,
 musl).
 
@@ -54,7 +55,8 @@ def configure_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     ``benchmarks/README.md``). The price: every such block is fresh pages (page faults, zeroing): about +20% CPU
     time per bf16 step (fp32: +11%; 4 MiB: +15-18%) on a 2-core AMD EPYC VM, also at low load; an earlier VM
     showed no cost at 4 MiB. Affects the whole process from the call on (allocations made before keep their
-    place); call it once at start-up, as ``bundle/configs/train.json``'s ``initialize`` does.
+    place); call it once at start-up, as ``bundle/configs/train.json``'s ``initialize`` does with
+    ``--low_memory_allocator true``.
 
     Args:
         mmap_threshold: size in bytes from which ``malloc`` maps blocks separately; glibc caps it at 32 MiB on 64-bit
