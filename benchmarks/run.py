@@ -8,7 +8,9 @@ one JSON line per result, then a readable table. Cases:
 
 - ``train_step``: one optimisation step, batch 8, 224x224 RGB, ConvNeXt-Tiny + a randomly initialised 12-layer,
   768-wide BERT (CXR-BERT's size), AdamW, ``DiceCELoss``; split into text encoder / rest of the forward (with
-  the loss) / backward / optimizer;
+  the loss) / backward / optimizer, with the bundle's defaults; ``train_step_checkpointed`` adds
+  ``--gradient_checkpointing true``, ``train_step_low_memory`` also ``--low_memory_allocator true``
+  (``himix_monai.memory.configure_allocator``);
 - ``infer_b1``: inference latency at batch 1 (contiguous and channels-last, the faster is reported);
 - ``infer_b16``: inference throughput at batch 16;
 - ``infer_b1_onnx``, ``infer_b16_onnx``: the same with the network exported to ONNX (``himix_monai.export
@@ -260,13 +262,21 @@ def _all_parameters(net) -> list:
     return list(net.parameters()) + (list(encoder.model.parameters()) if encoder is not None else [])
 
 
-def _train_setup(settings: Settings, precision: str, **network_kwargs: Any):
-    """Network, loss, optimizer, inferer and one batch, as ``train.json`` sets them up."""
+def _train_setup(settings: Settings, precision: str, allocator: bool = False, **network_kwargs: Any):
+    """Network, loss, optimizer, inferer and one batch, as ``train.json`` sets them up.
+
+    ``allocator``: call ``himix_monai.memory.configure_allocator()`` first, as the bundle's ``initialize`` does with
+    ``--low_memory_allocator true`` (after the imports, before the network is built). ``network_kwargs`` go to
+    ``HiMix`` (``gradient_checkpointing``: the bundle's ``--gradient_checkpointing``, off by default).
+    """
     import torch
     from monai.losses import DiceCELoss
 
     from himix_monai.inferers import AutocastInferer
+    from himix_monai.memory import configure_allocator
 
+    if allocator:
+        configure_allocator()
     net = build_network(settings, in_channels=3, precision=precision, **network_kwargs)
     net.train()
     loss_function = DiceCELoss(sigmoid=True, lambda_dice=0.5, lambda_ce=0.5)
@@ -284,7 +294,7 @@ def _train_step(net, loss_function, optimizer, inferer, batch, precision: str, t
     import torch
 
     image, label, input_ids, attention_mask = batch
-    step_start = time.perf_counter()
+    step_start, cpu_start = time.perf_counter(), time.process_time()
     with timer("text_encoder"), autocast_context(precision):
         texts = net.encode_text(input_ids, attention_mask)
     with timer("forward"), precomputed_text(net, texts):
@@ -295,14 +305,20 @@ def _train_step(net, loss_function, optimizer, inferer, batch, precision: str, t
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     timer.parts.setdefault("step", []).append(time.perf_counter() - step_start)
+    # CPU time of the process: with one thread, the work of the step, whatever share of the CPU the case got
+    timer.parts.setdefault("step_cpu", []).append(time.process_time() - cpu_start)
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss.item()}")
 
 
-def case_train_step(settings: Settings, precision: str, gradient_checkpointing: bool = False) -> list[dict]:
-    """Training step time split into text encoder / forward + loss / backward / optimizer."""
+def case_train_step(
+    settings: Settings, precision: str, gradient_checkpointing: bool = False, allocator: bool = False
+) -> list[dict]:
+    """Training step time split into text encoder / forward + loss / backward / optimizer, as the bundle trains by
+    default (``gradient_checkpointing`` and ``allocator``: its ``--gradient_checkpointing true`` and
+    ``--low_memory_allocator true``)."""
     net, loss_function, optimizer, inferer, batch = _train_setup(
-        settings, precision, gradient_checkpointing=gradient_checkpointing
+        settings, precision, allocator=allocator, gradient_checkpointing=gradient_checkpointing
     )
     timer = Timer()
     for _ in range(settings.train_warmup + settings.train_steps):
@@ -318,6 +334,7 @@ def case_train_step(settings: Settings, precision: str, gradient_checkpointing: 
             "image_size": settings.image_size,
             "steps": settings.train_steps,
             "gradient_checkpointing": gradient_checkpointing,
+            "allocator_configured": allocator,
             # the frozen text encoder is not a registered submodule (it is not in the state dict): counted here
             "params_mb": round(sum(p.element_size() * p.nelement() for p in _all_parameters(net)) / 2**20, 1),
             "trainable_params_m": round(sum(p.nelement() for p in net.parameters() if p.requires_grad) / 1e6, 2),
@@ -326,8 +343,13 @@ def case_train_step(settings: Settings, precision: str, gradient_checkpointing: 
 
 
 def case_train_step_checkpointed(settings: Settings, precision: str) -> list[dict]:
-    """The training step with gradient checkpointing of the image encoder (the bundle's memory option)."""
+    """The training step with ``--gradient_checkpointing true`` (less memory, slower)."""
     return case_train_step(settings, precision, gradient_checkpointing=True)
+
+
+def case_train_step_low_memory(settings: Settings, precision: str) -> list[dict]:
+    """``--gradient_checkpointing true --low_memory_allocator true``: the smallest footprint (and the slowest)."""
+    return case_train_step(settings, precision, gradient_checkpointing=True, allocator=True)
 
 
 def case_train_ratio(settings: Settings, precision: str) -> list[dict]:
@@ -767,7 +789,7 @@ def case_ct_volume(settings: Settings, precision: str) -> list[dict]:
 CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] = {
     "train_step": (case_train_step, PRECISIONS),
     "train_step_checkpointed": (case_train_step_checkpointed, ("bf16",)),
-    "train_step_low_memory": (case_train_step_checkpointed, ("bf16",)),
+    "train_step_low_memory": (case_train_step_low_memory, ("bf16",)),
     "train_ratio": (case_train_ratio, ("bf16",)),
     "infer_b1": (case_infer_b1, PRECISIONS),
     "infer_b1_compiled": (case_infer_b1_compiled, ("bf16",)),
@@ -778,12 +800,6 @@ CASES: dict[str, tuple[Callable[[Settings, str], list[dict]], tuple[str, ...]]] 
     "data_pipeline": (case_data_pipeline, ("fp32",)),
     "ct_volume": (case_ct_volume, PRECISIONS),
 }
-
-
-# environment of a case's process (read by glibc at start-up, so it cannot be set from inside the case):
-# large tensors stay in their own mmap'ed blocks and go back to the system when freed, instead of glibc's dynamic
-# threshold (up to 32 MB) moving them to the fragmenting heap after the first free
-CASE_ENVIRONMENT: dict[str, dict[str, str]] = {"train_step_low_memory": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -843,10 +859,7 @@ def run_cases_subprocess(plan: list[tuple[str, str]], args: argparse.Namespace) 
     command += [flag for flag, on in (("--quick", args.quick), ("--tiny", args.tiny)) if on]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    environment = dict(os.environ)
-    for case, _ in plan:
-        environment.update(CASE_ENVIRONMENT.get(case, {}))
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=environment)
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
     lines = []
     for text in completed.stdout.splitlines():
         if text.startswith("{"):
@@ -881,7 +894,10 @@ def _details(line: dict) -> str:
     if case == "train_ratio":
         return f"fp32 {line['fp32_step_ms']:.0f} / bf16 {line['bf16_step_ms']:.0f} ms per step: x{line['bf16_to_fp32']:.3f}"
     if case.startswith("train_step"):
-        malloc = f"; MALLOC_MMAP_THRESHOLD_={line['malloc_mmap_threshold']}" if line.get("malloc_mmap_threshold") else ""
+        malloc = "; low-memory allocator setting" if line.get("allocator_configured") else ""
+        malloc += "; gradient checkpointing" if line.get("gradient_checkpointing") else ""
+        if line.get("malloc_mmap_threshold"):
+            malloc += f"; MALLOC_MMAP_THRESHOLD_={line['malloc_mmap_threshold']}"
         return (
             f"text {line['text_encoder_ms']:.0f} / fwd+loss {line['forward_ms']:.0f} / bwd {line['backward_ms']:.0f} / "
             f"opt {line['optimizer_ms']:.0f} ms{malloc}"

@@ -92,15 +92,23 @@ def test_a_failing_case_gives_an_error_line_with_every_key(monkeypatch):
     assert line["status"] == "error" and "boom" in line["error"] and line["precision"] == "bf16"
 
 
-def test_low_memory_case_runs_with_its_allocator_setting(tmp_path):
-    """``train_step_low_memory`` is ``train_step_checkpointed`` in a process started with MALLOC_MMAP_THRESHOLD_ set
-    (glibc reads it at start-up); ``train_ratio`` alternates both precisions in one process."""
-    completed, lines = run_script(tmp_path, "--cases", "train_step_checkpointed,train_step_low_memory,train_ratio")
+def test_train_cases_follow_the_bundle_options(tmp_path):
+    """``train_step`` trains as the bundle does by default; ``train_step_checkpointed`` adds
+    ``--gradient_checkpointing true``, ``train_step_low_memory`` also ``--low_memory_allocator true``;
+    ``train_ratio`` alternates both precisions in one process. (One process for all: the flags are checked.)"""
+    completed, lines = run_script(
+        tmp_path, "--one-process", "--precisions", "bf16",
+        "--cases", "train_step,train_step_checkpointed,train_step_low_memory,train_ratio",
+    )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-2000:]
     by_case = {line["case"]: line for line in lines}
-    assert by_case["train_step_low_memory"]["malloc_mmap_threshold"] == "4194304"
-    assert by_case["train_step_checkpointed"]["malloc_mmap_threshold"] == ""
-    assert by_case["train_step_low_memory"]["gradient_checkpointing"] is True
+    flags = {case: (line["gradient_checkpointing"], line["allocator_configured"]) for case, line in by_case.items()
+             if case.startswith("train_step")}  # fmt: skip
+    assert flags == {
+        "train_step": (False, False),
+        "train_step_checkpointed": (True, False),
+        "train_step_low_memory": (True, True),
+    }
     ratio = by_case["train_ratio"]
     assert ratio["bf16_to_fp32"] == pytest.approx(ratio["bf16_step_ms"] / ratio["fp32_step_ms"], abs=1e-3)
 
