@@ -35,7 +35,6 @@ Files written under the output folder (``vol_0000`` ...)::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -44,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock
 
 from himix_monai.data.ct import dicom_slice_affine
 from himix_monai.data.datalist import write_datalist
@@ -52,7 +50,7 @@ from himix_monai.data.demo import (
     DEFAULT_SPLIT_FRACTIONS,
     LESION_CELLS,
     MIN_SIZE,
-    DemoDatasetMismatchError,
+    ensure_generated,
     split_counts,
     write_ct_dicom,
     write_dicom_file,
@@ -491,10 +489,9 @@ def ensure_volume_demo_dataset(
 ) -> Path:
     """Return the volume demo datalist in ``dataset_dir``, generating the dataset first if it has no datalist.
 
-    Like :py:func:`himix_monai.data.demo.ensure_demo_dataset`: generation runs under a file lock
-    (``dataset_dir/.himix_demo.lock``), and an existing datalist is reused only when it records the same generator
-    settings; otherwise :py:class:`~himix_monai.data.demo.DemoDatasetMismatchError` names the differences and
-    nothing is deleted.
+    The demo generators' rule (:py:func:`himix_monai.data.demo.ensure_generated`): generation under a file lock,
+    and an existing datalist is reused only when it records the same generator settings; otherwise
+    :py:class:`~himix_monai.data.demo.DemoDatasetMismatchError` names the differences and nothing is deleted.
 
     Args:
         dataset_dir: the dataset folder (created).
@@ -508,27 +505,8 @@ def ensure_volume_demo_dataset(
     Raises:
         DemoDatasetMismatchError: ``dataset_dir`` holds a datalist made with other settings or by another generator.
     """
-    dataset_dir = Path(dataset_dir).absolute()
-    datalist = dataset_dir / DATALIST_NAME
-    wanted = volume_demo_settings(num, seed, size, depth, decoys, dicom_series)
-
-    def check() -> Path:
-        try:
-            recorded = json.loads(datalist.read_text(encoding="utf-8")).get("generator")
-        except (OSError, ValueError, AttributeError) as err:
-            recorded = f"unreadable ({err})"
-        if recorded != wanted:
-            raise DemoDatasetMismatchError(
-                f"the volume demo folder {dataset_dir} holds a datalist made with other settings ({recorded!r}, "
-                f"wanted {wanted!r}); it is not reused in silence and nothing in it is deleted. Give a new folder "
-                "(--dataset_dir), or delete this one to regenerate it, or ask for the settings it was made with."
-            )
-        return datalist
-
-    if datalist.is_file():
-        return check()
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(dataset_dir / ".himix_demo.lock"):
-        if datalist.is_file():
-            return check()
-        return generate_volume_demo_dataset(dataset_dir, num, seed, size, depth, decoys, dicom_series)
+    return ensure_generated(
+        dataset_dir,
+        volume_demo_settings(num, seed, size, depth, decoys, dicom_series),
+        lambda folder: generate_volume_demo_dataset(folder, num, seed, size, depth, decoys, dicom_series),
+    )
