@@ -149,7 +149,8 @@ class HiMix(nn.Module):
                 when training or inferring under bf16 autocast (``himix_monai.inferers.compute_dtype(precision,
                 device)``): half its memory, and no casts of its weights on every call. ``None`` keeps float32.
             gradient_checkpointing: recompute the image encoder's stages in the backward pass: less training
-                memory (about 360-390 MB at batch 8, 224x224, block by block) for a slower step (see ``benchmarks/README.md``).
+                memory (about 360-390 MB at batch 8, 224x224, block by block) for a slower step (see
+                ``benchmarks/README.md``).
             preprocessing_settings: the settings of the input preprocessing the weights belong to (the bundle
                 passes ``image_size``, ``intensity_range``, ...). They do not change the network: they are recorded,
                 with this constructor's other arguments, in the state dict (see :py:meth:`get_extra_state`), so
