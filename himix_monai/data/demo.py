@@ -48,6 +48,8 @@ __all__ = [
     "DATALIST_NAME",
     "DEFAULT_SPLIT_FRACTIONS",
     "LESION_CELLS",
+    "chest_outline",
+    "ellipse_radius",
     "MIN_SIZE",
     "SyntheticChestSlice",
     "synthesize_chest_slice",
@@ -104,7 +106,7 @@ class SyntheticChestSlice:
     decoy_cells: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _ellipse_radius(shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float]) -> np.ndarray:
+def ellipse_radius(shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float]) -> np.ndarray:
     """Normalised elliptic radius (< 1 inside) on the pixel grid."""
     rows, columns = np.ogrid[: shape[0], : shape[1]]
     return np.sqrt(((rows - center[0]) / radii[0]) ** 2 + ((columns - center[1]) / radii[1]) ** 2)
@@ -117,26 +119,38 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float
     return noise * (std / max(float(noise.std()), 1e-6))
 
 
-def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """HU image without lesions, the lung mask and each lung's own mask (keyed by patient side)."""
+def chest_outline(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The chest of a demo case before lung texture: HU image (air, fat, soft tissue, spine), the lung mask and each
+    lung's own mask (keyed by patient side; patient right = image left). Shared by the 2-D and the volume demo.
+
+    Args:
+        rng: the case's random stream (four jitters are drawn from it).
+        size: image size in pixels (square).
+    """
     shape = (size, size)
 
     def jitter() -> float:
         return 1.0 + rng.uniform(-0.05, 0.05)
 
     hu = np.full(shape, HU_AIR)
-    body = _ellipse_radius(shape, (0.5 * size * jitter(), 0.5 * size), (0.33 * size * jitter(), 0.44 * size * jitter()))
+    body = ellipse_radius(shape, (0.5 * size * jitter(), 0.5 * size), (0.33 * size * jitter(), 0.44 * size * jitter()))
     hu[body < 1.0] = HU_FAT
     hu[body < 0.93] = HU_SOFT_TISSUE
-    spine = _ellipse_radius(shape, (0.76 * size, 0.5 * size), (0.055 * size, 0.06 * size))
+    spine = ellipse_radius(shape, (0.76 * size, 0.5 * size), (0.055 * size, 0.06 * size))
     hu[spine < 1.0] = HU_BONE
     lungs = {}
     for side, offset in (("right", -0.19), ("left", 0.19)):  # patient right = image left
         center = (0.47 * size * jitter(), (0.5 + offset * jitter()) * size)
-        lungs[side] = (_ellipse_radius(shape, center, (0.24 * size * jitter(), 0.14 * size * jitter())) < 1.0) & (
+        lungs[side] = (ellipse_radius(shape, center, (0.24 * size * jitter(), 0.14 * size * jitter())) < 1.0) & (
             body < 0.85
         )
-    lung_mask = lungs["left"] | lungs["right"]
+    return hu, lungs["left"] | lungs["right"], lungs
+
+
+def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """HU image without lesions, the lung mask and each lung's own mask (keyed by patient side)."""
+    hu, lung_mask, lungs = chest_outline(rng, size)
+    shape = (size, size)
     texture = HU_LUNG + _smooth_noise(rng, shape, 1.2, 25.0)
     hu = np.where(lung_mask, texture, hu)
     hu = _add_vessels(rng, hu, lung_mask, count=max(4, size // 16))

@@ -48,8 +48,13 @@ from himix_monai.data.ct import dicom_slice_affine
 from himix_monai.data.datalist import write_datalist
 from himix_monai.data.demo import (
     DEFAULT_SPLIT_FRACTIONS,
+    GROUND_GLASS_HU,
+    HU_LUNG,
     LESION_CELLS,
     MIN_SIZE,
+    RESCALE_INTERCEPT,
+    chest_outline,
+    ellipse_radius,
     ensure_generated,
     split_counts,
     write_ct_dicom,
@@ -82,9 +87,6 @@ SLICE_SPACING_MM = 5.0
 """Distance between two slices of a demo volume."""
 FIELD_OF_VIEW_MM = 350.0
 FIRST_SLICE_MM = -200.0
-HU_AIR, HU_LUNG, HU_SOFT_TISSUE, HU_FAT, HU_BONE = -1000.0, -850.0, 40.0, -100.0, 450.0
-GROUND_GLASS_HU = (-500.0, -300.0)
-RESCALE_INTERCEPT = -1024
 _MAX_TRIES = 80
 _UID_NAMESPACE = "himix-monai-volume-demo"
 
@@ -114,30 +116,6 @@ class SyntheticChestVolume:
         """The volume's report: the zones of its lesions."""
         zones = {side: tuple(z for z in LUNG_ZONES if (side, z) in self.lesion_cells) for side in LUNG_SIDES}
         return format_chest_report(ChestFindings(count=len(self.lesion_cells), zones=zones))
-
-
-def _ellipse(shape: tuple[int, int], center: tuple[float, float], radii: tuple[float, float]) -> np.ndarray:
-    rows, columns = np.ogrid[: shape[0], : shape[1]]
-    return np.sqrt(((rows - center[0]) / radii[0]) ** 2 + ((columns - center[1]) / radii[1]) ** 2)
-
-
-def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """2-D HU slice without lung texture, the lung mask and each lung's mask (the chest cylinder's cross-section)."""
-    shape = (size, size)
-
-    def jitter() -> float:
-        return 1.0 + rng.uniform(-0.05, 0.05)
-
-    hu = np.full(shape, HU_AIR)
-    body = _ellipse(shape, (0.5 * size * jitter(), 0.5 * size), (0.33 * size * jitter(), 0.44 * size * jitter()))
-    hu[body < 1.0] = HU_FAT
-    hu[body < 0.93] = HU_SOFT_TISSUE
-    hu[_ellipse(shape, (0.76 * size, 0.5 * size), (0.055 * size, 0.06 * size)) < 1.0] = HU_BONE
-    lungs = {}
-    for side, offset in (("right", -0.19), ("left", 0.19)):  # patient right = image left
-        center = (0.47 * size * jitter(), (0.5 + offset * jitter()) * size)
-        lungs[side] = (_ellipse(shape, center, (0.24 * size * jitter(), 0.14 * size * jitter())) < 1.0) & (body < 0.85)
-    return hu, lungs["left"] | lungs["right"], lungs
 
 
 def _zone_rows(lung_mask: np.ndarray, zone: str) -> tuple[float, float]:
@@ -192,7 +170,7 @@ def _place_lesion(
         z_radius = rng.uniform(1.5, min(4.0, depth / 2.0 - 1.0))
         z_center = rng.uniform(z_radius, depth - 1 - z_radius)
         pick = rng.integers(rows.size)
-        plane = _ellipse(lung.shape, (rows[pick], columns[pick]), radii)
+        plane = ellipse_radius(lung.shape, (rows[pick], columns[pick]), radii)
         blob = plane < 1.0
         blob_rows = np.flatnonzero(blob.any(axis=1))
         if not (blob_rows[0] > zone_rows[0] and blob_rows[-1] < zone_rows[1]):
@@ -214,7 +192,7 @@ def _place_tube(
     offsets = np.arange(depth, dtype=np.float64) - (depth - 1) / 2.0
     rows = start[0] + speed * math.sin(angle) * offsets
     columns = start[1] + speed * math.cos(angle) * offsets
-    fields = np.stack([_ellipse(lung_mask.shape, (r, c), radii) for r, c in zip(rows, columns)])
+    fields = np.stack([ellipse_radius(lung_mask.shape, (r, c), radii) for r, c in zip(rows, columns)])
     tube = fields < 1.0
     if (tube & ~lung_mask[None]).sum() > 0.15 * tube.sum() or (tube & keep_clear).any():
         return None
@@ -261,7 +239,7 @@ def synthesize_chest_volume(
         raise ValueError(f"depth must be at least {MIN_DEPTH} slices, got {depth}")
     for attempt in range(8):  # a new draw when the lesions cannot be placed or the report check fails
         rng = np.random.default_rng([seed, index, attempt, 3])
-        plane, lung_mask, lungs = _anatomy(rng, size)
+        plane, lung_mask, lungs = chest_outline(rng, size)
         texture = gaussian_filter(rng.standard_normal((depth, size, size)), (0.8, 1.2, 1.2))
         hu = np.where(lung_mask, HU_LUNG + texture * (25.0 / max(float(texture.std()), 1e-6)), plane[None])
         hu = _add_vessels(rng, hu, lung_mask, count=max(4, size // 8))
