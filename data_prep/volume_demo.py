@@ -14,11 +14,8 @@ slice axis that look like a lesion on one slice. Train on it with the bundle's `
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from pathlib import Path
 
+from data_prep.demo import demo_parser, run_generator
 from himix_monai.data.volume_demo import generate_volume_demo_dataset
 
 __all__ = ["build_parser", "main"]
@@ -26,13 +23,13 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m data_prep.volume_demo", description="Generate the synthetic chest-CT volume demo dataset."
+    parser = demo_parser(
+        "python -m data_prep.volume_demo",
+        "Generate the synthetic chest-CT volume demo dataset.",
+        num=24,
+        size=64,
+        decoys_help="the unreported decoy tubes",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--num", type=int, default=24, help="number of volumes (default: 24)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--size", type=int, default=64, help="in-plane size in pixels, at least 64 (default: 64)")
     parser.add_argument("--depth", type=int, default=24, help="slices per volume, at least 8 (default: 24)")
     parser.add_argument(
         "--dicom-series",
@@ -40,32 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write only the first N volumes also as DICOM series (default: all)",
     )
-    parser.add_argument(
-        "--decoys",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="add the unreported decoy tubes (default: on; --no-decoys leaves them out)",
-    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line tool; returns the exit status."""
     args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
-        path = generate_volume_demo_dataset(
+    return run_generator(
+        lambda: generate_volume_demo_dataset(
             args.out, num=args.num, seed=args.seed, size=args.size, depth=args.depth, decoys=args.decoys,
             dicom_series=args.dicom_series,
-        )  # fmt: skip
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    datalist = json.loads(path.read_text(encoding="utf-8"))
-    counts = ", ".join(f"{split} {len(datalist[split])}" for split in ("training", "validation", "test"))
-    print(f"wrote {path}: {args.num} volumes of {args.size}x{args.size}x{args.depth} ({counts}) in "
-          f"{time.perf_counter() - start:.1f} s")  # fmt: skip
-    return 0
+        ),  # fmt: skip
+        f"{args.num} volumes of {args.size}x{args.size}x{args.depth}",
+    )
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_load_invalid_json_names_the_file(tmp_path):
 def test_load_missing_key_names_file_and_key(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"training": []}))
-    with pytest.raises(DatalistError, match=r"d\.json.*lacks the key 'validation'.*'training'"):
+    with pytest.raises(DatalistError, match=r"d\.json.*lacks the split 'validation'.*'training'"):
         load_datalist(path, "validation")
 
 

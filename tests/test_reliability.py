@@ -334,7 +334,7 @@ def test_unusual_images_and_masks_in_the_bundle_preprocessing(bad_datalist, tmp_
     "content, message",
     [
         ('{"training": [', r"not valid JSON: .* at line 1"),
-        ('{"train": []}', r"lacks the key 'training' \(found: 'train'\)"),
+        ('{"train": []}', r"lacks the split 'training' \(found: 'train'\)"),
         ('{"training": [{"image": "a.png", "text": "x"}]}', r"item 1 of 'training' lacks 'label'"),
         ('{"training": [{"image": "a.png", "label": "b.png", "text": "  "}]}', r"'text' must be a non-empty string"),
     ],

@@ -145,7 +145,9 @@ class DicomSeriesReader(PydicomReader):
                         raise ValueError("no DICOM preamble and no image attributes") from None
                     datasets.append(_with_transfer_syntax(forced))
             except Exception as err:  # pydicom raises many types for truncated or garbled files
-                raise CTReadError(f"{path}: not a valid DICOM file or corrupt ({err}); remove it from {folder}") from err
+                raise CTReadError(
+                    f"{path}: not a valid DICOM file or corrupt ({err}); remove it from {folder}"
+                ) from err
         ordered = self._check_series(list(zip(datasets, files)), folder)
         self.has_series = True
         self.filenames = [[str(path) for _, path in ordered]]
@@ -163,7 +165,8 @@ class DicomSeriesReader(PydicomReader):
         if len(uids) > 1:
             listing = "; ".join(f"{uid or '<none>'} (e.g. {path.name})" for uid, path in uids.items())
             raise CTReadError(
-                f"{folder}: mixed DICOM series, {len(uids)} SeriesInstanceUIDs: {listing}; put each series in its own folder"
+                f"{folder}: mixed DICOM series, {len(uids)} SeriesInstanceUIDs: {listing}; "
+                "put each series in its own folder"
             )
         if len(slices) == 1:
             return slices

@@ -37,6 +37,7 @@ __all__ = [
     "DatalistError",
     "validate_datalist",
     "write_datalist",
+    "read_datalist_split",
     "load_datalist",
     "drop_unusable_images",
     "load_checked_datalist",
@@ -124,6 +125,34 @@ def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> Path
     return path
 
 
+def read_datalist_split(path: Path, split: str, error: type[DatalistError] = DatalistError) -> dict[str, Any]:
+    """Parse the datalist JSON file ``path`` and check that it is an object holding ``split``; the one reader of
+    datalist files, so every caller names the file the same way.
+
+    Args:
+        path: the datalist JSON file.
+        split: the split that must be present.
+        error: the :py:class:`DatalistError` subclass raised.
+
+    Raises:
+        DatalistError: (``error``) naming the file when it is missing, not valid JSON, not an object or lacks
+            ``split``.
+    """
+    if not path.is_file():
+        raise error(f"{path}: datalist file not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not valid JSON: not UTF-8 text ({err})") from err
+    if not isinstance(raw, Mapping):
+        raise error(f"{path}: a datalist must be a JSON object, got {type(raw).__name__}")
+    if split not in raw:
+        raise error(f"{path}: lacks the split {split!r} (found: {', '.join(map(repr, raw)) or 'none'})")
+    return dict(raw)
+
+
 def load_datalist(
     path: str | os.PathLike,
     split: str = "training",
@@ -153,19 +182,7 @@ def load_datalist(
     from monai.data import load_decathlon_datalist
 
     path = Path(path)
-    if not path.is_file():
-        raise DatalistError(f"{path}: datalist file not found")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatalistError(f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
-    except UnicodeDecodeError as err:
-        raise DatalistError(f"{path}: not valid JSON: not UTF-8 text ({err})") from err
-    if not isinstance(raw, Mapping):
-        raise DatalistError(f"{path}: a datalist must be a JSON object, got {type(raw).__name__}")
-    if split not in raw:
-        found = ", ".join(map(repr, raw)) or "none"
-        raise DatalistError(f"{path}: lacks the key {split!r} (found: {found})")
+    raw = read_datalist_split(path, split)
     entries = raw[split]
     if skip_empty_text and isinstance(entries, list):
         keep = [not (isinstance(e, Mapping) and isinstance(e.get("text", ""), str) and not e.get("text", "").strip())

@@ -55,8 +55,11 @@ __all__ = [
     "synthesize_chest_slice",
     "write_ct_dicom",
     "write_dicom_file",
-    "write_nifti_slice",
+    "write_display_nifti",
+    "demo_uid",
+    "zone_rows",
     "split_counts",
+    "write_split_datalist",
     "generate_demo_dataset",
     "ensure_demo_dataset",
     "ensure_generated",
@@ -83,7 +86,6 @@ RESCALE_INTERCEPT = -1024
 HU_AIR, HU_LUNG, HU_SOFT_TISSUE, HU_FAT, HU_BONE = -1000.0, -850.0, 40.0, -100.0, 450.0
 GROUND_GLASS_HU = (-500.0, -300.0)
 
-_UID_NAMESPACE = "himix-monai-demo"
 _MAX_PLACEMENT_TRIES = 60
 
 
@@ -169,7 +171,7 @@ def _add_vessels(rng: np.random.Generator, hu: np.ndarray, lung_mask: np.ndarray
     return np.where(lung_mask, hu + vessels, hu)
 
 
-def _zone_rows(lung_mask: np.ndarray, zone: str) -> tuple[float, float]:
+def zone_rows(lung_mask: np.ndarray, zone: str) -> tuple[float, float]:
     """Row range [low, high) of a zone: the same thirds of the lung field :py:func:`chest_report` uses."""
     rows = np.flatnonzero(lung_mask.any(axis=1))
     top, height = float(rows[0]), float(rows[-1] + 1 - rows[0])
@@ -238,7 +240,7 @@ def _place_lesions(
     mask = np.zeros(hu.shape, dtype=bool)
     placed = []
     for side, zone in cells:
-        field = _place_lesion(rng, lungs[side], _zone_rows(lung_mask, zone), occupied | mask, hu.shape[0])
+        field = _place_lesion(rng, lungs[side], zone_rows(lung_mask, zone), occupied | mask, hu.shape[0])
         if field is None:
             continue
         hu = _paint_lesion(rng, hu, field, lungs[side])
@@ -284,10 +286,12 @@ def synthesize_chest_slice(seed: int, index: int, size: int = 128, decoys: bool 
     )
 
 
-def _uid(seed: int, name: str, kind: str) -> str:
+def demo_uid(seed: int, name: str, kind: str, namespace: str = "himix-monai-demo") -> str:
+    """A DICOM UID derived from the generator's ``namespace``, ``seed``, case ``name`` and UID ``kind`` (e.g.
+    ``"series"``), so that a demo's DICOM files are the same bytes on every run."""
     from pydicom.uid import generate_uid
 
-    return generate_uid(entropy_srcs=[_UID_NAMESPACE, str(seed), name, kind])
+    return generate_uid(entropy_srcs=[namespace, str(seed), name, kind])
 
 
 def write_ct_dicom(hu: np.ndarray, path: str | os.PathLike, seed: int, name: str, pixel_spacing: float) -> Any:
@@ -313,15 +317,15 @@ def write_ct_dicom(hu: np.ndarray, path: str | os.PathLike, seed: int, name: str
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
     rows, columns = hu.shape
-    sop_uid = _uid(seed, name, "sop")
+    sop_uid = demo_uid(seed, name, "sop")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(name, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = _uid(seed, name, "study"), _uid(seed, name, "series")
-    ds.FrameOfReferenceUID = _uid(seed, name, "frame")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = demo_uid(seed, name, "study"), demo_uid(seed, name, "series")
+    ds.FrameOfReferenceUID = demo_uid(seed, name, "frame")
     ds.PatientName, ds.PatientID, ds.PatientSex, ds.PatientBirthDate = f"Demo^{name}", name, "O", ""
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20200301"
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
@@ -372,11 +376,12 @@ def write_dicom_file(dataset: Any, path: str | os.PathLike) -> None:
     pydicom.dcmwrite(path, dataset, write_like_original=False)
 
 
-def write_nifti_slice(display: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a display-orientation 2-D array as a 2-D NIfTI in MONAI layout (the transpose) with ``affine``.
+def write_display_nifti(display: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
+    """Write a display-orientation array (``(row, column)`` or ``(slice, row, column)``) as a NIfTI in MONAI layout
+    (the axes reversed: ``(column, row[, slice])``) with ``affine``.
 
     Args:
-        display: 2-D array (rows, columns), written with its dtype.
+        display: 2-D or 3-D array, written with its dtype.
         affine: 4 x 4 RAS affine of the MONAI layout (e.g. :py:func:`himix_monai.data.ct.dicom_slice_affine`).
         path: the ``.nii.gz`` file.
     """
@@ -405,6 +410,31 @@ def split_counts(num: int, fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS)
     return num - validation - test, validation, test
 
 
+def write_split_datalist(
+    out_dir: Path,
+    items: Sequence[dict[str, str]],
+    description: str,
+    settings: dict[str, Any],
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+) -> Path:
+    """Write ``out_dir/datalist.json`` (atomically) with ``items`` split in order into training, validation and
+    test (:py:func:`split_counts`) and the generator ``settings`` that :py:func:`ensure_generated` compares on reuse.
+    The datalist of both demo generators.
+
+    Returns:
+        The datalist path.
+    """
+    n_train, n_val, _ = split_counts(len(items), split_fractions)
+    datalist = {
+        "description": description,
+        "generator": settings,
+        "training": list(items[:n_train]),
+        "validation": list(items[n_train : n_train + n_val]),
+        "test": list(items[n_train + n_val :]),
+    }
+    return write_datalist(datalist, out_dir / DATALIST_NAME)
+
+
 def _write_case(out_dir: Path, seed: int, index: int, size: int, decoys: bool) -> dict[str, str]:
     name = f"case_{index:04d}"
     case = synthesize_chest_slice(seed, index, size=size, decoys=decoys)
@@ -416,9 +446,9 @@ def _write_case(out_dir: Path, seed: int, index: int, size: int, decoys: bool) -
     }
     dataset = write_ct_dicom(case.hu, paths["image_dicom"], seed, name, FIELD_OF_VIEW_MM / size)
     affine = dicom_slice_affine(dataset)
-    write_nifti_slice(case.hu, affine, paths["image"])
-    write_nifti_slice(case.lesion_mask, affine, paths["label"])
-    write_nifti_slice(case.lung_mask, affine, paths["lung_mask"])
+    write_display_nifti(case.hu, affine, paths["image"])
+    write_display_nifti(case.lesion_mask, affine, paths["label"])
+    write_display_nifti(case.lung_mask, affine, paths["lung_mask"])
     findings = describe_chest_findings(case.lesion_mask, lung_mask=case.lung_mask)
     expected = {side: tuple(zone for zone in LUNG_ZONES if (side, zone) in case.lesion_cells) for side in LUNG_SIDES}
     if findings.count != len(case.lesion_cells) or dict(findings.zones) != expected:
@@ -469,15 +499,13 @@ def generate_demo_dataset(
     for folder in ("images", "labels", "dicom", "lungs"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     items = [_write_case(out_dir, seed, index, size, decoys) for index in range(num)]
-    n_train, n_val, _ = split_counts(num, split_fractions)
-    datalist = {
-        "description": "HiMix-MONAI synthetic chest CT demo (image: 2-D NIfTI in HU; image_dicom: same slice as DICOM)",
-        "generator": demo_settings(num=num, seed=seed, size=size, decoys=decoys),
-        "training": items[:n_train],
-        "validation": items[n_train : n_train + n_val],
-        "test": items[n_train + n_val :],
-    }
-    return write_datalist(datalist, out_dir / DATALIST_NAME)
+    return write_split_datalist(
+        out_dir,
+        items,
+        "HiMix-MONAI synthetic chest CT demo (image: 2-D NIfTI in HU; image_dicom: same slice as DICOM)",
+        demo_settings(num=num, seed=seed, size=size, decoys=decoys),
+        split_fractions,
+    )
 
 
 def demo_settings(num: int = 100, seed: int = 0, size: int = 128, decoys: bool = True) -> dict[str, Any]:

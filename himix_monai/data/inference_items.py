@@ -25,6 +25,7 @@ from typing import Any
 from monai.data.folder_layout import FolderLayoutBase
 
 from himix_monai.errors import DatalistError
+from himix_monai.data.datalist import read_datalist_split
 from himix_monai.data.file_matching import DirectoryIndex, find_image_file
 from himix_monai.data.sheets import read_description_sheet
 from himix_monai.files import IMAGE_EXTENSIONS, PICTURE_EXTENSIONS, dicom_files, is_nifti, split_image_extension
@@ -142,7 +143,9 @@ def read_text_sidecar(path: str | os.PathLike) -> list[tuple[str, str, int]]:
         if not name:
             raise InferenceInputError(f"{unit} {row} of {path}: no image name")
         if name in seen:
-            raise InferenceInputError(f"{unit} {row} of {path}: image {name!r} is listed again (first at {unit} {seen[name]})")
+            raise InferenceInputError(
+                f"{unit} {row} of {path}: image {name!r} is listed again (first at {unit} {seen[name]})"
+            )
         seen[name] = row
     return entries
 
@@ -220,16 +223,7 @@ def _check_default_text(default_text: str | None) -> str | None:
 def _datalist_inputs(
     datalist: Path, split: str, default_text: str | None, base_dir: Path | None
 ) -> list[tuple[Path, str]]:
-    if not datalist.is_file():
-        raise InferenceInputError(f"{datalist}: datalist file not found")
-    try:
-        raw = json.loads(datalist.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InferenceInputError(f"{datalist}: not valid JSON: {err}") from err
-    if not isinstance(raw, Mapping):
-        raise InferenceInputError(f"{datalist}: a datalist must be a JSON object, got {type(raw).__name__}")
-    if split not in raw:
-        raise InferenceInputError(f"{datalist}: lacks the split {split!r} (found: {', '.join(map(repr, raw)) or 'none'})")
+    raw = read_datalist_split(datalist, split, InferenceInputError)
     items = raw[split]
     if not isinstance(items, list):
         raise InferenceInputError(f"{datalist}: {split!r} is a {type(items).__name__}, expected a list of items")
@@ -292,8 +286,10 @@ def _folder_inputs(folder: Path, default_text: str | None) -> list[tuple[Path, s
         text = texts.get(path)
         if text is None:
             if default_text is None:
-                where = f"no entry in {sidecar}" if sidecar is not None else f"no {' or '.join(TEXT_SIDECARS)} in {folder}"
-                raise InferenceInputError(f"{path}: missing text for this image ({where}); add its report or set default_text")
+                where = f"no entry in {sidecar}" if sidecar else f"no {' or '.join(TEXT_SIDECARS)} in {folder}"
+                raise InferenceInputError(
+                    f"{path}: missing text for this image ({where}); add its report or set default_text"
+                )
             text = default_text
         result.append((path, text))
     return result
@@ -365,7 +361,9 @@ def _plain_stem(path: str | os.PathLike) -> str:
     """A file name without its image extension (``.nii.gz`` counted as one); a folder keeps its name."""
     name = Path(os.fspath(path).rstrip("/\\")).name
     stem, extension = split_image_extension(name)
-    return stem if extension.lower() in IMAGE_EXTENSIONS else os.path.splitext(name)[0] if Path(path).is_file() else name
+    if extension.lower() in IMAGE_EXTENSIONS:
+        return stem
+    return os.path.splitext(name)[0] if Path(path).is_file() else name
 
 
 class _NamedLayout(FolderLayoutBase):
@@ -420,7 +418,9 @@ class OutputNames:
                 named[group[0]] = _plain_stem(group[0])
                 continue
             root = os.path.commonpath([os.path.dirname(path) for path in group])
-            relative = {path: Path(os.path.relpath(os.path.dirname(path), root), _plain_stem(path)).as_posix() for path in group}
+            relative = {
+                path: Path(os.path.relpath(os.path.dirname(path), root), _plain_stem(path)).as_posix() for path in group
+            }
             relative = {path: name[2:] if name.startswith("./") else name for path, name in relative.items()}
             counts: dict[str, int] = {}
             for name in relative.values():
@@ -440,7 +440,9 @@ class OutputNames:
         """The output name of ``path`` (without postfix and extension); an unknown path gets its file stem."""
         return self.names.get(os.path.realpath(path)) or _plain_stem(path)
 
-    def path(self, source: str | os.PathLike, output_dir: str | os.PathLike, postfix: str = "", extension: str = "") -> Path:
+    def path(
+        self, source: str | os.PathLike, output_dir: str | os.PathLike, postfix: str = "", extension: str = ""
+    ) -> Path:
         """``<output_dir>/<stem>[_<postfix>]<extension>`` for the input ``source`` (parent folders are created)."""
         suffix = f"_{postfix}" if postfix else ""
         out = Path(output_dir) / f"{self.stem(source)}{suffix}{extension}"

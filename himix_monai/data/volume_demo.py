@@ -9,12 +9,12 @@ lung zones of the report are the same on every slice.
 - **Lesions** (1-3, in distinct named lung zones) are ground-glass **ellipsoids** (-500..-300 HU, smooth edges)
   that span 3-8 slices: on the axial slices their cross-section grows and shrinks. They are in the mask and in the
   report.
-- **Decoys** (2-3 with ``decoys=True``, as many as fit) are **tubes along the slice axis** with the same HU, edge and in-plane
-  size as a lesion: on any one axial slice a decoy is a round ground-glass blob that looks like a lesion
-  cross-section, but it is present on every slice with the same size and its centre moves a little from slice to
-  slice (a vessel-like structure). They are neither in the mask nor in the report. The first decoy is put in the
-  zone of a reported lesion (at the middle slice; placement is retried there until it fits), so the report alone cannot tell it from the lesion: only the
-  neighbouring slices can (this is what ``context_slices`` is for).
+- **Decoys** (2-3 with ``decoys=True``, as many as fit) are **tubes along the slice axis** with the same HU, edge
+  and in-plane size as a lesion: on any one axial slice a decoy is a round ground-glass blob that looks like a
+  lesion cross-section, but it is present on every slice with the same size and its centre moves a little from
+  slice to slice (a vessel-like structure). They are neither in the mask nor in the report. The first decoy is put
+  in the zone of a reported lesion (at the middle slice; placement is retried there until it fits), so the report
+  alone cannot tell it from the lesion: only the neighbouring slices can (this is what ``context_slices`` is for).
 
 The report names the zones of the lesions (one report per volume, the same sentence style as the 2-D demo,
 written by :py:func:`himix_monai.data.reports.format_chest_report` and checked against
@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 
 from himix_monai.data.ct import dicom_slice_affine
-from himix_monai.data.datalist import write_datalist
 from himix_monai.data.demo import (
     DEFAULT_SPLIT_FRACTIONS,
     GROUND_GLASS_HU,
@@ -54,11 +53,14 @@ from himix_monai.data.demo import (
     MIN_SIZE,
     RESCALE_INTERCEPT,
     chest_outline,
+    demo_uid,
     ellipse_radius,
     ensure_generated,
-    split_counts,
     write_ct_dicom,
     write_dicom_file,
+    write_display_nifti,
+    write_split_datalist,
+    zone_rows,
 )
 from himix_monai.data.reports import (
     LUNG_SIDES,
@@ -73,14 +75,12 @@ __all__ = [
     "SLICE_SPACING_MM",
     "SyntheticChestVolume",
     "synthesize_chest_volume",
-    "write_volume_nifti",
     "write_ct_dicom_series",
     "volume_demo_settings",
     "generate_volume_demo_dataset",
     "ensure_volume_demo_dataset",
 ]
 
-DATALIST_NAME = "datalist.json"
 MIN_DEPTH = 8
 """Fewest slices of a demo volume (a lesion spans up to 8 slices)."""
 SLICE_SPACING_MM = 5.0
@@ -118,18 +118,10 @@ class SyntheticChestVolume:
         return format_chest_report(ChestFindings(count=len(self.lesion_cells), zones=zones))
 
 
-def _zone_rows(lung_mask: np.ndarray, zone: str) -> tuple[float, float]:
-    """Row range [low, high) of a zone: the thirds of the lung field that the report uses."""
-    rows = np.flatnonzero(lung_mask.any(axis=1))
-    top, height = float(rows[0]), float(rows[-1] + 1 - rows[0])
-    index = LUNG_ZONES.index(zone)
-    return top + index * height / 3.0 - 0.5, top + (index + 1) * height / 3.0 - 0.5
-
-
 def _cell_of(lungs: dict[str, np.ndarray], lung_mask: np.ndarray, row: float, column: int) -> tuple[str, str]:
     side = "left" if lungs["left"][int(round(row)), column] else "right"
     for zone in LUNG_ZONES:
-        low, high = _zone_rows(lung_mask, zone)
+        low, high = zone_rows(lung_mask, zone)
         if low <= row < high:
             return side, zone
     return side, LUNG_ZONES[-1]
@@ -248,7 +240,7 @@ def synthesize_chest_volume(
         placed = []
         for side, zone in cells:
             keep_clear = binary_dilation(lesion_mask.any(axis=0), iterations=2)
-            field_ = _place_lesion(rng, lungs[side], _zone_rows(lung_mask, zone), keep_clear, depth)
+            field_ = _place_lesion(rng, lungs[side], zone_rows(lung_mask, zone), keep_clear, depth)
             if field_ is None:
                 continue
             hu = _paint(rng, hu, _weight(field_) * lungs[side][None])
@@ -267,7 +259,7 @@ def synthesize_chest_volume(
         keep_clear = binary_dilation(lesion_mask, iterations=2)
         rows, columns = np.nonzero(lung_mask)
         wanted = int(decoy_rng.integers(2, 4))
-        first_zone = _zone_rows(lung_mask, placed[0][1])
+        first_zone = zone_rows(lung_mask, placed[0][1])
         in_first = (rows > first_zone[0] + 1) & (rows < first_zone[1] - 1) & lungs[placed[0][0]][rows, columns]
         for _ in range(_MAX_TRIES * 2):
             if len(decoy_cells) == wanted:
@@ -290,30 +282,6 @@ def synthesize_chest_volume(
         lesion_cells=placed,
         decoy_cells=decoy_cells,
     )
-
-
-def write_volume_nifti(display: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a display-orientation ``(slice, row, column)`` volume as a 3-D NIfTI in MONAI layout
-    ``(column, row, slice)`` with ``affine`` (the layout and affine ``PydicomReader`` gives for the DICOM series).
-
-    Args:
-        display: 3-D array ``(slice, row, column)``, written with its dtype.
-        affine: 4 x 4 RAS affine of the MONAI layout.
-        path: the ``.nii.gz`` file.
-    """
-    import nibabel as nib
-
-    image = nib.Nifti1Image(np.ascontiguousarray(np.transpose(display, (2, 1, 0))), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    nib.save(image, str(path))
-
-
-def _uid(seed: int, name: str, kind: str) -> str:
-    from pydicom.uid import generate_uid
-
-    return generate_uid(entropy_srcs=[_UID_NAMESPACE, str(seed), name, kind])
 
 
 def write_ct_dicom_series(
@@ -339,7 +307,7 @@ def write_ct_dicom_series(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    shared = {kind: _uid(seed, name, kind) for kind in ("study", "series", "frame")}
+    shared = {kind: demo_uid(seed, name, kind, _UID_NAMESPACE) for kind in ("study", "series", "frame")}
     affine = None
     for j, plane in enumerate(hu):
         path = folder / f"slice_{j:03d}.dcm"
@@ -372,8 +340,8 @@ def _write_case(out_dir: Path, seed: int, index: int, size: int, depth: int, dec
         affine = np.diag([-pixel_spacing, -pixel_spacing, SLICE_SPACING_MM, 1.0])
         corner = (size - 1) / 2.0 * pixel_spacing
         affine[:3, 3] = (corner, corner, FIRST_SLICE_MM)  # RAS of the DICOM corner (-c, -c, z) in LPS
-    write_volume_nifti(case.hu, affine, image)
-    write_volume_nifti(case.lesion_mask, affine, label)
+    write_display_nifti(case.hu, affine, image)
+    write_display_nifti(case.lesion_mask, affine, label)
     return item
 
 
@@ -444,16 +412,11 @@ def generate_volume_demo_dataset(
     items = [
         _write_case(out_dir, seed, index, size, depth, decoys, index < settings["dicom_series"]) for index in range(num)
     ]
-    n_train, n_val, _ = split_counts(num, split_fractions)
-    datalist = {
-        "description": "HiMix-MONAI synthetic chest CT volume demo (image: 3-D NIfTI in HU; label: 3-D NIfTI; "
-        "image_dicom: the same volume as a DICOM series; text: one report per volume)",
-        "generator": settings,
-        "training": items[:n_train],
-        "validation": items[n_train : n_train + n_val],
-        "test": items[n_train + n_val :],
-    }
-    return write_datalist(datalist, out_dir / DATALIST_NAME)
+    description = (
+        "HiMix-MONAI synthetic chest CT volume demo (image: 3-D NIfTI in HU; label: 3-D NIfTI; "
+        "image_dicom: the same volume as a DICOM series; text: one report per volume)"
+    )
+    return write_split_datalist(out_dir, items, description, settings, split_fractions)
 
 
 def ensure_volume_demo_dataset(

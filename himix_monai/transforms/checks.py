@@ -117,7 +117,8 @@ class NamedLoadImaged(LoadImaged):
     Examples::
 
         load = NamedLoadImaged(keys="image", image_only=True, reader=PILReader(reverse_indexing=False))
-        load({"image": "cut.png"})  # UnreadableImageError: cut.png: cannot read the image (OSError: image file is truncated) ...
+        load({"image": "cut.png"})
+        # UnreadableImageError: cut.png: cannot read the image (OSError: image file is truncated) ...
     """
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:

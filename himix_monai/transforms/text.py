@@ -200,7 +200,8 @@ class TokenizeTextd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[self.input_ids_key], d[self.attention_mask_key] = self.tokenize(d[key], source=source_name(d["image"], d, "image") if "image" in d else None)
+            source = source_name(d["image"], d, "image") if "image" in d else None
+            d[self.input_ids_key], d[self.attention_mask_key] = self.tokenize(d[key], source=source)
         return d
 
 

@@ -62,12 +62,15 @@ class SliceAxisLastd(MapTransform, InvertibleTransform):
             image = d[key]
             if not isinstance(image, MetaTensor) or image.ndim != 4:
                 raise ValueError(
-                    f"{source_name(image, d, key)}: SliceAxisLastd expects a channel-first 3-D volume (C, X, Y, Z) with "
-                    f"its affine, got {type(image).__name__} of shape {tuple(image.shape)}"
+                    f"{source_name(image, d, key)}: SliceAxisLastd expects a channel-first 3-D volume (C, X, Y, Z) "
+                    f"with its affine, got {type(image).__name__} of shape {tuple(image.shape)}"
                 )
             codes = nib.orientations.aff2axcodes(np.asarray(image.affine, dtype=np.float64), labels=_RAS_LABELS)
             if None in codes:
-                raise ValueError(f"{source_name(image, d, key)}: degenerate affine (an axis of zero length), cannot tell the slice axis")
+                raise ValueError(
+                    f"{source_name(image, d, key)}: degenerate affine (an axis of zero length), "
+                    "cannot tell the slice axis"
+                )
             axis = axial_axis(image.affine)
             order = [a for a in range(3) if a != axis] + [axis]
             self.orientation.axcodes = "".join(codes[a] for a in order)
@@ -130,6 +133,8 @@ class ToPictureLayoutd(MapTransform):
                 continue
             value = d[key]
             if value.ndim != 3:
-                raise ValueError(f"ToPictureLayoutd: {key!r} must be a 2-D channel-first array, got {tuple(value.shape)}")
+                raise ValueError(
+                    f"ToPictureLayoutd: {key!r} must be a 2-D channel-first array, got {tuple(value.shape)}"
+                )
             d[key] = value.swapaxes(-1, -2) if isinstance(value, np.ndarray) else value.transpose(-1, -2)
         return d
