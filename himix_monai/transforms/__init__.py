@@ -1,8 +1,9 @@
-"""MONAI dictionary transforms for HiMix: text tokenisation and report-style augmentation, checks of loaded
+"""MONAI dictionary transforms for HiMix: text tokenisation, report-style augmentation, flips that keep the report true, checks of loaded
 images, masks, the slice axis of CT volumes, the picture layout of predictions and the label map of clients
 such as MONAI Label."""
 
 from .checks import EnsureFinite, EnsureFinited, NamedLoadImaged
+from .flip import RandFlipWithReportd, swap_direction_words
 from .label_map import AsLabelMapd
 from .mask import BinarizeMask, BinarizeMaskd, EnsureImageChannels, EnsureImageChannelsd
 from .text import ReportStyleTextd, TokenizeTextd, to_report_style
@@ -17,9 +18,11 @@ __all__ = [
     "EnsureImageChannels",
     "EnsureImageChannelsd",
     "NamedLoadImaged",
+    "RandFlipWithReportd",
     "ReportStyleTextd",
     "SliceAxisLastd",
     "ToPictureLayoutd",
     "TokenizeTextd",
+    "swap_direction_words",
     "to_report_style",
 ]
