@@ -98,7 +98,7 @@ def score(args: argparse.Namespace, k: int) -> dict[str, object]:
     from monai.transforms import Compose
 
     from himix_monai.checkpoints import load_network_weights
-    from himix_monai.data.volume_demo import synthesize_chest_volume
+    from himix_monai.demo.volumes import synthesize_chest_volume
     from himix_monai.inferers import TextSliceInferer
 
     parser = ConfigParser()

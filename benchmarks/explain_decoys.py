@@ -17,7 +17,7 @@ neither. For each case:
   under the original report, and on the decoy under the rewritten one.
 
 Decoy pixels are found by synthesising each case with and without decoys (same anatomy, lesions and noise:
-:py:func:`himix_monai.data.demo.synthesize_chest_slice`) and taking the pixels that differ.
+:py:func:`himix_monai.demo.slices.synthesize_chest_slice`) and taking the pixels that differ.
 
 Usage::
 
@@ -45,8 +45,8 @@ ZONE_WORDS = {"upper", "middle", "lower", "left", "right"}
 
 def decoy_components(seed: int, index: int, size: int, lesion_mask: np.ndarray) -> list[tuple[tuple[str, str], np.ndarray]]:
     """(cell, mask) of each decoy lesion, display orientation."""
-    from himix_monai.data.demo import synthesize_chest_slice
-    from himix_monai.data.reports import LUNG_ZONES
+    from himix_monai.demo.slices import synthesize_chest_slice
+    from himix_monai.mask_reports import LUNG_ZONES
 
     with_decoys = synthesize_chest_slice(seed, index, size=size, decoys=True)
     without = synthesize_chest_slice(seed, index, size=size, decoys=False)
@@ -84,8 +84,8 @@ def main() -> None:
     from monai.bundle import ConfigParser
     from monai.transforms import Compose, LoadImaged, EnsureChannelFirstd
 
-    from himix_monai.data.demo import generate_demo_dataset
-    from himix_monai.data.reports import ChestFindings, format_chest_report
+    from himix_monai.demo.slices import generate_demo_dataset
+    from himix_monai.mask_reports import ChestFindings, format_chest_report
     from himix_monai.explain import explain, render_word_maps
     from himix_monai.networks.blocks.text_encoder import load_text_tokenizer
 

@@ -60,7 +60,7 @@ def data_ms_per_batch(precision: str, size: int, batch: int) -> float:
     from monai.bundle import ConfigParser
     from monai.data import CacheDataset, DataLoader
 
-    from himix_monai.data.demo import ensure_demo_dataset
+    from himix_monai.demo.slices import ensure_demo_dataset
 
     with tempfile.TemporaryDirectory() as folder:
         ensure_demo_dataset(folder, num=2 * batch, seed=0, size=size)

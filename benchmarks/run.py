@@ -621,7 +621,7 @@ def case_text_cache(settings: Settings, precision: str) -> list[dict]:
 def _pipeline_items(settings: Settings, dataset_dir: Path) -> list[dict]:
     from monai.data import load_decathlon_datalist
 
-    from himix_monai.data.demo import ensure_demo_dataset
+    from himix_monai.demo.slices import ensure_demo_dataset
 
     datalist = ensure_demo_dataset(dataset_dir, num=settings.pipeline_cases, size=settings.pipeline_image_size)
     items: list[dict] = []
@@ -694,7 +694,7 @@ def _write_volume(path: Path, slices: int, size: int) -> None:
     import nibabel as nib
     import numpy as np
 
-    from himix_monai.data.demo import synthesize_chest_slice
+    from himix_monai.demo.slices import synthesize_chest_slice
 
     phantoms = [synthesize_chest_slice(seed=0, index=index, size=size).hu.T for index in range(min(slices, 4))]
     volume = np.stack([phantoms[index % len(phantoms)] for index in range(slices)], axis=-1)

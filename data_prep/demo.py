@@ -1,5 +1,5 @@
 """
-Generate the synthetic chest-CT demo dataset (command line wrapper of :py:mod:`himix_monai.data.demo`)::
+Generate the synthetic chest-CT demo dataset (command line wrapper of :py:mod:`himix_monai.demo.slices`)::
 
     python -m data_prep.demo --out DIR [--num 100] [--seed 0] [--size 128] [--no-decoys]
 
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from himix_monai.data.demo import generate_demo_dataset
+from himix_monai.demo.slices import generate_demo_dataset
 
 __all__ = ["build_parser", "demo_parser", "run_generator", "main"]
 

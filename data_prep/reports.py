@@ -1,5 +1,5 @@
 """
-Write structured lesion reports from masks (command line wrapper of :py:mod:`himix_monai.data.reports`).
+Write structured lesion reports from masks (command line wrapper of :py:mod:`himix_monai.mask_reports`).
 
 Fill the ``text`` of every datalist item from its ``label`` mask::
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from data_prep._cli import LOGGER, check_datalist_files, configure_logging
 from himix_monai.data.datalist import DatalistError, write_datalist
-from himix_monai.data.reports import DEFAULT_MIN_SIZE, REPORT_STYLES, read_mask, report_from_mask
+from himix_monai.mask_reports import DEFAULT_MIN_SIZE, REPORT_STYLES, read_mask, report_from_mask
 from himix_monai.data.skip_report import SkipReason, SkipReport
 from himix_monai.files import IMAGE_EXTENSIONS, write_text_atomically
 
@@ -76,7 +76,7 @@ def fill_datalist_reports(
 
     Every list of items is processed (other top-level keys are copied); only missing or empty texts are filled
     unless ``overwrite``. Relative paths are resolved against ``base_dir``; ``lung_key`` names an item key of a
-    lung mask (chest style); ``kwargs`` go to :py:func:`~himix_monai.data.reports.report_from_mask`.
+    lung mask (chest style); ``kwargs`` go to :py:func:`~himix_monai.mask_reports.report_from_mask`.
 
     Raises:
         ValueError: naming the datalist, split, item and file for a missing ``label`` or an unreadable mask.

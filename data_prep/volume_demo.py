@@ -1,5 +1,5 @@
 """
-Generate the synthetic chest-CT VOLUME demo dataset (command line wrapper of :py:mod:`himix_monai.data.volume_demo`)::
+Generate the synthetic chest-CT VOLUME demo dataset (command line wrapper of :py:mod:`himix_monai.demo.volumes`)::
 
     python -m data_prep.volume_demo --out DIR [--num 24] [--seed 0] [--size 64] [--depth 24] [--dicom-series N]
         [--no-decoys]
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from data_prep.demo import demo_parser, run_generator
-from himix_monai.data.volume_demo import generate_volume_demo_dataset
+from himix_monai.demo.volumes import generate_volume_demo_dataset
 
 __all__ = ["build_parser", "main"]
 

@@ -33,6 +33,7 @@ __all__ = [
     "NonFiniteImageError",
     "UnreadableImageError",
     "DatalistError",
+    "OutOfSpaceError",
     "find_project_error",
     "is_bundle_command_line",
     "install_command_line_excepthook",
@@ -121,3 +122,9 @@ class UnreadableImageError(HiMixError, OSError):
 
 class DatalistError(HiMixError, ValueError):
     """A datalist, an annotation file or one of its rows is invalid; the message names the file (and row)."""
+
+
+class OutOfSpaceError(HiMixError, OSError):
+    """A file could not be written because its disk (or the user's quota) is full; the message names the file, the
+    free space left and what to do. Raised by :py:func:`himix_monai.files.atomic_path`, so no earlier file was
+    replaced."""

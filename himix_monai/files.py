@@ -8,18 +8,22 @@ Readers see the old file or the complete new one, never half of one; and a targe
 replaced by the new file, never written through (``os.replace`` renames over the link itself), so a link left in
 an output folder cannot make a run overwrite a file elsewhere.
 
-This module imports nothing else from the package: every layer may use it.
+This module imports only :py:mod:`himix_monai.errors` from the package: every layer may use it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from monai.data import NibabelWriter, PILWriter
+
+from himix_monai.errors import OutOfSpaceError
 
 __all__ = [
     "PICTURE_EXTENSIONS",
@@ -32,6 +36,7 @@ __all__ = [
     "full_suffix",
     "file_stem",
     "atomic_path",
+    "is_out_of_space",
     "write_text_atomically",
     "fsync_directory",
     "AtomicPILWriter",
@@ -146,6 +151,59 @@ def fsync_directory(folder: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NEARLY_FULL_BYTES = 1 << 20  # below this free space, a failed write is put down to the full disk
+
+
+def _format_bytes(count: float) -> str:
+    """``count`` bytes in the largest unit that keeps the number at least 1 (``"3.2 GB"``)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TB"
+
+
+def is_out_of_space(error: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, comes from a full disk or quota.
+
+    True when an error in its ``__cause__``/``__context__`` chain has errno ``ENOSPC`` or ``EDQUOT``, or when
+    ``folder``'s disk has less than 1 MB left: ``torch.save`` to a file name reports a full disk as a
+    ``RuntimeError`` of its C++ writer, without an errno.
+
+    Args:
+        error: the exception raised by the write.
+        folder: the folder written to.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _NO_SPACE_ERRNOS:
+            return True
+        current = current.__cause__ or current.__context__
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _out_of_space_error(path: Path) -> OutOfSpaceError:
+    """The error that names ``path``, its disk's free space and what to do."""
+    try:
+        usage = shutil.disk_usage(path.parent)
+        space = f" ({_format_bytes(usage.free)} free of {_format_bytes(usage.total)})"
+    except OSError:
+        space = ""
+    error = OutOfSpaceError(
+        f"Could not write {path}: the disk that holds {path.parent} is full{space}. Nothing was replaced: an "
+        f"earlier {path.name} is unchanged and the partly written temporary file was removed. Free space on that "
+        "disk, or write to another folder (--bundle_root, --output_dir), then run the command again."
+    )
+    error.errno = errno.ENOSPC
+    return error
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; moved over ``path`` when the block ends without error.
@@ -153,7 +211,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     The temporary file is in ``path``'s folder (created when missing) and is named ``.<name>.<random><suffix>``:
     ``.tmp`` by default, which :py:func:`himix_monai.run_guard.remove_stale_temp_files` finds after a crash;
     writers that choose the format by extension pass the target's (:py:func:`full_suffix`). It is removed when
-    the block raises. On success it is fsynced, given the usual file permissions, and renamed over ``path``;
+    the block raises; a failure that comes from a full disk (:py:func:`is_out_of_space`) is raised as
+    :py:class:`~himix_monai.errors.OutOfSpaceError`, which names the file and says what to do (the original error
+    is its ``__cause__``). On success it is fsynced, given the usual file permissions, and renamed over ``path``;
     when ``path`` is a symbolic link, the link is replaced and its target is left untouched.
 
     Args:
@@ -167,7 +227,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as error:
+        if is_out_of_space(error, path.parent):
+            raise _out_of_space_error(path) from error
+        raise
     os.close(descriptor)
     temp = Path(temp_name)
     try:
@@ -176,8 +241,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             os.fsync(stream.fileno())
         os.chmod(temp, _file_mode())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
+        out_of_space = isinstance(error, Exception) and is_out_of_space(error, path.parent)
         temp.unlink(missing_ok=True)
+        if out_of_space and not isinstance(error, OutOfSpaceError):
+            raise _out_of_space_error(path) from error
         raise
     fsync_directory(path.parent)
 

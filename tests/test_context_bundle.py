@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from himix_monai.data.volume_demo import ensure_volume_demo_dataset
+from himix_monai.demo.volumes import ensure_volume_demo_dataset
 from tests.test_training_bundle import check_exit, load_state, run_trainings
 
 VOLUMES = {"demo_num_cases": 6, "demo_image_size": 64, "volume_demo_depth": 8, "epochs": 1, "batch_size": 2}

@@ -12,7 +12,7 @@ from monai.data import MetaTensor, PydicomReader
 from monai.transforms import LoadImage
 
 from himix_monai.data.datalist import DatalistError
-from himix_monai.data.volume_demo import generate_volume_demo_dataset, synthesize_chest_volume
+from himix_monai.demo.volumes import generate_volume_demo_dataset, synthesize_chest_volume
 from himix_monai.data.volume_datalist import load_volume_datalist
 from himix_monai.errors import SettingError
 from himix_monai.inferers import TextSliceInferer

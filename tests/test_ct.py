@@ -13,7 +13,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from himix_monai.data.ct import CTReadError, DicomSeriesReader, axial_axis, dicom_slice_affine, radiological_view
-from himix_monai.data.demo import write_dicom_file
+from himix_monai.demo.slices import write_dicom_file
 from himix_monai.inferers import AutocastInferer, TextSliceInferer
 from himix_monai.transforms import SliceAxisLastd
 

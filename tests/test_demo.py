@@ -1,4 +1,4 @@
-"""Tests for himix_monai.data.demo and the data_prep.demo command line tool."""
+"""Tests for himix_monai.demo.slices and the data_prep.demo command line tool."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from skimage.measure import label
 
 from data_prep.demo import main as demo_main
 from himix_monai.data.ct import DicomSeriesReader
-from himix_monai.data.demo import (
+from himix_monai.demo.slices import (
     DemoDatasetMismatchError,
     ensure_demo_dataset,
     generate_demo_dataset,
     split_counts,
     synthesize_chest_slice,
 )
-from himix_monai.data.reports import chest_report, read_mask
+from himix_monai.mask_reports import chest_report, read_mask
 
 SIZE = 96
 

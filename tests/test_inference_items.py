@@ -14,7 +14,7 @@ from PIL import Image
 
 from monai.data import MetaTensor
 
-from himix_monai.data.demo import write_ct_dicom
+from himix_monai.demo.slices import write_ct_dicom
 from himix_monai.data.inference_items import InferenceInputError, build_inference_items, is_volume, read_text_sidecar
 from himix_monai.transforms import ToPictureLayoutd
 

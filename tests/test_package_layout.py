@@ -31,7 +31,12 @@ def test_no_private_names_imported_across_modules():
 
 
 def test_bottom_level_modules_import_nothing_above_them():
-    bottom = {"errors.py": set(), "files.py": set(), "config_utils.py": {"himix_monai.errors"}, "metrics.py": set()}
+    bottom = {
+        "errors.py": set(),
+        "files.py": {"himix_monai.errors"},
+        "config_utils.py": {"himix_monai.errors"},
+        "metrics.py": set(),
+    }
     wrong = [
         f"{name}: imports {module}"
         for name, allowed in bottom.items()
@@ -53,3 +58,18 @@ def test_checkpoint_files_and_handlers_are_split():
     modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m and (m.startswith("monai.handlers") or m.startswith("ignite")) for m in modules)
     assert "himix_monai.checkpoints" in {module for module, _ in _imports(PACKAGE / "handlers.py")}
+
+
+def test_read_path_does_not_import_the_demo_generators():
+    """The demo sets are built on the read path (``himix_monai.demo`` imports ``himix_monai.data``), never the other
+    way round: reading a user's files must not depend on the synthetic-data and report-writing code."""
+    wrong = [
+        f"{path.relative_to(PACKAGE.parent)}: imports {module}"
+        for folder in ("data", "transforms")
+        for path in sorted((PACKAGE / folder).glob("*.py"))
+        for module, _ in _imports(path)
+        if module.startswith(("himix_monai.demo", "himix_monai.mask_reports"))
+    ]
+    assert wrong == []
+    demo_imports = {module for path in (PACKAGE / "demo").glob("*.py") for module, _ in _imports(path)}
+    assert "himix_monai.data.datalist" in demo_imports

@@ -28,10 +28,12 @@ unsafe (pickled objects) or cut checkpoint  CheckpointError naming the file
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -54,6 +56,7 @@ from himix_monai.checkpoints import (
     load_network_weights,
     save_checkpoint_atomically,
 )
+from himix_monai.errors import OutOfSpaceError
 from himix_monai.handlers import AtomicCheckpointSaver, SafeCheckpointLoader, TrainingStateCheckpoint
 from himix_monai.networks import HiMix
 from tests.test_training_bundle import (  # noqa: F401 - fixtures shared with the end-to-end tests
@@ -477,6 +480,42 @@ def test_unsafe_truncated_and_missing_checkpoints_are_named(tmp_path):
         load_checkpoint_file(cut)
     with pytest.raises(CheckpointError, match="checkpoint not found: .*absent.pt"):
         load_network_weights(torch.nn.Linear(1, 1), tmp_path / "absent.pt")
+
+
+@pytest.mark.parametrize("failure", ["errno", "torch_writer"])
+def test_a_full_disk_is_named_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, failure):
+    """Python's writes report a full disk as ``OSError(ENOSPC)``; ``torch.save`` to a file name as a ``RuntimeError``
+    of its C++ writer (no errno), recognised by the disk's free space. Either way the error names the file and says
+    what to do, the earlier file is unchanged and no temporary file is left."""
+    path = save_checkpoint_atomically({"w": torch.ones(3)}, tmp_path / "model.pt")
+
+    def fill_disk(obj, stream, *args, **kwargs):
+        stream.write(b"partial")
+        if failure == "errno":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", fill_disk)
+    if failure == "torch_writer":
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage._replace(free=4096))
+    with pytest.raises(OutOfSpaceError, match="Could not write .*model.pt: the disk that holds .* is full") as info:
+        save_checkpoint_atomically({"w": torch.zeros(3)}, path)
+    assert "Free space on that disk, or write to another folder" in str(info.value)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint_file(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    def fail(obj, stream, *args, **kwargs):
+        raise RuntimeError("not serialisable")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(RuntimeError, match="not serialisable") as info:
+        save_checkpoint_atomically({"w": torch.zeros(3)}, tmp_path / "model.pt")
+    assert not isinstance(info.value, OutOfSpaceError)
 
 
 def test_checkpoint_files_are_written_atomically(tmp_path, monkeypatch):

@@ -168,7 +168,7 @@ def test_train_json_switches_reach_the_trainer_and_the_network(tmp_path):
     from monai.bundle import ConfigParser
     from monai.engines import PrepareBatchExtraInput
 
-    from himix_monai.data.demo import generate_demo_dataset
+    from himix_monai.demo.slices import generate_demo_dataset
 
     configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
     datalist = generate_demo_dataset(tmp_path / "demo", num=6, size=64)

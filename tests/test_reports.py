@@ -1,4 +1,4 @@
-"""Tests for himix_monai.data.reports and the data_prep.reports command line tool."""
+"""Tests for himix_monai.mask_reports and the data_prep.reports command line tool."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data_prep.reports import main as reports_main
-from himix_monai.data.reports import (
+from himix_monai.mask_reports import (
     NO_CHEST_FINDING,
     chest_report,
     count_word,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from himix_monai.data.demo import ensure_demo_dataset
+from himix_monai.demo.slices import ensure_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "bundle" / "configs" / "train.json"
@@ -65,7 +65,7 @@ _PRELOAD = [
     "himix_monai.checkpoints",
     "himix_monai.config_utils",
     "himix_monai.handlers",
-    "himix_monai.data.demo",
+    "himix_monai.demo.slices",
     "tests.test_training_bundle",
 ]
 _CONTEXT: list = []

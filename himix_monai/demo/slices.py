@@ -5,7 +5,7 @@ Each case is one axial slice of a chest phantom in Hounsfield units: air outside
 ellipse of soft tissue (+40 HU) with a fat rim, a vertebra, two lungs (-850 HU, with texture and vessels) and
 1-3 smooth-edged ground-glass lesions (-500..-300 HU) placed in named lung zones (patient left/right x
 upper/middle/lower thirds of the lung field; radiological convention: the patient's right lung is on the image
-left). The report is written from the lesion mask by :py:func:`himix_monai.data.reports.chest_report` (with the
+left). The report is written from the lesion mask by :py:func:`himix_monai.mask_reports.chest_report` (with the
 lung mask as lung field), e.g.
 "Bilateral pulmonary infection, two infected areas, upper left lung and lower right lung."
 
@@ -41,7 +41,7 @@ from filelock import FileLock
 
 from himix_monai.data.ct import dicom_slice_affine
 from himix_monai.data.datalist import write_datalist
-from himix_monai.data.reports import LUNG_SIDES, LUNG_ZONES, describe_chest_findings, format_chest_report
+from himix_monai.mask_reports import LUNG_SIDES, LUNG_ZONES, describe_chest_findings, format_chest_report
 from himix_monai.errors import HiMixError
 
 __all__ = [

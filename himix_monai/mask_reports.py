@@ -3,7 +3,7 @@ Structured lesion reports written from binary masks, in the style of the publish
 QaTa-COV19/MosMedData+ (LViT, Li et al.), "Bilateral pulmonary infection, two infected areas, upper left lung and
 lower right lung.", by :py:func:`chest_report`, and Kvasir-SEG, "one small polyp located in right of the image",
 by :py:func:`generic_report`. Deterministic, so that datasets without text (and the synthetic demo,
-:py:mod:`himix_monai.data.demo`) can be used for text-guided segmentation; ``python -m data_prep.reports``
+:py:mod:`himix_monai.demo.slices`) can be used for text-guided segmentation; ``python -m data_prep.reports``
 applies them to a datalist or a folder of masks (:py:func:`read_mask`).
 
 The report functions take a 2-D mask in *display orientation* (``mask[row, column]``, rows top to bottom,

@@ -2,7 +2,7 @@
 A small synthetic chest-CT VOLUME dataset with one report per volume, for 2.5D (context slices) demos and tests.
 
 Each case is a stack of ``depth`` axial slices of a chest phantom in Hounsfield units, built like the 2-D demo
-(:py:mod:`himix_monai.data.demo`): air, a body ellipse of soft tissue with a fat rim, a vertebra, two lungs
+(:py:mod:`himix_monai.demo.slices`): air, a body ellipse of soft tissue with a fat rim, a vertebra, two lungs
 (-850 HU with texture) and thin bright vessels. The anatomy is constant along the slice axis (a cylinder), so the
 lung zones of the report are the same on every slice.
 
@@ -17,8 +17,8 @@ lung zones of the report are the same on every slice.
   alone cannot tell it from the lesion: only the neighbouring slices can (this is what ``context_slices`` is for).
 
 The report names the zones of the lesions (one report per volume, the same sentence style as the 2-D demo,
-written by :py:func:`himix_monai.data.reports.format_chest_report` and checked against
-:py:func:`~himix_monai.data.reports.describe_chest_findings` of the mask's projection along the slice axis), e.g.
+written by :py:func:`himix_monai.mask_reports.format_chest_report` and checked against
+:py:func:`~himix_monai.mask_reports.describe_chest_findings` of the mask's projection along the slice axis), e.g.
 "Unilateral pulmonary infection, one infected area, upper left lung." Per-slice reports are not written.
 
 Files written under the output folder (``vol_0000`` ...)::
@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from himix_monai.data.ct import dicom_slice_affine
-from himix_monai.data.demo import (
+from himix_monai.demo.slices import (
     DEFAULT_SPLIT_FRACTIONS,
     GROUND_GLASS_HU,
     HU_LUNG,
@@ -62,7 +62,7 @@ from himix_monai.data.demo import (
     write_split_datalist,
     zone_rows,
 )
-from himix_monai.data.reports import (
+from himix_monai.mask_reports import (
     LUNG_SIDES,
     LUNG_ZONES,
     ChestFindings,
@@ -213,7 +213,7 @@ def synthesize_chest_volume(
     Args:
         seed: dataset seed.
         index: case index.
-        size: in-plane size in pixels (square, at least :py:data:`himix_monai.data.demo.MIN_SIZE`).
+        size: in-plane size in pixels (square, at least :py:data:`himix_monai.demo.slices.MIN_SIZE`).
         depth: number of slices (at least :py:data:`MIN_DEPTH`).
         decoys: add 2-3 unreported, unmasked decoy tubes.
 
@@ -289,10 +289,10 @@ def write_ct_dicom_series(
 ) -> np.ndarray:
     """Write a display-orientation ``(slice, row, column)`` HU volume as a CT DICOM series, one file per slice.
 
-    Each slice is made by :py:func:`himix_monai.data.demo.write_ct_dicom` (uint16 stored values, intercept -1024)
+    Each slice is made by :py:func:`himix_monai.demo.slices.write_ct_dicom` (uint16 stored values, intercept -1024)
     and then given the series' shared Study/Series/Frame-of-Reference UIDs, its ``InstanceNumber`` (1, 2, ...)
     and its position (slice ``j`` at ``FIRST_SLICE_MM + j * slice_spacing`` along the axial normal), and written
-    again with :py:func:`~himix_monai.data.demo.write_dicom_file`.
+    again with :py:func:`~himix_monai.demo.slices.write_dicom_file`.
 
     Args:
         hu: int16 HU volume ``(slice, row, column)``.
@@ -394,7 +394,7 @@ def generate_volume_demo_dataset(
         depth: slices per volume (at least :py:data:`MIN_DEPTH`).
         decoys: add the decoy tubes (see the module docstring).
         dicom_series: how many cases are also written as DICOM series; None (default): all.
-        split_fractions: training/validation/test fractions, see :py:func:`himix_monai.data.demo.split_counts`.
+        split_fractions: training/validation/test fractions, see :py:func:`himix_monai.demo.slices.split_counts`.
 
     Returns:
         The datalist path.
@@ -430,9 +430,9 @@ def ensure_volume_demo_dataset(
 ) -> Path:
     """Return the volume demo datalist in ``dataset_dir``, generating the dataset first if it has no datalist.
 
-    The demo generators' rule (:py:func:`himix_monai.data.demo.ensure_generated`): generation under a file lock,
+    The demo generators' rule (:py:func:`himix_monai.demo.slices.ensure_generated`): generation under a file lock,
     and an existing datalist is reused only when it records the same generator settings; otherwise
-    :py:class:`~himix_monai.data.demo.DemoDatasetMismatchError` names the differences and nothing is deleted.
+    :py:class:`~himix_monai.demo.slices.DemoDatasetMismatchError` names the differences and nothing is deleted.
 
     Args:
         dataset_dir: the dataset folder (created).
