@@ -188,17 +188,20 @@ def is_out_of_space(error: BaseException, folder: str | os.PathLike) -> bool:
         return False
 
 
-def _out_of_space_error(path: Path) -> OutOfSpaceError:
-    """The error that names ``path``, its disk's free space and what to do."""
+def _out_of_space_error(path: Path, existed: bool) -> OutOfSpaceError:
+    """The error that names ``path``, its disk's free space and what to do; ``existed`` tells whether an earlier
+    ``path`` was kept. Called before the partial temporary file is removed, so the free space is the space left."""
     try:
         usage = shutil.disk_usage(path.parent)
         space = f" ({_format_bytes(usage.free)} free of {_format_bytes(usage.total)})"
     except OSError:
         space = ""
+    kept = f"the earlier {path.name} is unchanged" if existed else f"no {path.name} was written"
     error = OutOfSpaceError(
-        f"Could not write {path}: the disk that holds {path.parent} is full{space}. Nothing was replaced: an "
-        f"earlier {path.name} is unchanged and the partly written temporary file was removed. Free space on that "
-        "disk, or write to another folder (--bundle_root, --output_dir), then run the command again."
+        f"Could not write {path}: the disk that holds {path.parent} is full{space}. Nothing was replaced: {kept} "
+        "and the partly written temporary file was removed. Free space on that disk, or write to another folder "
+        "(--bundle_root, --output_dir), then run the command again (a training continues from its last saved state "
+        "with --resume true)."
     )
     error.errno = errno.ENOSPC
     return error
@@ -231,7 +234,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     except OSError as error:
         if is_out_of_space(error, path.parent):
-            raise _out_of_space_error(path) from error
+            raise _out_of_space_error(path, path.exists()) from error
         raise
     os.close(descriptor)
     temp = Path(temp_name)
@@ -242,10 +245,13 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         os.chmod(temp, _file_mode())
         os.replace(temp, path)
     except BaseException as error:
-        out_of_space = isinstance(error, Exception) and is_out_of_space(error, path.parent)
+        full_disk = None
+        if isinstance(error, Exception) and not isinstance(error, OutOfSpaceError):
+            if is_out_of_space(error, path.parent):
+                full_disk = _out_of_space_error(path, path.exists())
         temp.unlink(missing_ok=True)
-        if out_of_space and not isinstance(error, OutOfSpaceError):
-            raise _out_of_space_error(path) from error
+        if full_disk is not None:
+            raise full_disk from error
         raise
     fsync_directory(path.parent)
 

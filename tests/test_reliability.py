@@ -501,6 +501,7 @@ def test_a_full_disk_is_named_and_keeps_the_earlier_checkpoint(tmp_path, monkeyp
         monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage._replace(free=4096))
     with pytest.raises(OutOfSpaceError, match="Could not write .*model.pt: the disk that holds .* is full") as info:
         save_checkpoint_atomically({"w": torch.zeros(3)}, path)
+    assert "the earlier model.pt is unchanged" in str(info.value)
     assert "Free space on that disk, or write to another folder" in str(info.value)
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     monkeypatch.undo()
