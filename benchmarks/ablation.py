@@ -46,7 +46,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -190,7 +189,8 @@ def evaluate(
     device: torch.device,
     precision: str,
 ) -> dict[str, Any]:
-    """Run a ``SupervisedEvaluator`` with sigmoid + 0.5 threshold and the bundle's metrics; return :py:func:`summarize`."""
+    """Run a ``SupervisedEvaluator`` with sigmoid + 0.5 threshold and the bundle's metrics; return
+    :py:func:`summarize`."""
     metrics = segmentation_metrics()
     evaluator = SupervisedEvaluator(
         device=device,
@@ -271,7 +271,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, num_workers=0)
 
     net = build_network(variant, args).to(device)
-    if overrides.get("layer_grouping") == "clustering":  # supplement Sec. 6: k-means on the training reports' layer statistics
+    # supplement Sec. 6: k-means on the training reports' layer statistics
+    if overrides.get("layer_grouping") == "clustering":
         tokenize = TokenizeTextd(keys="text", tokenizer=args.tokenizer, max_length=args.max_length)
         ids, masks = zip(*[tokenize.tokenize(item["text"]) for item in train_items[:512]])
         groups = net.fit_layer_clusters(torch.stack(ids), torch.stack(masks), seed=args.seed)

@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = {"none": (), "stages_0_1": (0, 1), "stages_0_2": (0, 1, 2), "all": (0, 1, 2, 3)}
-# --allocator: no checkpointing (the bundle's default), steps alternating between mmap thresholds (32 MiB: glibc's ceiling, where
-# its dynamic threshold ends up after the first steps; 2 MiB: configure_allocator's default; 4 MiB)
+# --allocator: no checkpointing (the bundle's default), steps alternating between mmap thresholds (32 MiB: glibc's
+# ceiling, where its dynamic threshold ends up after the first steps; 2 MiB: configure_allocator's default; 4 MiB)
 ALLOCATOR_VARIANTS = {"32MiB": 32 << 20, "2MiB": 2 << 20, "4MiB": 4 << 20}
 
 

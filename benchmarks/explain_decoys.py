@@ -43,7 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 ZONE_WORDS = {"upper", "middle", "lower", "left", "right"}
 
 
-def decoy_components(seed: int, index: int, size: int, lesion_mask: np.ndarray) -> list[tuple[tuple[str, str], np.ndarray]]:
+def decoy_components(
+    seed: int, index: int, size: int, lesion_mask: np.ndarray
+) -> list[tuple[tuple[str, str], np.ndarray]]:
     """(cell, mask) of each decoy lesion, display orientation."""
     from himix_monai.demo.slices import synthesize_chest_slice
     from himix_monai.mask_reports import LUNG_ZONES
@@ -126,7 +128,9 @@ def main() -> None:
         data = preprocessing({"image": item["image"], "text": item["text"]})
         label = load_label({"label": item["label"]})["label"][0].numpy() > 0  # MONAI layout (column, row)
         named = label
-        decoys = [(cell, comp.T) for cell, comp in decoy_components(args.seed, index, args.size, label.T.astype(np.uint8))]
+        decoys = [
+            (cell, comp.T) for cell, comp in decoy_components(args.seed, index, args.size, label.T.astype(np.uint8))
+        ]
         if not decoys:
             continue
         image = data["image"]
@@ -142,7 +146,9 @@ def main() -> None:
         }  # fmt: skip
         row["named_weighs_most"] = row["named"] > max(row["decoy_means"])
         others = zone_map(maps, zone=False)  # control: the words that name no place
-        row["other_words_named_weighs_most"] = float(others[named].mean()) > max(float(others[m].mean()) for _, m in decoys)
+        row["other_words_named_weighs_most"] = float(others[named].mean()) > max(
+            float(others[m].mean()) for _, m in decoys
+        )
         if "one infected area" in item["text"]:
             cell, target = decoys[0]
             swapped_text = format_chest_report(ChestFindings(1, {cell[0]: (cell[1],)}))
@@ -150,7 +156,8 @@ def main() -> None:
             swapped_zones = zone_map(swapped)
             row.update({
                 "swapped_text": swapped_text,
-                "swapped_target": float(swapped_zones[target].mean()), "swapped_named": float(swapped_zones[named].mean()),
+                "swapped_target": float(swapped_zones[target].mean()),
+                "swapped_named": float(swapped_zones[named].mean()),
                 "prob_target_swapped": float((1 / (1 + np.exp(-swapped.logits)))[target].mean()),
             })  # fmt: skip
             # towards the newly named decoy, relative to the formerly named lesion, compared with before
@@ -181,7 +188,9 @@ def main() -> None:
         "median_shift": float(np.median([r["shift"] for r in swap_rows])) if swap_rows else None,
         "mean_prob_named": float(np.mean([r["prob_named"] for r in rows])) if rows else None,
         "mean_prob_decoy_max": float(np.mean([r["prob_decoy_max"] for r in rows])) if rows else None,
-        "mean_prob_target_after_swap": float(np.mean([r["prob_target_swapped"] for r in swap_rows])) if swap_rows else None,
+        "mean_prob_target_after_swap": (
+            float(np.mean([r["prob_target_swapped"] for r in swap_rows])) if swap_rows else None
+        ),
         "seconds": round(time.time() - began, 1),
     }
     print(json.dumps(summary, indent=1))

@@ -25,7 +25,7 @@ Usage (from the repository root)::
 
     python benchmarks/gpu_smoke.py                       # every check on cuda:0
     python benchmarks/gpu_smoke.py --checks forward_backward,compiled
-    python benchmarks/gpu_smoke.py --device cpu --tiny --checks forward_backward,cpu_checkpoint   # the script's own test
+    python benchmarks/gpu_smoke.py --device cpu --tiny --checks forward_backward,cpu_checkpoint  # the script's own test
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ batch 8, 3x224x224, 24 tokens. Each side trains as its own code does: the offici
 module's ``AdamW(model.parameters(), lr=3e-4)`` and ``DiceCELoss()`` on its sigmoid output, fp32 weights, the
 frozen BERT in fp32, bf16 as plain ``torch.autocast`` around forward and loss; ours as ``benchmarks/run.py``'s
 ``train_step`` (the bundle's set-up: fused AdamW, text encoder stored in the compute dtype,
-``AutocastInferer``; ``--checkpointing`` / ``--allocator`` add ``--gradient_checkpointing true`` / ``--low_memory_allocator true``). Example::
+``AutocastInferer``; ``--checkpointing`` / ``--allocator`` add ``--gradient_checkpointing true`` /
+``--low_memory_allocator true``). Example::
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/official_comparison.py --official /tmp/official \\
         --precisions bf16,fp32 --repeats 2 --output benchmarks/results/official_comparison.jsonl

@@ -892,7 +892,10 @@ def _details(line: dict) -> str:
         return message[-1][:160] if message else ""
     case = line["case"]
     if case == "train_ratio":
-        return f"fp32 {line['fp32_step_ms']:.0f} / bf16 {line['bf16_step_ms']:.0f} ms per step: x{line['bf16_to_fp32']:.3f}"
+        return (
+            f"fp32 {line['fp32_step_ms']:.0f} / bf16 {line['bf16_step_ms']:.0f} ms per step: "
+            f"x{line['bf16_to_fp32']:.3f}"
+        )
     if case.startswith("train_step"):
         malloc = "; low-memory allocator setting" if line.get("allocator_configured") else ""
         malloc += "; gradient checkpointing" if line.get("gradient_checkpointing") else ""

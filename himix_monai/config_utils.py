@@ -24,7 +24,14 @@ from himix_monai.errors import SettingError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["as_bool", "as_image_size", "check_image_size", "check_replaced_setting", "find_bundle_root", "unwrap_network"]
+__all__ = [
+    "as_bool",
+    "as_image_size",
+    "check_image_size",
+    "check_replaced_setting",
+    "find_bundle_root",
+    "unwrap_network",
+]
 
 
 def unwrap_network(network: Any) -> Any:
@@ -132,7 +139,9 @@ def check_replaced_setting(name: str, value: Any, replacement: str, reason: str 
         SettingError: when ``value`` is not None.
     """
     if value is not None:
-        raise SettingError(f"--{name} {value!r}: this setting was replaced by --{replacement}{f' ({reason})' if reason else ''}")
+        raise SettingError(
+            f"--{name} {value!r}: this setting was replaced by --{replacement}{f' ({reason})' if reason else ''}"
+        )
 
 
 def check_image_size(image_size: Any, network: torch.nn.Module | None = None, divisor: int = 32) -> None:

@@ -298,7 +298,9 @@ def _is_finite_number(value: Any) -> bool:
 
 def _non_finite_weights(network: torch.nn.Module) -> list[str]:
     """Names of the floating state-dict tensors that hold NaN or inf; one host sync for the whole network."""
-    floating = [(n, v) for n, v in unwrap_network(network).state_dict().items() if torch.is_tensor(v) and v.is_floating_point()]
+    floating = [
+        (n, v) for n, v in unwrap_network(network).state_dict().items() if torch.is_tensor(v) and v.is_floating_point()
+    ]
     if not floating:
         return []
     finite = torch.stack([torch.isfinite(v).all() for _, v in floating]).cpu()  # the one sync
@@ -715,7 +717,9 @@ def _image_meta(image_key: str) -> Callable[[Any], list[dict[str, Any]]]:
 
     def transform(batch: Any) -> list[dict[str, Any]]:
         items = list(decollate_batch(batch, detach=True)) if isinstance(batch, Mapping) else list(batch or [])
-        return [{"filename_or_obj": meta_filename(item, image_key) if isinstance(item, Mapping) else None} for item in items]
+        return [
+            {"filename_or_obj": meta_filename(item, image_key) if isinstance(item, Mapping) else None} for item in items
+        ]
 
     return transform
 
@@ -850,7 +854,9 @@ class SegmentationMetricsSaver(MetricsSaver):
         names = string_list_all_gather(strings=self._filenames) if world_size > 1 else list(self._filenames)
         results = [("network resolution", self.csv_filename, *self._scores(engine, self.scores, names))]
         if self.original_metrics:
-            results.append(("original resolution", self.original_csv_filename, *self._scores(engine, self.original_metrics, names)))
+            results.append(
+                ("original resolution", self.original_csv_filename, *self._scores(engine, self.original_metrics, names))
+            )
         if idist.get_rank() != self.save_rank:
             return
         summaries = []
@@ -874,7 +880,8 @@ class SegmentationMetricsSaver(MetricsSaver):
 
         for (label, *_), scores in zip(results, summaries):
             logger.info(
-                "Dice %s ± %s, IoU %s ± %s (mean ± std over %d images); global Dice %s, global IoU %s (all pixels)%s",
+                "Dice %s ± %s, IoU %s ± %s (mean ± std over %d images); global Dice %s, global IoU %s "
+                "(all pixels)%s",
                 fmt(scores["dice_mean"]),
                 fmt(scores["dice_std"]),
                 fmt(scores["iou_mean"]),

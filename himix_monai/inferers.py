@@ -279,7 +279,10 @@ class TextSliceInferer(Inferer):
     ) -> None:
         super().__init__()
         self.slicer = SliceInferer(
-            spatial_dim=spatial_dim, roi_size=tuple(int(s) for s in roi_size), sw_batch_size=int(sw_batch_size), **kwargs
+            spatial_dim=spatial_dim,
+            roi_size=tuple(int(s) for s in roi_size),
+            sw_batch_size=int(sw_batch_size),
+            **kwargs,
         )
         self.inferer = inferer if inferer is not None else AutocastInferer()
 
@@ -298,7 +301,8 @@ class TextSliceInferer(Inferer):
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if any(t.shape[0] != 1 for t in tensors) or (tensors and inputs.shape[0] != 1):
             raise ValueError(
-                f"TextSliceInferer: one volume per batch with its text (batch size 1), got a batch of {inputs.shape[0]} "
+                "TextSliceInferer: one volume per batch with its text (batch size 1), "
+                f"got a batch of {inputs.shape[0]} "
                 "volumes; set the volume data loader's batch_size to 1"
             )
 

@@ -70,10 +70,18 @@ def segmentation_metrics(
             MeanIoU(include_background=True, ignore_empty=False), output_transform=pair
         ),
         f"{prefix}global_dice{suffix}": ConfusionMatrix(
-            include_background=True, metric_name="f1 score", compute_sample=False, reduction="sum", output_transform=pair
+            include_background=True,
+            metric_name="f1 score",
+            compute_sample=False,
+            reduction="sum",
+            output_transform=pair,
         ),
         f"{prefix}global_iou{suffix}": ConfusionMatrix(
-            include_background=True, metric_name="threat score", compute_sample=False, reduction="sum", output_transform=pair
+            include_background=True,
+            metric_name="threat score",
+            compute_sample=False,
+            reduction="sum",
+            output_transform=pair,
         ),
     }
 
@@ -149,7 +157,9 @@ def summarize_scores(engine: Engine, metrics: Mapping[str, str | None] | None = 
         if name is None:
             continue
         if name not in engine.state.metrics:
-            raise KeyError(f"metric {name!r} not found in engine.state.metrics (found: {sorted(engine.state.metrics)}).")
+            raise KeyError(
+                f"metric {name!r} not found in engine.state.metrics (found: {sorted(engine.state.metrics)})."
+            )
         out[key] = global_score(engine.state.metrics[name])
     scored = per_image.get("dice", per_image.get("iou"))
     n_images = max((len(v) for v in per_image.values()), default=0)

@@ -126,8 +126,11 @@ def permute_reports(items: Sequence[Mapping[str, Any]], seed: int = 0, text_key:
 
     Examples::
 
-        >>> permute_reports([{"image": "a.png", "text": "left"}, {"image": "b.png", "text": "right"}])
-        [{'image': 'a.png', 'text': 'right', 'report_source': 1}, {'image': 'b.png', 'text': 'left', 'report_source': 0}]
+        >>> permute_reports(
+        ...     [{"image": "a.png", "text": "left"}, {"image": "b.png", "text": "right"}]
+        ... )  # doctest: +NORMALIZE_WHITESPACE
+        [{'image': 'a.png', 'text': 'right', 'report_source': 1},
+         {'image': 'b.png', 'text': 'left', 'report_source': 0}]
     """
     missing = [index for index, item in enumerate(items) if text_key not in item]
     if missing:
@@ -221,7 +224,13 @@ class PrepareBatchReportNoise(PrepareBatchExtraInput):
             input_ids = input_ids.masked_fill(dropped[:, None].to(input_ids.device), 0)
         return input_ids, attention_mask
 
-    def __call__(self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         if (self.drop_prob > 0 or self.mismatch_prob > 0) and self.attention_mask_key in batchdata:
             batchdata = dict(batchdata)
             ids, mask = self.noisy_reports(batchdata[self.input_ids_key], batchdata[self.attention_mask_key])
@@ -358,7 +367,10 @@ class ReportConditionsEvaluation:
         additional = segmentation_metrics()
         key_metric = {"val_mean_dice": additional.pop("val_mean_dice")}
         loader = DataLoader(
-            Dataset(items, transform=self.transform), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+            Dataset(items, transform=self.transform),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
         )
         evaluator = SupervisedEvaluator(
             device=self.device,
@@ -381,7 +393,8 @@ class ReportConditionsEvaluation:
         results: dict[str, Any] = {"matched": condition_scores(engine)}
         permuted_items = permute_reports(self.data, self.seed, self.text_key)
         same_text = sum(
-            str(item[self.text_key]) == str(original[self.text_key]) for item, original in zip(permuted_items, self.data)
+            str(item[self.text_key]) == str(original[self.text_key])
+            for item, original in zip(permuted_items, self.data)
         )
         if "permuted" in self.conditions:
             results["permuted"] = self._evaluate(permuted_items, PrepareBatchExtraInput(self.extra_keys))

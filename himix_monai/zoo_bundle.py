@@ -226,12 +226,16 @@ def export_zoo_bundle(
             config = json.loads(config_file.read_text(encoding="utf-8"))
             _write_json(config_file, _with_scripts_import(config))
 
-    shutil.copytree(package, target / "scripts" / VENDORED_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        package, target / "scripts" / VENDORED_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
     _write_text(target / "scripts" / "__init__.py", SCRIPTS_INIT)
 
     (target / "models").mkdir()
     shutil.copy2(weights, target / WEIGHTS)
-    large_files = {"large_files": [{"path": WEIGHTS, "url": weights_url, "hash_val": _file_hash(weights), "hash_type": HASH_TYPE}]}
+    large_files = {
+        "large_files": [{"path": WEIGHTS, "url": weights_url, "hash_val": _file_hash(weights), "hash_type": HASH_TYPE}]
+    }
     _write_text(target / "large_files.yml", yaml.safe_dump(large_files, sort_keys=False))
 
     _write_json(target / "configs" / "metadata.json", zoo_metadata(json.loads(metadata_file.read_text("utf-8")), pins))

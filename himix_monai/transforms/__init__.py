@@ -1,6 +1,6 @@
-"""MONAI dictionary transforms for HiMix: text tokenisation, report-style augmentation, flips that keep the report true, checks of loaded
-images, masks, the slice axis of CT volumes, the picture layout of predictions and the label map of clients
-such as MONAI Label."""
+"""MONAI dictionary transforms for HiMix: text tokenisation, report-style augmentation, flips that keep the report
+true, checks of loaded images, masks, the slice axis of CT volumes, the picture layout of predictions and the label
+map of clients such as MONAI Label."""
 
 from .checks import EnsureFinite, EnsureFinited, NamedLoadImaged
 from .flip import RandFlipWithReportd, swap_direction_words

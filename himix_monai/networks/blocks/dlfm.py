@@ -88,7 +88,9 @@ def layer_proxy_statistics(hidden_states: Sequence[torch.Tensor], attention_mask
     return torch.stack(rows)
 
 
-def cluster_layer_groups(statistics: torch.Tensor, num_groups: int, num_components: int = 4, seed: int = 0) -> list[list[int]]:
+def cluster_layer_groups(
+    statistics: torch.Tensor, num_groups: int, num_components: int = 4, seed: int = 0
+) -> list[list[int]]:
     """Group the layers by k-means on their proxy statistics reduced with PCA (supplement Sec. 6, "Clustering").
 
     The statistics are standardised per feature, projected on their first ``num_components`` principal
@@ -238,7 +240,11 @@ class DynamicLayerFusion(nn.Module):
         if not self.clustered:
             raise ValueError(f"set_groups is for the 'clustering' grouping; this fusion groups {self.grouping!r}.")
         flat = sorted(int(j) for g in groups for j in g)
-        if len(groups) != self.num_stages or flat != list(range(1, self.num_layers + 1)) or any(len(g) == 0 for g in groups):
+        if (
+            len(groups) != self.num_stages
+            or flat != list(range(1, self.num_layers + 1))
+            or any(len(g) == 0 for g in groups)
+        ):
             raise ValueError(
                 f"groups must split the layers 1..{self.num_layers} into {self.num_stages} non-empty groups, got "
                 f"{[list(g) for g in groups]}."
