@@ -37,6 +37,7 @@ __all__ = [
     "file_stem",
     "atomic_path",
     "is_out_of_space",
+    "out_of_space_error",
     "write_text_atomically",
     "fsync_directory",
     "AtomicPILWriter",
@@ -188,23 +189,32 @@ def is_out_of_space(error: BaseException, folder: str | os.PathLike) -> bool:
         return False
 
 
-def _out_of_space_error(path: Path, existed: bool) -> OutOfSpaceError:
-    """The error that names ``path``, its disk's free space and what to do; ``existed`` tells whether an earlier
-    ``path`` was kept. Called before the partial temporary file is removed, so the free space is the space left."""
+def out_of_space_error(path: str | os.PathLike, outcome: str) -> OutOfSpaceError:
+    """The error for a write of ``path`` that failed on a full disk: it names the file, the space left on its disk
+    and what to do. Call it before removing a partly written file, so that the free space is the space left.
+
+    Args:
+        path: the file that could not be written.
+        outcome: what became of it, one or more sentences (``"Nothing was replaced: ..."``).
+    """
+    path = Path(path)
     try:
         usage = shutil.disk_usage(path.parent)
         space = f" ({_format_bytes(usage.free)} free of {_format_bytes(usage.total)})"
     except OSError:
         space = ""
-    kept = f"the earlier {path.name} is unchanged" if existed else f"no {path.name} was written"
     error = OutOfSpaceError(
-        f"Could not write {path}: the disk that holds {path.parent} is full{space}. Nothing was replaced: {kept} "
-        "and the partly written temporary file was removed. Free space on that disk, or write to another folder "
-        "(--bundle_root, --output_dir), then run the command again (a training continues from its last saved state "
-        "with --resume true)."
+        f"Could not write {path}: the disk that holds {path.parent} is full{space}. {outcome} Free space on that "
+        "disk, or write to another folder (--bundle_root, --output_dir), then run the command again (a training "
+        "continues from its last saved state with --resume true)."
     )
     error.errno = errno.ENOSPC
     return error
+
+
+def _nothing_replaced(path: Path) -> str:
+    kept = f"the earlier {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+    return f"Nothing was replaced: {kept} and the partly written temporary file was removed."
 
 
 @contextmanager
@@ -234,7 +244,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     except OSError as error:
         if is_out_of_space(error, path.parent):
-            raise _out_of_space_error(path, path.exists()) from error
+            raise out_of_space_error(path, _nothing_replaced(path)) from error
         raise
     os.close(descriptor)
     temp = Path(temp_name)
@@ -248,7 +258,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         full_disk = None
         if isinstance(error, Exception) and not isinstance(error, OutOfSpaceError):
             if is_out_of_space(error, path.parent):
-                full_disk = _out_of_space_error(path, path.exists())
+                full_disk = out_of_space_error(path, _nothing_replaced(path))
         temp.unlink(missing_ok=True)
         if full_disk is not None:
             raise full_disk from error

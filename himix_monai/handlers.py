@@ -64,8 +64,8 @@ from himix_monai.checkpoints import (
     strip_module_prefix,
 )
 from himix_monai.config_utils import as_bool, unwrap_network
-from himix_monai.errors import HiMixError
-from himix_monai.files import write_text_atomically
+from himix_monai.errors import HiMixError, OutOfSpaceError
+from himix_monai.files import is_out_of_space, out_of_space_error, write_text_atomically
 from himix_monai.metrics import SCORE_KEYS, summarize_scores
 from himix_monai.transforms.mask import meta_filename
 
@@ -649,7 +649,8 @@ class StopOnNonFiniteLoss:
 class LossCSVWriter:
     """Append every iteration's loss to a CSV file: ``epoch,iteration,loss`` (full precision).
 
-    The file is created with a header when missing and appended to otherwise, so a resumed run continues it. At
+    The file is created (atomically) with a header when missing and appended to otherwise, so a resumed run
+    continues it; a symbolic link in its place is replaced by a file, never written through. At
     its first iteration the run drops the rows of that iteration and later ones (written by a run that was killed
     after its last checkpoint, or by an earlier run in the folder), so that every iteration is in the file once:
     a run resumed at iteration N keeps rows 1..N, a fresh run starts a new file. In a ``torch.distributed`` job
@@ -681,11 +682,21 @@ class LossCSVWriter:
         if not self._started:
             self._started = True
             self._drop_rows_from(int(engine.state.iteration))
-        new = not self.filename.is_file()
-        with open(self.filename, "a", encoding="utf-8") as stream:
-            if new:
-                stream.write("epoch,iteration,loss\n")
-            stream.write(f"{engine.state.epoch},{engine.state.iteration},{value!r}\n")
+        row = f"{engine.state.epoch},{engine.state.iteration},{value!r}\n"
+        try:
+            if self.filename.is_file():
+                descriptor = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+                with os.fdopen(descriptor, "a", encoding="utf-8") as stream:
+                    stream.write(row)
+            else:
+                write_text_atomically(self.filename, "epoch,iteration,loss\n" + row)
+        except OutOfSpaceError:
+            raise
+        except OSError as error:
+            if is_out_of_space(error, self.filename.parent):
+                outcome = f"The loss of iteration {engine.state.iteration} is missing or cut short at its end."
+                raise out_of_space_error(self.filename, outcome) from error
+            raise
 
     def _drop_rows_from(self, iteration: int) -> None:
         """Rewrite the file (atomically) without the rows of ``iteration`` and later ones."""
@@ -697,11 +708,9 @@ class LossCSVWriter:
             fields = line.split(",")
             if len(fields) >= 3 and fields[1].strip().isdigit() and int(fields[1]) < iteration:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        if len(kept) == len(lines):
+        if len(kept) == len(lines) and not self.filename.is_symlink():
             return
-        temp = self.filename.with_name(f".{self.filename.name}.{os.getpid()}.tmp")
-        temp.write_text("".join(kept), encoding="utf-8")
-        os.replace(temp, self.filename)
+        write_text_atomically(self.filename, "".join(kept))  # also replaces a link by a file of its own
         logger.info(f"{self.filename}: dropped {len(lines) - len(kept)} rows from iteration {iteration} on.")
 
 

@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from himix_monai.files import write_text_atomically
+
 __all__ = ["ZooBundleError", "export_zoo_bundle", "pinned_requirements", "zoo_metadata", "main"]
 
 PROJECT_DISTRIBUTION = "himix-monai"
@@ -166,8 +168,7 @@ def _with_scripts_import(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    write_text_atomically(path, text)
 
 
 def _write_json(path: Path, content: Any) -> None:
