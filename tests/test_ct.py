@@ -7,7 +7,6 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImage, LoadImaged
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
