@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +51,7 @@ from monai.config import PathLike
 from monai.data import MetaTensor, decollate_batch
 from monai.utils import IgniteInfo, convert_to_numpy, min_version, optional_import
 
-from himix_monai.files import file_stem
+from himix_monai.files import file_stem, write_new_file
 from himix_monai.networks.blocks.head import subpixel_segmentation_head
 from himix_monai.tokenizers import load_text_tokenizer
 from himix_monai.transforms.mask import meta_filename
@@ -424,34 +422,6 @@ def render_word_maps(
     return np.asarray(canvas)
 
 
-def _write_new(path: Path, write: Any) -> Path:
-    """Write a new file atomically, never replacing one: ``stem.ext``, else ``stem_1.ext``, ``stem_2.ext``, ...
-
-    ``write(file_object)`` fills a temporary file in the same folder, which is then hard-linked to the first
-    free name (``os.link`` fails rather than replace an existing file or symlink) and removed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-        stem, suffix = path.name[: -len("".join(path.suffixes))], "".join(path.suffixes)
-        for attempt in range(10000):
-            candidate = path if attempt == 0 else path.with_name(f"{stem}_{attempt}{suffix}")
-            try:
-                os.link(temp, candidate)
-                return candidate
-            except FileExistsError:
-                continue
-        raise FileExistsError(f"no free file name for {path} (tried 10000).")
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
 def save_word_maps(output_dir: PathLike, stem: str, image: Any, maps: WordMaps) -> tuple[Path, Path]:
     """
     Write ``<output_dir>/<stem>_words.png`` (:py:func:`render_word_maps`) and ``<stem>_words.npz`` (the raw
@@ -466,14 +436,14 @@ def save_word_maps(output_dir: PathLike, stem: str, image: Any, maps: WordMaps) 
 
     output_dir = Path(output_dir)
     rgb = render_word_maps(image, maps)
-    png = _write_new(output_dir / f"{stem}_words.png", lambda f: Image.fromarray(rgb).save(f, format="PNG"))
+    png = write_new_file(output_dir / f"{stem}_words.png", lambda f: Image.fromarray(rgb).save(f, format="PNG"))
     meta = json.dumps({"words": maps.words, "token_indices": maps.token_indices, "units": "logits",
                        "map": "logits(report) - logits(report without the word)"})  # fmt: skip
     arrays = {
         "word_maps": maps.word_maps, "stage_maps": maps.stage_maps, "word_stage_maps": maps.word_stage_maps,
         "report_map": maps.report_map, "logits": maps.logits, "mask": maps.mask, "meta": np.array(meta),
     }  # fmt: skip
-    npz = _write_new(png.with_suffix(".npz"), lambda f: np.savez_compressed(f, **arrays))
+    npz = write_new_file(png.with_suffix(".npz"), lambda f: np.savez_compressed(f, **arrays))
     if png.name != f"{stem}_words.png" or npz.stem != png.stem:
         logger.info("explanation files existed already; wrote %s and %s", png.name, npz.name)
     return png, npz

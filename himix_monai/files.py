@@ -17,9 +17,10 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from monai.data import NibabelWriter, PILWriter
 
@@ -38,6 +39,7 @@ __all__ = [
     "atomic_path",
     "is_out_of_space",
     "out_of_space_error",
+    "write_new_file",
     "write_text_atomically",
     "fsync_directory",
     "AtomicPILWriter",
@@ -218,7 +220,7 @@ def _nothing_replaced(path: Path) -> str:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", replace: bool = True) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to; moved over ``path`` when the block ends without error.
 
     The temporary file is in ``path``'s folder (created when missing) and is named ``.<name>.<random><suffix>``:
@@ -227,11 +229,14 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     the block raises; a failure that comes from a full disk (:py:func:`is_out_of_space`) is raised as
     :py:class:`~himix_monai.errors.OutOfSpaceError`, which names the file and says what to do (the original error
     is its ``__cause__``). On success it is fsynced, given the usual file permissions, and renamed over ``path``;
-    when ``path`` is a symbolic link, the link is replaced and its target is left untouched.
+    when ``path`` is a symbolic link, the link is replaced and its target is left untouched. With
+    ``replace=False`` it is hard-linked to ``path`` instead, which raises ``FileExistsError`` (and writes nothing)
+    when ``path`` exists, also as a link: :py:func:`write_new_file` uses it.
 
     Args:
         path: the file to write.
         suffix: the end of the temporary file's name.
+        replace: replace an existing ``path`` (default), or refuse to.
 
     Examples::
 
@@ -253,7 +258,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         with open(temp, "rb+") as stream:
             os.fsync(stream.fileno())
         os.chmod(temp, _file_mode())
-        os.replace(temp, path)
+        if replace:
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)
+            temp.unlink()
     except BaseException as error:
         full_disk = None
         if isinstance(error, Exception) and not isinstance(error, OutOfSpaceError):
@@ -264,6 +273,39 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             raise full_disk from error
         raise
     fsync_directory(path.parent)
+
+
+def write_new_file(path: str | os.PathLike, write: Callable[[BinaryIO], Any], attempts: int = 10000) -> Path:
+    """Write a new file atomically, never replacing one: ``path``, else ``<stem>_1<ext>``, ``<stem>_2<ext>`` ...
+
+    Each name is written with :py:func:`atomic_path` (``replace=False``), so a name taken by another process
+    between the check and the write is skipped, never replaced.
+
+    Args:
+        path: the preferred file name.
+        write: fills the open binary file it is given, e.g. ``lambda f: np.savez_compressed(f, **arrays)``.
+        attempts: how many names to try.
+
+    Returns:
+        The path written.
+
+    Examples::
+
+        png = write_new_file(Path("maps/case_1_words.png"), lambda f: Image.fromarray(rgb).save(f, format="PNG"))
+    """
+    path = Path(path)
+    stem, extension = split_image_extension(path.name)
+    for attempt in range(attempts):
+        candidate = path if attempt == 0 else path.with_name(f"{stem}_{attempt}{extension}")
+        if candidate.exists() or candidate.is_symlink():
+            continue
+        try:
+            with atomic_path(candidate, replace=False) as temp, open(temp, "wb") as stream:
+                write(stream)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"No free file name for {path} (tried {attempts}): move the earlier files away.")
 
 
 def write_text_atomically(path: str | os.PathLike, text: str, newline: str | None = None) -> Path:
