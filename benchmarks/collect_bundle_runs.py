@@ -9,13 +9,20 @@ epoch's ``Complete``), the epoch times, the peak RSS and, when ``evaluate.json``
 ``summary.json``.
 
     python benchmarks/collect_bundle_runs.py /tmp/k19/run_a /tmp/k19/run_b --out results.json
+
+``--compare RUN_A RUN_B`` instead prints the paired difference of the two runs' evaluations (B - A) on the same
+images, from ``eval/per_image_metrics.csv`` (network resolution) and ``eval/per_image_metrics_original_resolution.csv``:
+the mean of the per-image Dice differences and its standard error (their standard deviation over sqrt(n)).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import re
+import statistics
 from datetime import datetime
 from pathlib import Path
 
@@ -60,12 +67,44 @@ def collect(run: Path) -> dict:
     return record
 
 
+PER_IMAGE_FILES = {"network": "per_image_metrics.csv", "original": "per_image_metrics_original_resolution.csv"}
+
+
+def _per_image_dice(path: Path) -> dict[str, float]:
+    with open(path, newline="", encoding="utf-8") as stream:
+        return {row["image"]: float(row["dice"]) for row in csv.DictReader(stream) if row.get("dice") not in ("", None)}
+
+
+def paired_difference(run_a: Path, run_b: Path) -> dict:
+    """Dice of ``run_b`` minus ``run_a`` on the images both scored, per resolution: mean, standard error, n."""
+    result: dict = {"a": run_a.name, "b": run_b.name}
+    for resolution, name in PER_IMAGE_FILES.items():
+        if not ((run_a / "eval" / name).is_file() and (run_b / "eval" / name).is_file()):
+            continue
+        dice_a, dice_b = _per_image_dice(run_a / "eval" / name), _per_image_dice(run_b / "eval" / name)
+        differences = [dice_b[image] - dice_a[image] for image in sorted(dice_a.keys() & dice_b.keys())]
+        if len(differences) < 2:
+            continue
+        result[resolution] = {
+            "n": len(differences),
+            "mean_difference": round(statistics.fmean(differences), 4),
+            "standard_error": round(statistics.stdev(differences) / math.sqrt(len(differences)), 4),
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (bundle roots with log.txt)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders (bundle roots with log.txt)")
     parser.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"), help="paired Dice, B - A")
     args = parser.parse_args(argv)
-    text = json.dumps([collect(run) for run in args.runs], indent=1) + "\n"
+    if bool(args.runs) == bool(args.compare):
+        parser.error("give run folders to collect, or --compare RUN_A RUN_B")
+    if args.compare:
+        text = json.dumps(paired_difference(*args.compare), indent=1) + "\n"
+    else:
+        text = json.dumps([collect(run) for run in args.runs], indent=1) + "\n"
     if args.out:
         args.out.write_text(text)
     else:

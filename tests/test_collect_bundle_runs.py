@@ -35,3 +35,26 @@ def test_collects_dice_times_memory_and_evaluation(tmp_path):
     assert record["training_wall_seconds"] == 133.1  # 21:28:08.258 -> 21:30:21.328
     assert record["peak_rss_mb"] == 2146 and record["overrides"] == "--epochs 2"
     assert record["evaluation"] == {"dice_mean": 0.6}
+
+
+def test_compare_gives_the_paired_dice_difference_on_shared_images(tmp_path):
+    rows = {
+        "a": [("x.jpg", 0.5), ("y.jpg", 0.7), ("z.jpg", 0.9)],
+        "b": [("x.jpg", 0.6), ("y.jpg", 0.9), ("w.jpg", 0.1)],
+    }
+    for run, scores in rows.items():
+        (tmp_path / run / "eval").mkdir(parents=True)
+        lines = ["image,dice,iou"] + [f"{image},{dice},0.5" for image, dice in scores]
+        (tmp_path / run / "eval" / "per_image_metrics.csv").write_text("\n".join(lines) + "\n")
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--compare", str(tmp_path / "a"), str(tmp_path / "b")],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    result = json.loads(completed.stdout)
+    assert result["network"] == {"n": 2, "mean_difference": 0.15, "standard_error": 0.05}  # x: +0.1, y: +0.2
+    assert "original" not in result  # no original-resolution CSVs
+
+
+def test_runs_and_compare_are_exclusive(tmp_path):
+    completed = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--compare", "a", "b"], capture_output=True)
+    assert completed.returncode == 2
