@@ -270,7 +270,8 @@ def test_bundle_text_tokens_and_encoder_levels_reach_the_network(tiny_text_model
 
 def test_kvasir_cpu_preset_builds_its_network():
     """``datasets/kvasir_cpu.json`` merged after ``train.json``: RGB resnet18 (strides 4-32), offline MiniLM text,
-    bf16, real data (no demo), report-aware flips on, and an image size the encoder accepts."""
+    bf16, real data (no demo), report-aware flips off (they did not help over three seeds) but wired in, and an image
+    size the encoder accepts."""
     from monai.bundle import ConfigParser
 
     from himix_monai.config_utils import check_image_size
@@ -280,7 +281,7 @@ def test_kvasir_cpu_preset_builds_its_network():
     parser.read_config([str(TRAIN_CONFIG), str(REPO / "bundle" / "configs" / "datasets" / "kvasir_cpu.json")])
     assert parser["use_demo_data"] is False and parser["precision"] == "bf16" and parser["in_channels"] == 3
     flips = parser.get_parsed_content("train#augmentation")[-2:]
-    assert [(flip.prob, flip.word_pairs) for flip in flips] == [(0.5, HORIZONTAL_WORDS), (0.5, VERTICAL_WORDS)]
+    assert [(flip.prob, flip.word_pairs) for flip in flips] == [(0.0, HORIZONTAL_WORDS), (0.0, VERTICAL_WORDS)]
     net = parser.get_parsed_content("network_def")
     assert net.image_encoder.reductions == [4, 8, 16, 32] and len(net.stages) == 3
     assert net.text_encoder is not None and net.text_encoder.num_layers == 6  # MiniLM-L6
