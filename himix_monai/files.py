@@ -245,15 +245,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", replace: bool = T
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    temp: Path | None = None
     try:
         descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    except OSError as error:
-        if is_out_of_space(error, path.parent):
-            raise out_of_space_error(path, _nothing_replaced(path)) from error
-        raise
-    os.close(descriptor)
-    temp = Path(temp_name)
-    try:
+        os.close(descriptor)
+        temp = Path(temp_name)
         yield temp
         with open(temp, "rb+") as stream:
             os.fsync(stream.fileno())
@@ -268,7 +264,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", replace: bool = T
         if isinstance(error, Exception) and not isinstance(error, OutOfSpaceError):
             if is_out_of_space(error, path.parent):
                 full_disk = out_of_space_error(path, _nothing_replaced(path))
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
         if full_disk is not None:
             raise full_disk from error
         raise
