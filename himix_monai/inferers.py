@@ -4,8 +4,9 @@ Inferers for the HiMix bundle.
 - :py:class:`AutocastInferer` runs the network under ``torch.autocast`` (bf16 / fp16) on whatever device the
   input is on and returns float32, so trainer, evaluator and inference share one mixed-precision switch
   (MONAI's ``amp=True`` autocasts on CUDA only).
-- :py:class:`TextPromptInferer` supplies a fixed text prompt to a text-guided network that is called with
-  the image only, as MONAI Label does (``inferer(data["image"][None], network)``).
+- :py:class:`TextPromptInferer` supplies a text prompt (per request from the image's metadata, or fixed) to a
+  text-guided network that is called with the image only, as MONAI Label does
+  (``inferer(data["image"][None], network)``).
 - :py:class:`TextSliceInferer` runs the 2-D network over a volume slice by slice (MONAI's ``SliceInferer``),
   with the volume's text given to every slice.
 """
@@ -21,7 +22,7 @@ import torch
 from monai.inferers import Inferer, SimpleInferer, SliceInferer
 
 from himix_monai.precision import as_dtype
-from himix_monai.transforms.text import TokenizeTextd
+from himix_monai.transforms.text import PROMPT_META_KEY, TokenizeTextd
 
 __all__ = ["AutocastInferer", "TextPromptInferer", "TextSliceInferer", "compute_dtype", "has_native_bf16"]
 
@@ -163,21 +164,28 @@ class AutocastInferer(SimpleInferer):
 
 class TextPromptInferer(AutocastInferer):
     """
-    Inferer that gives a text-guided network a fixed text prompt when it is called with the image only.
+    Inferer that gives a text-guided network its text prompt when it is called with the image only.
 
-    MONAI Label calls ``inferer(data["image"][None], network)`` without text. This inferer tokenises
-    ``text_prompt`` once (with the tokenizer loading of :py:class:`~himix_monai.transforms.text.TokenizeTextd`)
-    and calls ``network(image, input_ids, attention_mask)`` with the tokens repeated over the batch and moved
-    to the image's device. With an empty or None ``text_prompt`` the network is called without text (and
-    any extra arguments of the caller are passed on, as by :py:class:`AutocastInferer`).
+    MONAI Label calls ``inferer(data["image"][None], network)`` without text. The prompt comes from one of two
+    places, the first that has one:
 
-    A caller that supplies its own text arguments while ``text_prompt`` is set is an error (ambiguous
-    which text is meant): use :py:class:`AutocastInferer` to pass the batch's text.
+    1. the image's metadata: a ``MetaTensor`` input whose ``meta["text_prompt"]`` holds a string (put there per
+       request by :py:class:`~himix_monai.transforms.text.TextPromptToMetad` from the client's raw value), or a
+       sequence of strings, one per batch item (a collated batch);
+    2. ``text_prompt``, fixed when the inferer is built (the bundle's ``--text_prompt`` setting).
+
+    The prompt is tokenised (with the tokenizer loading of :py:class:`~himix_monai.transforms.text.TokenizeTextd`)
+    and the network is called as ``network(image, input_ids, attention_mask)`` with the tokens on the image's
+    device. Without a prompt the network is called without text (and any extra arguments of the caller are
+    passed on, as by :py:class:`AutocastInferer`). A prompt is data: it is never given to a config parser.
+
+    A caller that supplies its own text arguments while a prompt is set is an error (ambiguous which text is
+    meant): use :py:class:`AutocastInferer` to pass the batch's text.
 
     Args:
-        text_prompt: the prompt, e.g. ``"Bilateral pulmonary infection, two infected areas."``; empty or
-            None for no text.
-        tokenizer: hub name, local directory or tokenizer instance; required when ``text_prompt`` is set.
+        text_prompt: the fixed prompt, e.g. ``"Bilateral pulmonary infection, two infected areas."``; empty or
+            None for none (a prompt in the image's metadata is still used).
+        tokenizer: hub name, local directory or tokenizer instance; required for any prompt.
         max_length: token length, as used in training (default 24).
         precision: autocast precision, see :py:class:`AutocastInferer`.
 
@@ -195,28 +203,71 @@ class TextPromptInferer(AutocastInferer):
 
     def __init__(
         self,
-        text_prompt: str | None,
+        text_prompt: str | None = None,
         tokenizer: Any = None,
         max_length: int = 24,
         precision: str = "fp32",
     ) -> None:
         super().__init__(precision=precision)
+        if text_prompt is not None and not isinstance(text_prompt, str):
+            raise TypeError(f"text_prompt must be a string or None, got {type(text_prompt).__name__}.")
         self.text_prompt = text_prompt if text_prompt and text_prompt.strip() else None
-        self._tokenize: TokenizeTextd | None = None
-        if self.text_prompt is not None:
-            if tokenizer is None:
-                raise ValueError("TextPromptInferer needs a tokenizer when text_prompt is set.")
-            self._tokenize = TokenizeTextd(keys="text", tokenizer=tokenizer, max_length=max_length)
+        if self.text_prompt is not None and tokenizer is None:
+            raise ValueError("TextPromptInferer needs a tokenizer when text_prompt is set.")
+        self._tokenize = (
+            None if tokenizer is None else TokenizeTextd(keys="text", tokenizer=tokenizer, max_length=max_length)
+        )
         self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prompt_tokens(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(input_ids, attention_mask)`` of the prompt, each ``(1, max_length)`` on CPU; None without prompt."""
+        """``(input_ids, attention_mask)`` of the fixed prompt, each ``(1, max_length)`` on CPU; None without one."""
         if self._tokenize is None or self.text_prompt is None:
             return None
         if self._tokens is None:
             input_ids, attention_mask = self._tokenize.tokenize(self.text_prompt, source="text_prompt")
             self._tokens = (input_ids[None], attention_mask[None])
         return self._tokens
+
+    def _metadata_prompts(self, inputs: torch.Tensor) -> list[str] | None:
+        """The per-item prompts of ``inputs``' metadata (one per batch item), or None when it has none."""
+        meta = getattr(inputs, "meta", None)
+        prompts = meta.get(PROMPT_META_KEY) if isinstance(meta, Mapping) else None
+        if prompts is None:
+            return None
+        batch = int(inputs.shape[0])
+        prompts = [prompts] * batch if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(
+                f"the image metadata's {PROMPT_META_KEY!r} must be a string or one string per batch item "
+                f"({batch}), got {prompts!r:.120}."
+            )
+        if not any(p.strip() for p in prompts):
+            return None
+        if not all(p.strip() for p in prompts):
+            raise ValueError(
+                f"a batch mixes images with and without a {PROMPT_META_KEY!r}: give every image of a batch a "
+                "report, or none (batch size 1 allows both)."
+            )
+        return prompts
+
+    def tokens_for(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(input_ids, attention_mask)`` of shape ``(B, max_length)`` on ``inputs``' device, or None for no text.
+
+        Args:
+            inputs: the image batch; a ``MetaTensor`` may carry per-request prompts in its metadata.
+        """
+        prompts = self._metadata_prompts(inputs)
+        if prompts is None:
+            tokens = self.prompt_tokens()
+            if tokens is None:
+                return None
+            return tuple(t.to(inputs.device).expand(inputs.shape[0], -1) for t in tokens)  # type: ignore[return-value]
+        if self._tokenize is None:
+            raise ValueError("TextPromptInferer needs a tokenizer to read the prompt in the image's metadata.")
+        pairs = [self._tokenize.tokenize(p, source=PROMPT_META_KEY) for p in prompts]
+        input_ids = torch.stack([ids for ids, _ in pairs]).to(inputs.device)
+        attention_mask = torch.stack([mask for _, mask in pairs]).to(inputs.device)
+        return input_ids, attention_mask
 
     def __call__(
         self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any
@@ -225,23 +276,21 @@ class TextPromptInferer(AutocastInferer):
         Args:
             inputs: image batch ``(B, C, H, W)``.
             network: the text-guided model, called as ``network(inputs, input_ids, attention_mask)``.
-            args: must be empty when ``text_prompt`` is set.
-            kwargs: must be empty when ``text_prompt`` is set.
+            args: must be empty when a prompt is set.
+            kwargs: must be empty when a prompt is set.
 
         Returns:
             the network output with floating tensors in float32.
         """
-        tokens = self.prompt_tokens()
+        tokens = self.tokens_for(inputs)
         if tokens is None:
             return super().__call__(inputs, network, *args, **kwargs)
         if args or kwargs:
             raise ValueError(
-                "TextPromptInferer has a fixed text_prompt but the caller also passed text arguments; "
+                "TextPromptInferer has a text prompt but the caller also passed text arguments; "
                 "use AutocastInferer to pass the batch's text, or clear text_prompt."
             )
-        batch = inputs.shape[0]
-        input_ids, attention_mask = (t.to(inputs.device).expand(batch, -1) for t in tokens)
-        return super().__call__(inputs, network, input_ids, attention_mask)
+        return super().__call__(inputs, network, *tokens)
 
 
 class TextSliceInferer(Inferer):

@@ -322,7 +322,7 @@ def test_png_and_volume_masks_share_the_layout_of_the_source(trained, tmp_path):
 
 
 def test_monai_label_route_uses_the_text_prompt(trained):
-    """MONAI Label: copies request values into ``displayable_configs``, then calls ``inferer(image[None], net)``."""
+    """MONAI Label: copies request values into ``displayable_configs`` and ``data``, then calls ``inferer(image[None], net)``."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     parser.config.update({"bundle_root": str(trained)})  # as MONAI Label's _load_bundle_config
@@ -338,9 +338,10 @@ def test_monai_label_route_uses_the_text_prompt(trained):
     for prompt in (PROMPT_A, PROMPT_B, ""):
         parser["displayable_configs"].update({"text_prompt": prompt})
         parser.parse()
-        data = parser.get_parsed_content("preprocessing", instantiate=True)({"image": image})
+        # MONAI Label merges the request into ``data``: the prompt travels with the image, not through the config
+        data = parser.get_parsed_content("preprocessing", instantiate=True)({"image": image, "text_prompt": prompt})
         inferer = parser.get_parsed_content("inferer", instantiate=True)
-        assert inferer.text_prompt == (prompt or None)
+        assert inferer.text_prompt is None and data["image"].meta.get("text_prompt", "") == prompt
         with torch.no_grad():
             outputs[prompt] = inferer(data["image"][None], network)
         assert outputs[prompt].shape == (1, 1, NETWORK_SIZE, NETWORK_SIZE)

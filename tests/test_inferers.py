@@ -177,3 +177,38 @@ def test_prompt_with_caller_text_is_an_error(tiny_tokenizer):
 def test_prompt_needs_a_tokenizer():
     with pytest.raises(ValueError, match="tokenizer"):
         TextPromptInferer(text_prompt=PROMPT)
+
+
+def test_a_prompt_in_the_image_metadata_wins_per_item(tiny_tokenizer):
+    """MONAI Label's route: each request's prompt travels in its image's metadata, never in the shared inferer."""
+    from monai.data import MetaTensor
+
+    other = "Bilateral pulmonary infection, two infected areas."
+    inferer = TextPromptInferer(text_prompt=PROMPT, tokenizer=tiny_tokenizer, max_length=16)
+    tokenize = TokenizeTextd("text", tiny_tokenizer, max_length=16)
+    net = RecordingNet()
+    single = MetaTensor(torch.rand(1, 1, 4, 4), meta={"text_prompt": other})
+    batch = MetaTensor(torch.rand(2, 1, 4, 4), meta={"text_prompt": [other, PROMPT]})  # collated metadata
+    inferer(single, net)
+    inferer(batch, net)
+    inferer(torch.rand(1, 1, 4, 4), net)  # no metadata: the fixed prompt
+    assert torch.equal(net.calls[0]["input_ids"][0], tokenize({"text": other})["input_ids"])
+    assert torch.equal(net.calls[1]["input_ids"][0], tokenize({"text": other})["input_ids"])
+    assert torch.equal(net.calls[1]["input_ids"][1], tokenize({"text": PROMPT})["input_ids"])
+    assert torch.equal(net.calls[2]["input_ids"][0], tokenize({"text": PROMPT})["input_ids"])
+    assert inferer.text_prompt == PROMPT  # nothing of a request stays in the inferer
+
+
+def test_a_metadata_prompt_needs_text_for_every_item_of_a_batch(tiny_tokenizer):
+    from monai.data import MetaTensor
+
+    inferer = TextPromptInferer(tokenizer=tiny_tokenizer)
+    net = RecordingNet()
+    inferer(MetaTensor(torch.rand(1, 1, 4, 4), meta={"text_prompt": "  "}), net)
+    assert net.calls[0]["input_ids"] is None  # a blank prompt is no report
+    with pytest.raises(ValueError, match="mixes images with and without"):
+        inferer(MetaTensor(torch.rand(2, 1, 4, 4), meta={"text_prompt": [PROMPT, ""]}), net)
+    with pytest.raises(TypeError, match="one string per batch item"):
+        inferer(MetaTensor(torch.rand(2, 1, 4, 4), meta={"text_prompt": [PROMPT]}), net)
+    with pytest.raises(TypeError, match="must be a string or None"):
+        TextPromptInferer(text_prompt=42, tokenizer=tiny_tokenizer)

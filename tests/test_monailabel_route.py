@@ -202,10 +202,11 @@ def test_monailabel_gets_a_2d_uint8_label_map_and_the_prompt_reaches_the_network
             torch.testing.assert_close(label_map, expected.to(torch.uint8), rtol=0, atol=0)
 
             ((args, outputs[prompt]),) = calls
+            assert inferer.text_prompt is None  # the request's prompt is data: it never enters the config
             if prompt is None:
-                assert inferer.text_prompt is None and len(args) == 1  # no prompt: the image only
+                assert len(args) == 1  # no prompt: the image only
             else:
-                assert inferer.text_prompt == prompt and len(args) == 3
+                assert len(args) == 3
                 assert _prompt_of(args[1], tiny_text_model_dir) == "".join(prompt.lower().split())
         assert not torch.allclose(outputs[PROMPT_A], outputs[PROMPT_B])  # the prompt changes the network's answer
         assert not torch.allclose(outputs[PROMPT_A], outputs[None])
@@ -227,3 +228,106 @@ def test_as_label_map_layout_label_and_errors():
         AsLabelMapd("pred")({"pred": torch.zeros(2, 3, 5), "image": image})
     with pytest.raises(ValueError, match="integer type"):
         AsLabelMapd("pred", dtype=np.float32)
+
+
+# What MONAI Label 0.8.5's BundleInferTask builds from inference.json (tasks/infer/bundle.py BundleConstants), and
+# the config keys a request writes before it parses the config again (displayable_configs values, device).
+BUILT_BY_MONAI_LABEL = (
+    "network_def",
+    "preprocessing",
+    "pre_transforms",
+    "postprocessing",
+    "post_transforms",
+    "inferer",
+    "detector",
+    "detector_ops",
+    "displayable_configs",
+)
+REQUEST_WRITABLE = ("displayable_configs", "device")
+
+
+def references_reaching(parser: ConfigParser, roots: tuple[str, ...], targets: tuple[str, ...]) -> dict[str, str]:
+    """Every id in ``targets`` (or below one) that the config items ``roots`` reference, directly or through other
+    items, mapped to the root that reaches it. A referenced item is resolved, so a ``$``-value there is evaluated."""
+    parser.resolve_macro_and_relative_ids()
+    sep = "#"
+    found: dict[str, str] = {}
+    for root in roots:
+        if root not in parser:
+            continue
+        seen: set[str] = set()
+        todo = [root]
+        while todo:
+            item = todo.pop()
+            if item in seen:
+                continue
+            seen.add(item)
+            if item != root and any(item == t or item.startswith(t + sep) for t in targets):
+                found.setdefault(item, root)
+                continue
+            refs = parser.ref_resolver.find_refs_in_config(parser[item], item)
+            todo.extend(ref.replace("::", sep) for ref in refs)  # MONAI's internal id separator is "::"
+    return found
+
+
+def test_nothing_monai_label_builds_references_a_request_writable_key():
+    """A request value that nothing references is stored but never evaluated (MONAI's parser is lazy)."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    assert references_reaching(parser, BUILT_BY_MONAI_LABEL, REQUEST_WRITABLE) == {}
+    assert parser["displayable_configs"] == {"text_prompt": ""}  # the option Slicer and OHIF show stays declared
+
+    # the check sees a reference through another key, as the prompt once was routed (inferer -> text_prompt)
+    parser["text_prompt"] = "@displayable_configs#text_prompt"
+    parser["network_def"]["text_encoder_dtype"] = "$himix_monai.inferers.compute_dtype(@precision, @device)"
+    assert references_reaching(parser, BUILT_BY_MONAI_LABEL, REQUEST_WRITABLE) == {
+        "displayable_configs#text_prompt": "inferer",
+        "device": "network_def",
+    }
+
+
+HOSTILE_PROMPTS = (
+    '$__import__("os").system("touch {marker}") or "one infected area, upper left lung."',
+    '$open("{marker}", "w").write("x")',
+    "@device",
+    "@displayable_configs",
+    "%{config}#device",  # MONAI Label's parse() reads the file (no code runs); the network reads the characters
+    "# one infected area",
+    '{{"_target_": "pathlib.Path.touch", "self": "{marker}"}}',
+    '["$open(\\"{marker}\\", \\"w\\")"]',
+    "upper left lung. " * 400,
+)
+
+
+def test_hostile_prompts_are_read_as_plain_text(bundle, tmp_path, tiny_text_model_dir):
+    """Each prompt reaches the network as the tokens of its own characters; nothing runs, nothing is read."""
+    from himix_monai.transforms import TokenizeTextd
+
+    root, overrides = bundle
+    task = MonaiLabelBundleInfer(root, overrides)
+    studies = _studies(tmp_path / "studies")
+    tokenize = TokenizeTextd("text", tiny_text_model_dir, max_length=24)
+    calls: list[tuple] = []
+    task.network.register_forward_hook(lambda module, args, output: calls.append(args))
+    marker = tmp_path / "marker"
+    for template in HOSTILE_PROMPTS:
+        prompt = template.format(marker=marker, config=root / "configs" / "inference.json")
+        calls.clear()
+        data, inferer, _ = task({"model": "himix", "image": str(studies["picture"][0]), "text_prompt": prompt})
+        assert not marker.exists(), prompt
+        if prompt.startswith("$"):  # MONAI Label stored the code in the config: unreferenced, it never runs
+            assert task.parser.config["displayable_configs"]["text_prompt"] == prompt
+        ((image, input_ids, attention_mask),) = calls
+        expected_ids, expected_mask = tokenize.tokenize(prompt)
+        torch.testing.assert_close(input_ids[0], expected_ids, rtol=0, atol=0)
+        torch.testing.assert_close(attention_mask[0], expected_mask, rtol=0, atol=0)
+        assert data["pred"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("prompt", [42, {"_target_": "pathlib.Path.touch"}, ["a", "b"]])
+def test_a_prompt_that_is_not_text_is_refused_by_name(bundle, tmp_path, prompt):
+    root, overrides = bundle
+    task = MonaiLabelBundleInfer(root, overrides)
+    studies = _studies(tmp_path / "studies")
+    with pytest.raises(TypeError, match=r"text_prompt must be text \(the report as a string\), got "):
+        task({"model": "himix", "image": str(studies["picture"][0]), "text_prompt": prompt})

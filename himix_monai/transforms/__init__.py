@@ -6,7 +6,7 @@ from .checks import EnsureFinite, EnsureFinited, NamedLoadImaged
 from .flip import RandFlipWithReportd, swap_direction_words
 from .label_map import AsLabelMapd
 from .mask import BinarizeMask, BinarizeMaskd, EnsureImageChannels, EnsureImageChannelsd
-from .text import ReportStyleTextd, TokenizeTextd, to_report_style
+from .text import PROMPT_META_KEY, ReportStyleTextd, TextPromptToMetad, TokenizeTextd, to_report_style
 from .volume import SliceAxisLastd, ToPictureLayoutd
 
 __all__ = [
@@ -20,7 +20,9 @@ __all__ = [
     "NamedLoadImaged",
     "RandFlipWithReportd",
     "ReportStyleTextd",
+    "PROMPT_META_KEY",
     "SliceAxisLastd",
+    "TextPromptToMetad",
     "ToPictureLayoutd",
     "TokenizeTextd",
     "swap_direction_words",

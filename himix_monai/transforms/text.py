@@ -3,6 +3,8 @@ Text transforms for text-guided segmentation.
 
 - :py:class:`TokenizeTextd` turns the ``"text"`` entry of a datalist item into the ``input_ids`` and
   ``attention_mask`` tensors the HiMix network takes as its extra inputs.
+- :py:class:`TextPromptToMetad` carries a client's text prompt (MONAI Label's ``text_prompt`` option) from the
+  data dictionary to the image's metadata, as plain text, for :py:class:`~himix_monai.inferers.TextPromptInferer`.
 - :py:class:`ReportStyleTextd` and :py:func:`to_report_style` rewrite the structured QaTa-COV19 /
   MosMedData+ prompts into free-text radiology-report form ("FINDINGS: ... IMPRESSION: ..."), the text
   augmentation of the HiMix paper (Fig. 8, supplement Figs. 9-10).
@@ -29,6 +31,8 @@ from himix_monai.transforms.mask import source_name
 
 __all__ = [
     "TokenizeTextd",
+    "TextPromptToMetad",
+    "PROMPT_META_KEY",
     "to_report_style",
     "ReportStyleTextd",
     "CHEST_FILLER_SENTENCES",
@@ -202,6 +206,79 @@ class TokenizeTextd(MapTransform):
         for key in self.key_iterator(d):
             source = source_name(d["image"], d, "image") if "image" in d else None
             d[self.input_ids_key], d[self.attention_mask_key] = self.tokenize(d[key], source=source)
+        return d
+
+
+# the image metadata key under which TextPromptToMetad leaves a client's prompt for TextPromptInferer
+PROMPT_META_KEY = "text_prompt"
+
+
+class TextPromptToMetad(MapTransform):
+    """
+    Carry a client's text prompt from the data dictionary to the image's metadata, as plain text.
+
+    Why: a MONAI Label request's options (the ``text_prompt`` a Slicer or OHIF user types) arrive twice: MONAI
+    Label writes them into the bundle config's ``displayable_configs`` and parses the config again, and it
+    merges them into the data dictionary that flows through the pre-transforms. Any config entry that
+    *references* such a value makes MONAI's parser evaluate it (a ``$``-string is Python), so the bundle's
+    configs never reference ``displayable_configs``; the prompt is taken here from ``data[prompt_key]``, the
+    string the client sent, and put into ``data[keys].meta[meta_key]``. MONAI Label calls the inferer with the
+    image tensor only (``inferer(data["image"][None], network)``), and the metadata travels with that tensor,
+    per request: no object shared between requests holds the prompt.
+
+    A missing, None, empty or whitespace-only prompt means no report (nothing is stored). Any other value that
+    is not a string (a number, a list, a JSON object) is refused with an error naming the key and what was
+    sent. A string is never interpreted: ``$...``, ``@...``, ``%...`` or JSON reach the tokenizer as the
+    characters they are.
+
+    Args:
+        keys: the image key(s); each must be a ``MetaTensor`` (after ``LoadImaged``).
+        prompt_key: the data key of the client's prompt.
+        meta_key: the metadata key to store it under (:py:data:`PROMPT_META_KEY`, read by ``TextPromptInferer``).
+        allow_missing_keys: don't raise an exception if an image key is missing.
+
+    Examples::
+
+        from himix_monai.transforms import TextPromptToMetad
+
+        data = TextPromptToMetad(keys="image")({"image": image, "text_prompt": "one lesion, upper left lung."})
+        data["image"].meta["text_prompt"]  # 'one lesion, upper left lung.'
+
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prompt_key: str = "text_prompt",
+        meta_key: str = PROMPT_META_KEY,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.prompt_key = prompt_key
+        self.meta_key = meta_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        prompt = d.get(self.prompt_key)
+        if prompt is None:
+            return d
+        if not isinstance(prompt, str):
+            shown = repr(prompt)
+            raise TypeError(
+                f"{self.prompt_key} must be text (the report as a string), got {type(prompt).__name__} "
+                f"{shown if len(shown) <= 80 else shown[:77] + '...'}; send the report as a JSON string, or leave "
+                f"{self.prompt_key} empty for no report."
+            )
+        if not prompt.strip():
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not hasattr(image, "meta"):
+                raise TypeError(
+                    f"TextPromptToMetad: {key!r} must be a MetaTensor (put the transform after LoadImaged), "
+                    f"got {type(image).__name__}."
+                )
+            image.meta[self.meta_key] = prompt
         return d
 
 
