@@ -34,6 +34,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, Resize, SaveImaged
 
 from himix_monai.transforms import AsLabelMapd
+from tests.hostile_text import hostile_texts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 PROMPT_A = "Unilateral pulmonary infection, one infected area, upper left lung."
@@ -286,17 +287,6 @@ def test_nothing_monai_label_builds_references_a_request_writable_key():
     }
 
 
-HOSTILE_PROMPTS = (
-    '$__import__("os").system("touch {marker}") or "one infected area, upper left lung."',
-    '$open("{marker}", "w").write("x")',
-    "@device",
-    "@displayable_configs",
-    "%{config}#device",  # MONAI Label's parse() reads the file (no code runs); the network reads the characters
-    "# one infected area",
-    '{{"_target_": "pathlib.Path.touch", "self": "{marker}"}}',
-    '["$open(\\"{marker}\\", \\"w\\")"]',
-    "upper left lung. " * 400,
-)
 
 
 def test_hostile_prompts_are_read_as_plain_text(bundle, tmp_path, tiny_text_model_dir):
@@ -310,8 +300,7 @@ def test_hostile_prompts_are_read_as_plain_text(bundle, tmp_path, tiny_text_mode
     calls: list[tuple] = []
     task.network.register_forward_hook(lambda module, args, output: calls.append(args))
     marker = tmp_path / "marker"
-    for template in HOSTILE_PROMPTS:
-        prompt = template.format(marker=marker, config=root / "configs" / "inference.json")
+    for prompt in hostile_texts(marker, root / "configs" / "inference.json"):
         calls.clear()
         data, inferer, _ = task({"model": "himix", "image": str(studies["picture"][0]), "text_prompt": prompt})
         assert not marker.exists(), prompt
