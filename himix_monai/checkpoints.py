@@ -87,9 +87,10 @@ NOT_COMPARED = (
     "text_cache_size",
     "text_encoder_dtype",
     "gradient_checkpointing",
+    "dropout",
 )
 """Recorded network settings that are not compared: initialisation only (``pretrained``,
-``image_encoder_checkpoint``), run-time only (cache, storage dtype, gradient checkpointing) or compared otherwise
+``image_encoder_checkpoint``), run-time only (cache, storage dtype, gradient checkpointing, Monte-Carlo dropout) or compared otherwise
 (``text_encoder``: a path differs between machines; its fingerprint is compared, and ``use_text`` is)."""
 BUNDLE_OPTIONS = {
     "in_channels": "in_channels",

@@ -413,3 +413,21 @@ def test_removed_layer_group_leaves_its_stage_without_text(tiny_bert, group):
         assert not torch.allclose(net(image, ids, mask), net(image, ids.flip(0), mask.flip(0)))
     with pytest.raises(ValueError, match="removed_layer_group"):
         tiny_himix(tiny_bert, removed_layer_group=4)
+
+
+def test_monte_carlo_dropout_samples_in_evaluation_mode_and_is_not_a_setting(tiny_bert):
+    """MONAI Label's epistemic scoring sets ``network_def#dropout`` and runs the network in eval mode."""
+    from himix_monai.checkpoints import check_settings_record
+
+    plain = tiny_himix(tiny_bert).eval()
+    sampling = tiny_himix(tiny_bert, dropout=0.3).eval()
+    sampling.load_state_dict(plain.state_dict())
+    ids, mask = tokens()
+    image = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(plain(image, ids, mask), plain(image, ids, mask))
+        first, second = sampling(image, ids, mask), sampling(image, ids, mask)
+    assert not torch.allclose(first, second)  # two samples of the same input differ
+    check_settings_record(plain, sampling.state_dict(), "sampling.pt")  # run-time only: not compared
+    with pytest.raises(ValueError, match="dropout must be in"):
+        tiny_himix(tiny_bert, dropout=1.0)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.networks.blocks import SubpixelUpsample, UnetOutBlock
 from transformers import PreTrainedModel
@@ -89,6 +90,7 @@ class HiMix(nn.Module):
         text_cache_size: int = 0,
         text_encoder_dtype: torch.dtype | str | None = None,
         gradient_checkpointing: bool = False,
+        dropout: float = 0.0,
         preprocessing_settings: Mapping[str, Any] | None = None,
     ) -> None:
         """
@@ -151,6 +153,11 @@ class HiMix(nn.Module):
             gradient_checkpointing: recompute the image encoder's stages in the backward pass: less training
                 memory (about 360-390 MB at batch 8, 224x224, block by block) for a slower step (see
                 ``benchmarks/README.md``).
+            dropout: Monte-Carlo dropout before the segmentation head, active in evaluation mode too: each
+                forward pass of the same input samples another mask, for epistemic uncertainty. MONAI Label's
+                epistemic scoring sets ``network_def#dropout`` and runs the network in evaluation mode, so a
+                dropout that only acts in training mode would give it identical samples. 0 (default) disables it;
+                run-time only, not compared with a checkpoint's record.
             preprocessing_settings: the settings of the input preprocessing the weights belong to (the bundle
                 passes ``image_size``, ``intensity_range``, ...). They do not change the network: they are recorded,
                 with this constructor's other arguments, in the state dict (see :py:meth:`get_extra_state`), so
@@ -178,6 +185,9 @@ class HiMix(nn.Module):
         self.settings = _plain(settings)  # no annotations here: TorchScript warns about them
         self.preprocessing_settings = _plain(dict(preprocessing_settings or {}))
         self.loaded_settings = {}
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        self.mc_dropout = float(dropout)
         # a state dict written before the record existed loads (its record reads as empty)
         self.register_load_state_dict_pre_hook(self._default_settings_record)
         if text_tokens is not None and len(tuple(text_tokens)) < 1:
@@ -504,6 +514,8 @@ class HiMix(nn.Module):
         for index, stage in enumerate(self.stages):
             skip = features[len(features) - 2 - index]
             decoded = stage(decoded, skip, None if texts is None else texts[index], text_present)
+        if self.mc_dropout > 0:
+            decoded = F.dropout(decoded, p=self.mc_dropout, training=True)
         if torch.jit.is_scripting():  # the same head, unfolded (the fold inspects modules in Python)
             return self.head(self.head_upsample(decoded))
         return subpixel_segmentation_head(decoded, self.head_upsample, self.head)  # Eq. 9 without the sigmoid
